@@ -1,0 +1,1 @@
+"""Training objectives (negative ELBO, GAN losses)."""
