@@ -1,0 +1,96 @@
+"""Checkpoints: written atomically, read without unpickling code.
+
+A dllab checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so it loads with
+``torch.load(path, weights_only=True)``: PyTorch's restricted unpickler refuses any other object,
+which is what keeps a checkpoint from a stranger from running code on your machine. Writes go to a
+temporary file in the same folder, are flushed to disk and then renamed over the old file, so a
+crash or a full disk mid-write never leaves a half-written checkpoint in place of a good one.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT = "dllab-checkpoint"
+VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, corrupt, foreign or unsafe, or one that could not be written."""
+
+
+def atomic_write_bytes(path: str | os.PathLike, write) -> Path:
+    """Call ``write(file)`` on a temp file beside ``path``, fsync it and rename it over ``path``.
+
+    On any error the temp file is removed and the old ``path`` (if any) is left untouched.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Atomically save ``state`` (tagged with dllab's format and version) to ``path``.
+
+    Raises :class:`CheckpointError` naming the path and the OS error (no space left, permission
+    denied, ...) when it cannot be written; an older checkpoint at ``path`` survives intact.
+    """
+    state = {"format": FORMAT, "version": VERSION, **state}
+    try:
+        return atomic_write_bytes(path, lambda f: torch.save(state, f))
+    except OSError as e:
+        raise CheckpointError(
+            f"could not write checkpoint {path}: {e.strerror or e}; the previous checkpoint, if any, "
+            "is unchanged (free some disk space or choose a writable --out)"
+        ) from e
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """Load a dllab checkpoint with ``torch.load(weights_only=True)``.
+
+    Raises :class:`CheckpointError` for a missing file, a truncated/corrupt file, a file holding
+    objects other than tensors and containers (refused, never executed), or a file that is not a
+    dllab checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"refusing to load {path}: it contains objects other than tensors and plain containers, "
+            f"and loading it would run code from the file (torch.load weights_only=True said: "
+            f"{str(e).splitlines()[0]})"
+        ) from e
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or truncated ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else 'no detail'})"
+        ) from e
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path} is not a dllab checkpoint (no 'format': {FORMAT!r} entry); "
+            "it may be a bare state_dict or another tool's file"
+        )
+    if state.get("version", 0) > VERSION:
+        raise CheckpointError(
+            f"{path} was written by a newer dllab (checkpoint version {state['version']} > {VERSION})"
+        )
+    return state

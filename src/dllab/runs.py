@@ -1,0 +1,230 @@
+"""Run folders: one folder per run, holding everything needed to read, resume or compare it.
+
+::
+
+    RUN/
+      config.json      every setting, with dllab/torch versions, seed and device
+      metrics.jsonl    one JSON object per logged step or epoch ({"split": "train"|"test", ...})
+      summary.json     final metrics
+      checkpoints/     last.pt (resume from here) and best.pt
+      figures/         PNGs
+      tb/              TensorBoard event files (when tensorboard is installed)
+
+Only rank 0 of a distributed run writes; the other ranks get a :class:`Run` whose writes do
+nothing, so training code never has to ask which rank it is on.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dllab import __version__
+from dllab.checkpoint import CheckpointError, atomic_write_bytes, load_checkpoint, save_checkpoint
+
+
+class RunFolderError(ValueError):
+    """A run folder that cannot be used as asked (exists without --resume, missing on --resume)."""
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain JSON types for numbers, tensors, paths and dataclass-ish values; NaN/inf as strings."""
+    if isinstance(value, torch.Tensor):
+        value = value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "item") and callable(value.item):  # numpy scalars
+        return value.item()
+    return value
+
+
+def write_json(path: str | os.PathLike, data: Any) -> Path:
+    """Write ``data`` as indented JSON atomically."""
+    text = json.dumps(_jsonable(data), indent=2, sort_keys=False) + "\n"
+    return atomic_write_bytes(path, lambda f: f.write(text.encode()))
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """The records of a run's ``metrics.jsonl`` (a run folder or the file itself)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "metrics.jsonl"
+    if not path.exists():
+        return []
+    records = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    break  # a line cut by a kill: everything before it is good
+    return records
+
+
+def environment() -> dict:
+    """Versions and machine facts recorded in every config.json."""
+    import torchvision
+
+    return {
+        "dllab": __version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "cpu_threads": torch.get_num_threads(),
+    }
+
+
+class Run:
+    """A run folder. Make one with :meth:`create` (new or ``resume``) or :meth:`open` (read)."""
+
+    def __init__(self, path: str | os.PathLike, config: dict, *, writer: bool = True):
+        self.path = Path(path)
+        self.config = config
+        self.writer = writer
+        self._tb = None
+        self._t0 = time.time()
+
+    # ---- creation -------------------------------------------------------------------------
+    @classmethod
+    def create(cls, path: str | os.PathLike, config: dict, *, resume: bool = False,
+               writer: bool = True, tensorboard: bool = True) -> Run:
+        """Start a run in ``path`` (or continue it with ``resume``).
+
+        A folder that already holds a run is never overwritten: without ``resume`` that is a
+        :class:`RunFolderError`. With ``resume`` the saved config is returned in ``run.config``
+        (the caller decides which new settings, such as a larger epoch count, may override it).
+        """
+        path = Path(path)
+        has_run = (path / "config.json").exists()
+        if resume:
+            if not has_run:
+                raise RunFolderError(f"--resume: no run to resume in {path} (no config.json)")
+            saved = read_json(path / "config.json")
+            run = cls(path, saved, writer=writer)
+        else:
+            if has_run:
+                raise RunFolderError(
+                    f"{path} already holds a run; pass --resume to continue it or choose another --out"
+                )
+            config = {**config, "environment": environment(),
+                      "created": _dt.datetime.now().isoformat(timespec="seconds")}
+            run = cls(path, config, writer=writer)
+            if writer:
+                try:
+                    path.mkdir(parents=True, exist_ok=True)
+                    write_json(path / "config.json", config)
+                except OSError as e:
+                    raise RunFolderError(f"cannot write run folder {path}: {e.strerror or e}") from e
+        if writer:
+            (path / "checkpoints").mkdir(exist_ok=True)
+            (path / "figures").mkdir(exist_ok=True)
+            if tensorboard:
+                run._open_tensorboard()
+        return run
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> Run:
+        """Open an existing run folder for reading (evaluation, reports)."""
+        path = Path(path)
+        if not (path / "config.json").exists():
+            raise RunFolderError(f"{path} is not a dllab run folder (no config.json)")
+        return cls(path, read_json(path / "config.json"), writer=False)
+
+    def _open_tensorboard(self) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard is an optional extra
+            return
+        self._tb = SummaryWriter(log_dir=str(self.path / "tb"))
+
+    # ---- paths ----------------------------------------------------------------------------
+    @property
+    def kind(self) -> str:
+        return self.config.get("kind", "")
+
+    def figure_path(self, name: str) -> Path:
+        return self.path / "figures" / name
+
+    def checkpoint_path(self, name: str = "last") -> Path:
+        return self.path / "checkpoints" / f"{name}.pt"
+
+    # ---- metrics --------------------------------------------------------------------------
+    def log(self, record: dict) -> None:
+        """Append one record to metrics.jsonl (and its numbers to TensorBoard)."""
+        if not self.writer:
+            return
+        record = _jsonable({**record, "time": round(time.time() - self._t0, 3)})
+        with open(self.path / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            split = record.get("split", "train")
+            step = record.get("step", 0)
+            for key, value in record.items():
+                if key in ("split", "step", "epoch", "time") or isinstance(value, (str, list, dict)):
+                    continue
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._tb.add_scalar(f"{split}/{key}", value, step)
+
+    def metrics(self) -> list[dict]:
+        return read_metrics(self.path)
+
+    def truncate_metrics(self, step: int) -> None:
+        """Drop records logged after ``step`` (on resume, so curves don't repeat steps)."""
+        if not self.writer:
+            return
+        kept = [r for r in self.metrics() if r.get("step", 0) <= step]
+        text = "".join(json.dumps(r) + "\n" for r in kept)
+        atomic_write_bytes(self.path / "metrics.jsonl", lambda f: f.write(text.encode()))
+
+    def write_summary(self, summary: dict) -> None:
+        if self.writer:
+            write_json(self.path / "summary.json", summary)
+
+    def summary(self) -> dict:
+        path = self.path / "summary.json"
+        return read_json(path) if path.exists() else {}
+
+    # ---- checkpoints ----------------------------------------------------------------------
+    def save_checkpoint(self, name: str, state: dict) -> Path | None:
+        if not self.writer:
+            return None
+        return save_checkpoint({"config": self.config, **state}, self.checkpoint_path(name))
+
+    def load_checkpoint(self, name: str = "last", map_location="cpu") -> dict:
+        return load_checkpoint(self.checkpoint_path(name), map_location=map_location)
+
+    def has_checkpoint(self, name: str = "last") -> bool:
+        return self.checkpoint_path(name).exists()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.flush()
+            self._tb.close()
+            self._tb = None
+
+
+__all__ = ["Run", "RunFolderError", "CheckpointError", "read_metrics", "read_json", "write_json"]
