@@ -1,0 +1,318 @@
+"""The ``dllab`` command line: a thin layer that parses flags and calls the package's functions.
+
+Commands: ``train``, ``eval``, ``datasets``, ``sweep``, ``ablate``, ``demo``, ``report``,
+``compare``. Every bad value is reported on one line with exit code 2; runtime failures (corrupt
+checkpoint, data missing offline, non-finite loss) on one line with exit code 1; an interrupted run
+saves a checkpoint and exits with 128 + the signal number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """A bad command-line value found after parsing (exit code 2)."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``dllab train: error: ...``) and defaults in every help line."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# ---- value types: each names the offending value ---------------------------------------------
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
+    return value
+
+
+def nonnegative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def unit_float(text: str) -> float:
+    value = nonnegative_float(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def dataset_name(text: str) -> str:
+    from dllab.data import DATASETS
+
+    if text in DATASETS or (text.startswith("folder:") and len(text) > len("folder:")):
+        return text
+    raise argparse.ArgumentTypeError(
+        f"unknown dataset {text!r}; choose from {', '.join(DATASETS)} or folder:PATH"
+    )
+
+
+# ---- parsers ---------------------------------------------------------------------------------
+def add_common_train_arguments(p: argparse.ArgumentParser, defaults: dict) -> None:
+    """The flags every ``dllab train KIND`` has (defaults from the kind)."""
+    from dllab.utils import DEVICES, PRECISIONS
+
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", type=dataset_name, default=defaults["dataset"],
+                   help="dataset name (see `dllab datasets`) or folder:PATH for an ImageFolder tree")
+    g.add_argument("--data-dir", default=defaults["data_dir"],
+                   help="where datasets live (default: $DLLAB_DATA or ~/.cache/dllab/data)")
+    g.add_argument("--download", action="store_true", help="download the dataset if it is missing")
+    g.add_argument("--limit", type=positive_int, default=defaults["limit"],
+                   help="use only the first N training and N test examples (smoke runs)")
+    g.add_argument("--no-augment", dest="augment", action="store_false",
+                   help="turn off training-time data augmentation")
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=positive_int, default=defaults["epochs"], help="epochs to train")
+    g.add_argument("--batch-size", type=positive_int, default=defaults["batch_size"],
+                   help="batch size per process")
+    g.add_argument("--lr", type=positive_float, default=defaults["lr"], help="peak learning rate")
+    g.add_argument("--seed", type=nonnegative_int, default=defaults["seed"],
+                   help="random seed (same seed, same numbers on CPU)")
+    g.add_argument("--device", choices=DEVICES, default=defaults["device"], help="where to train")
+    g.add_argument("--precision", choices=PRECISIONS, default=defaults["precision"],
+                   help="autocast dtype; auto = bf16 on GPUs and on CPUs with AMX/AVX512-BF16, else fp32")
+    g.add_argument("--channels-last", action="store_true", default=defaults["channels_last"],
+                   help="use the channels_last memory format")
+    g.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun, convert BatchNorm layers to SyncBatchNorm")
+    g.add_argument("--max-nonfinite", type=positive_int, default=defaults["max_nonfinite"],
+                   help="stop after this many consecutive NaN/inf losses (each such step is skipped)")
+    g = p.add_argument_group("run folder")
+    g.add_argument("--out", default=defaults["out"],
+                   help="run folder (default: runs/KIND-DATASET-TIMESTAMP)")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from checkpoints/last.pt")
+    g.add_argument("--log-every", type=positive_int, default=defaults["log_every"],
+                   help="log training metrics every N steps")
+    g.add_argument("--checkpoint-every", type=nonnegative_int, default=defaults["checkpoint_every"],
+                   help="also save last.pt every N steps (0: only at the end of each epoch)")
+    g.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> Parser:
+    from dllab import __version__
+    from dllab.train import KINDS, defaults, kind_module
+
+    parser = Parser(prog="dllab", description="Deep learning on images: from-scratch layers, "
+                    "ResNet-18, VAE and DCGAN, with run folders, reports and one CLI.")
+    parser.add_argument("--version", action="version", version=f"dllab {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    sub.required = True
+
+    train = sub.add_parser("train", help="train a model", description="Train a model; each run "
+                           "writes a folder with config, metrics, checkpoints and figures.")
+    train_kinds = train.add_subparsers(dest="kind", metavar="KIND", parser_class=Parser)
+    train_kinds.required = True
+    for kind in KINDS:
+        module = kind_module(kind)
+        kp = train_kinds.add_parser(kind, help=module.__doc__.strip().splitlines()[0],
+                                    description=module.__doc__)
+        add_common_train_arguments(kp, defaults(kind))
+        module.add_arguments(kp.add_argument_group(f"{kind} options"))
+
+    ev = sub.add_parser("eval", help="evaluate a run from its checkpoint",
+                        description="Recompute a run's test metrics and figures from a checkpoint; "
+                        "writes eval.json and figures/ in the run folder.")
+    ev.add_argument("run", help="run folder")
+    ev.add_argument("--checkpoint", choices=("best", "last"), default="best",
+                    help="which checkpoint to evaluate")
+    ev.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
+    ev.add_argument("--data-dir", default=None, help="where datasets live (default: as trained)")
+    ev.add_argument("--batch-size", type=positive_int, default=256)
+    ev.add_argument("--tta", action="store_true", help="classifier: test-time horizontal-flip averaging")
+    ev.add_argument("--iw-samples", type=nonnegative_int, default=0,
+                    help="vae: importance samples for the log-likelihood estimate (e.g. 5000; 0: skip)")
+    ev.add_argument("--classifier", default=None,
+                    help="dcgan: run folder of a classifier trained on the same dataset, whose features "
+                    "give the offline FID/precision/recall and class coverage")
+    ev.add_argument("--inception-weights", default=None,
+                    help="dcgan: local path of pt_inception-2015-12-05-6726825d.pth for real FID/IS")
+    ev.add_argument("--num-samples", type=positive_int, default=5000,
+                    help="dcgan: generated samples for the quality metrics")
+    ev.add_argument("--quiet", action="store_true")
+
+    ds = sub.add_parser("datasets", help="list datasets and whether each is available here")
+    ds.add_argument("--data-dir", default=None, help="where datasets live")
+
+    sw = sub.add_parser("sweep", help="train one run per value of any train flag", add_help=True,
+                        description="Any `dllab train KIND` flag may be given several values; one run "
+                        "is trained per combination and a table (Markdown + CSV) is written. Example: "
+                        "dllab sweep vae --beta 0.1 0.5 1 2 4 --epochs 5")
+    sw.add_argument("kind", choices=KINDS)
+    sw.add_argument("--sweep-out", default=None, help="folder for the runs and the table "
+                    "(default: runs/sweep-KIND-TIMESTAMP)")
+
+    ab = sub.add_parser("ablate", help="train the classifier ablations {BN on/off} x {max-pool on/off}",
+                        description="Train the four ResNet-18 variants {BN on/off} x {max-pool on/off} "
+                        "(optionally also scratch vs torch layers) with the same seed and budget; writes "
+                        "a table (Markdown + CSV) and overlaid curves. Other train flags pass through.")
+    ab.add_argument("kind", choices=("classifier",))
+    ab.add_argument("--ablate-out", default=None, help="folder for the runs and the table")
+    ab.add_argument("--both-layers", action="store_true",
+                    help="also train each variant with the from-scratch layers")
+
+    dm = sub.add_parser("demo", help="the main job: train a classifier, a VAE and a DCGAN on bundled "
+                        "data and write one report")
+    dm.add_argument("--dataset", type=dataset_name, default="mnist5k")
+    dm.add_argument("--epochs", type=positive_int, default=None, help="epochs per model (default: per model)")
+    dm.add_argument("--full", action="store_true", help="full-size models and longer training")
+    dm.add_argument("--out", default="runs/demo", help="folder for the runs and the report")
+    dm.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
+    dm.add_argument("--data-dir", default=None)
+    dm.add_argument("--quiet", action="store_true")
+
+    rp = sub.add_parser("report", help="write a self-contained HTML (and Markdown) report of runs")
+    rp.add_argument("runs", nargs="+", help="run folders")
+    rp.add_argument("--out", default=None, help="HTML file (default: RUN/report.html, or report.html "
+                    "for several runs); the Markdown goes beside it")
+
+    cp = sub.add_parser("compare", help="print a table of runs' summary metrics")
+    cp.add_argument("runs", nargs="+", help="run folders")
+    cp.add_argument("--sort", default=None, help="sort by this metric")
+    cp.add_argument("--desc", action="store_true", help="sort descending")
+    return parser
+
+
+def split_train_config(args: argparse.Namespace) -> tuple[dict, bool, bool]:
+    """(config, resume, quiet) from parsed ``train`` arguments."""
+    config = {k: v for k, v in vars(args).items() if k not in ("command", "resume", "quiet")}
+    return config, bool(args.resume), bool(args.quiet)
+
+
+def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
+    if args.command == "train":
+        from dllab.train import train
+
+        config, resume, quiet = split_train_config(args)
+        summary = train(args.kind, config, resume=resume, quiet=quiet)
+        _print_summary(summary)
+        return 0
+    if args.command == "datasets":
+        from dllab.data import list_datasets
+
+        _print_datasets(list_datasets(args.data_dir))
+        return 0
+    if args.command == "eval":
+        from dllab.evaluate import evaluate_run
+
+        result = evaluate_run(args.run, vars(args))
+        _print_summary(result)
+        return 0
+    if args.command == "sweep":
+        from dllab.sweep import sweep_main
+
+        return sweep_main(args, argv)
+    if args.command == "ablate":
+        from dllab.sweep import ablate_main
+
+        return ablate_main(args, argv)
+    if args.command == "demo":
+        from dllab.demo import demo
+
+        path = demo(dataset=args.dataset, epochs=args.epochs, full=args.full, out=args.out,
+                    device=args.device, data_dir=args.data_dir, quiet=args.quiet)
+        print(f"report: {path}")
+        return 0
+    if args.command == "report":
+        from dllab.report import write_report
+
+        html, md = write_report(args.runs, args.out)
+        print(f"report: {html}\nmarkdown: {md}")
+        return 0
+    if args.command == "compare":
+        from dllab.report import compare_table
+
+        print(compare_table(args.runs, sort=args.sort, descending=args.desc))
+        return 0
+    raise UsageError(f"unknown command {args.command!r}")
+
+
+def _print_summary(summary: dict) -> None:
+    width = max((len(k) for k in summary), default=0)
+    for key, value in summary.items():
+        if isinstance(value, float):
+            value = f"{value:.6g}"
+        elif isinstance(value, (list, dict)):
+            continue
+        print(f"{key:<{width}}  {value}")
+
+
+def _print_datasets(rows: list[dict]) -> None:
+    for row in rows:
+        mark = "available" if row["available"] else "missing"
+        print(f"{row['name']:<14} {mark:<10} {row['description']}")
+        print(f"{'':<14} {'':<10} location: {row['location']}")
+        if not row["available"]:
+            print(f"{'':<14} {'':<10} to get it: {row['how_to_get']}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (0 ok, 1 runtime failure, 2 bad usage, 128+N on signal N)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if argv[:1] in (["sweep"], ["ablate"]):
+        # their extra flags belong to `dllab train KIND` and are checked there, run by run
+        args, _ = parser.parse_known_args(argv)
+    else:
+        args = parser.parse_args(argv)
+    from dllab.checkpoint import CheckpointError
+    from dllab.engine import Interrupted, NonFiniteLossError
+    from dllab.runs import RunFolderError
+
+    try:
+        return _dispatch(args, argv)
+    except (UsageError, RunFolderError, ValueError) as e:
+        print(f"dllab {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except (CheckpointError, NonFiniteLossError, FileNotFoundError, OSError) as e:
+        print(f"dllab {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except Interrupted as e:
+        print(f"dllab {args.command}: {e}", file=sys.stderr)
+        return 128 + e.signum
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,339 @@
+"""The training driver shared by every model kind.
+
+A model kind subclasses :class:`Trainer` and writes only what is its own: ``build`` (models,
+optimisers, fixed batches), ``train_step`` (one batch), ``evaluate`` (test metrics),
+``epoch_end`` (figures) and ``finish`` (final analysis). :meth:`Trainer.fit` does the rest:
+epochs and steps, metrics logging, checkpoints (last, best, on SIGINT/SIGTERM), exact resume
+(mid-epoch included), skipping non-finite steps, timing and the summary, and the
+torch.distributed plumbing (DDP wrapping, metric reduction, rank-0-only writes).
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from dllab.runs import Run
+from dllab.utils import autocast, dist_info, get_rng_state, progress, set_rng_state
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps had a NaN/inf loss; the last good checkpoint is kept."""
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM arrived; a checkpoint was saved and the run can be resumed."""
+
+    def __init__(self, signum: int, run_path):
+        self.signum = signum
+        self.run_path = run_path
+        super().__init__(f"interrupted by {signal.Signals(signum).name}; checkpoint saved in "
+                         f"{run_path}/checkpoints/last.pt (continue with --resume --out {run_path})")
+
+
+def init_distributed(device: torch.device) -> bool:
+    """Join the process group torchrun set up (nccl on GPUs, gloo on CPU); False if not launched."""
+    _, _, world = dist_info()
+    if world <= 1:
+        return False
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend=backend)
+    return True
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside DDP / torch.compile wrappers."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+class Trainer:
+    """Base class of the per-kind trainers. See the module docstring for the division of work."""
+
+    kind = "base"
+    #: key of the test metrics that picks best.pt, and whether lower or higher is better
+    best_metric = "test_loss"
+    best_mode = "min"
+    #: the value scale the data loader hands to ``train_step`` ("standard", "unit" or "tanh")
+    scale = "standard"
+
+    def __init__(self, config: dict, data, run: Run, device: torch.device, *, quiet: bool = False):
+        self.config = config
+        self.data = data
+        self.run = run
+        self.device = device
+        self.quiet = quiet
+        self.rank, self.local_rank, self.world_size = dist_info()
+        self.distributed = self.world_size > 1
+        self.amp_dtype = None  # set by subclasses from config["precision"]
+        self.epoch = 0  # epochs completed
+        self.step = 0  # optimiser steps taken (all epochs)
+        self.batch_in_epoch = 0  # batches done in the current epoch (mid-epoch resume)
+        self.best: dict[str, Any] = {}
+        self.train_seconds = 0.0
+        self.images_seen = 0
+        self.nonfinite_total = 0
+        self._nonfinite_run = 0
+        self._stop_signal: int | None = None
+        self.max_nonfinite = int(config.get("max_nonfinite", 20))
+
+    # ---- to be written by each kind -------------------------------------------------------
+    def build(self) -> None:
+        raise NotImplementedError
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One optimisation step; returns detached scalar tensors to log (no host sync needed)."""
+        raise NotImplementedError
+
+    def evaluate(self) -> dict[str, float]:
+        raise NotImplementedError
+
+    def epoch_end(self, epoch: int, test_metrics: dict) -> None:
+        """Per-epoch figures (rank 0 only)."""
+
+    def finish(self, test_metrics: dict) -> dict:
+        """Final figures and analyses; returns extra summary entries."""
+        return {}
+
+    def modules(self) -> dict[str, nn.Module]:
+        raise NotImplementedError
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {}
+
+    def schedulers(self) -> dict[str, Any]:
+        return {}
+
+    def extra_state(self) -> dict:
+        """Kind-specific state to checkpoint (tensors and plain values only)."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
+    # ---- helpers for subclasses -----------------------------------------------------------
+    def autocast(self):
+        return autocast(self.device, self.amp_dtype)
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """DistributedDataParallel under torchrun; the model itself otherwise."""
+        if not self.distributed:
+            return model
+        if self.config.get("sync_bn") and any(isinstance(m, nn.modules.batchnorm._BatchNorm)
+                                               for m in model.modules()):
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum a tensor over ranks (identity when not distributed)."""
+        if self.distributed:
+            tensor = tensor.clone()
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def finite(self, loss: torch.Tensor) -> bool:
+        """False (and counted) for a NaN/inf loss, whose step the caller must then skip.
+
+        Raises :class:`NonFiniteLossError` after ``max_nonfinite`` such steps in a row.
+        """
+        ok = bool(torch.isfinite(loss.detach()).all())
+        if self.distributed:  # every rank must agree to skip, or DDP deadlocks
+            flag = torch.tensor([0.0 if ok else 1.0], device=self.device)
+            ok = bool(self.all_reduce_sum(flag).item() == 0)
+        if ok:
+            self._nonfinite_run = 0
+            return True
+        self.nonfinite_total += 1
+        self._nonfinite_run += 1
+        if self._nonfinite_run >= self.max_nonfinite:
+            raise NonFiniteLossError(
+                f"{self._nonfinite_run} steps in a row had a non-finite loss (at step {self.step}); "
+                "stopping. The last good checkpoint is kept; try a lower --lr or --precision fp32"
+            )
+        return False
+
+    def loader(self, split: str, *, shuffle: bool, augment: bool, drop_last: bool,
+               batch_size: int | None = None):
+        return self.data.loader(
+            split, batch_size=batch_size or int(self.config["batch_size"]), shuffle=shuffle,
+            augment=augment, scale=self.scale, device=self.device, drop_last=drop_last,
+            seed=int(self.config["seed"]), rank=self.rank, world_size=self.world_size,
+            channels_last=bool(self.config.get("channels_last", False)),
+        )
+
+    # ---- checkpointing --------------------------------------------------------------------
+    def state(self) -> dict:
+        return {
+            "kind": self.kind,
+            "models": {k: unwrap(m).state_dict() for k, m in self.modules().items()},
+            "optimizers": {k: o.state_dict() for k, o in self.optimizers().items()},
+            "schedulers": {k: s.state_dict() for k, s in self.schedulers().items()},
+            "extra": self.extra_state(),
+            "rng": get_rng_state(),
+            "epoch": self.epoch,
+            "step": self.step,
+            "batch_in_epoch": self.batch_in_epoch,
+            "best": self.best,
+            "train_seconds": self.train_seconds,
+            "images_seen": self.images_seen,
+            "nonfinite_total": self.nonfinite_total,
+        }
+
+    def load_state(self, state: dict) -> None:
+        if state.get("kind") != self.kind:
+            from dllab.checkpoint import CheckpointError
+
+            raise CheckpointError(f"checkpoint is for a {state.get('kind')!r} run, not {self.kind!r}")
+        for k, m in self.modules().items():
+            unwrap(m).load_state_dict(state["models"][k])
+        for k, o in self.optimizers().items():
+            o.load_state_dict(state["optimizers"][k])
+        for k, s in self.schedulers().items():
+            s.load_state_dict(state["schedulers"][k])
+        self.load_extra_state(state.get("extra", {}))
+        set_rng_state(state["rng"])
+        self.epoch = state["epoch"]
+        self.step = state["step"]
+        self.batch_in_epoch = state["batch_in_epoch"]
+        self.best = state.get("best", {})
+        self.train_seconds = state.get("train_seconds", 0.0)
+        self.images_seen = state.get("images_seen", 0)
+        self.nonfinite_total = state.get("nonfinite_total", 0)
+
+    def save(self, name: str = "last") -> None:
+        self.run.save_checkpoint(name, self.state())
+
+    # ---- the loop -------------------------------------------------------------------------
+    def _on_signal(self, signum, frame):  # noqa: ARG002
+        self._stop_signal = signum
+
+    def _check_stop(self) -> None:
+        if self._stop_signal is not None:
+            self.save("last")
+            raise Interrupted(self._stop_signal, self.run.path)
+
+    def fit(self, resume: bool = False) -> dict:
+        """Train for ``config['epochs']`` epochs (continuing from last.pt with ``resume``).
+
+        Returns the summary dict that is also written to summary.json.
+        """
+        self.build()
+        if resume:
+            self.load_state(self.run.load_checkpoint("last", map_location=self.device))
+            self.run.truncate_metrics(self.step)
+        epochs = int(self.config["epochs"])
+        log_every = max(1, int(self.config.get("log_every", 10)))
+        ckpt_every = int(self.config.get("checkpoint_every", 0))
+        train_loader = self.loader("train", shuffle=True, augment=bool(self.config.get("augment", True)),
+                                   drop_last=True)
+        if len(train_loader) == 0:
+            raise ValueError(
+                f"batch size {self.config['batch_size']} is larger than the training set "
+                f"({len(self.data.train_y)} examples{' per rank' if self.distributed else ''}); "
+                "lower --batch-size or raise --limit"
+            )
+        old_handlers = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                old_handlers[sig] = signal.signal(sig, self._on_signal)
+            except ValueError:  # not the main thread
+                pass
+        test_metrics: dict = {}
+        try:
+            while self.epoch < epochs:
+                train_loader.set_epoch(self.epoch)
+                sums: dict[str, torch.Tensor] = {}
+                since_log = 0
+                bar = progress(total=len(train_loader), desc=f"{self.kind} epoch {self.epoch + 1}/{epochs}",
+                               quiet=self.quiet or self.rank != 0, initial=self.batch_in_epoch)
+                t_epoch = time.perf_counter()
+                for x, y in train_loader.iterate(start=self.batch_in_epoch):
+                    metrics = self.train_step(x, y)
+                    self.step += 1
+                    self.batch_in_epoch += 1
+                    self.images_seen += x.shape[0] * self.world_size
+                    for k, v in metrics.items():
+                        sums[k] = sums.get(k, 0) + v.detach().float()
+                    since_log += 1
+                    bar.update(1)
+                    if self.step % log_every == 0:
+                        record = {k: (v / since_log).item() for k, v in sums.items()}
+                        self.run.log({"split": "train", "step": self.step,
+                                      "epoch": self.epoch + self.batch_in_epoch / len(train_loader),
+                                      **record, **self.step_extras()})
+                        bar.set_postfix({k: f"{v:.4g}" for k, v in list(record.items())[:3]})
+                        sums, since_log = {}, 0
+                    if ckpt_every and self.step % ckpt_every == 0:
+                        self.train_seconds += time.perf_counter() - t_epoch
+                        t_epoch = time.perf_counter()
+                        self.save("last")
+                    self._check_stop()
+                bar.close()
+                self.train_seconds += time.perf_counter() - t_epoch
+                self.epoch += 1
+                self.batch_in_epoch = 0
+                test_metrics = self.evaluate()
+                self.run.log({"split": "test", "step": self.step, "epoch": self.epoch, **test_metrics})
+                if self._improved(test_metrics):
+                    self.best = {"epoch": self.epoch, "step": self.step,
+                                 self.best_metric: test_metrics[self.best_metric]}
+                    self.save("best")
+                self.save("last")
+                if self.rank == 0:
+                    self.epoch_end(self.epoch, test_metrics)
+                self._check_stop()
+            if not test_metrics:  # resumed a finished run: measure again
+                test_metrics = self.evaluate()
+            summary = self.summary(test_metrics)
+            if self.rank == 0:
+                summary.update(self.finish(test_metrics))
+            self.run.write_summary(summary)
+            return summary
+        finally:
+            for sig, handler in old_handlers.items():
+                signal.signal(sig, handler)
+            self.run.close()
+
+    def step_extras(self) -> dict:
+        """Values logged with every train record (e.g. learning rate)."""
+        return {}
+
+    def _improved(self, metrics: dict) -> bool:
+        value = metrics.get(self.best_metric)
+        if value is None or not math.isfinite(value):
+            return False
+        old = self.best.get(self.best_metric)
+        if old is None:
+            return True
+        return value < old if self.best_mode == "min" else value > old
+
+    def summary(self, test_metrics: dict) -> dict:
+        params = {k: sum(p.numel() for p in unwrap(m).parameters()) for k, m in self.modules().items()}
+        return {
+            "kind": self.kind,
+            "dataset": self.config.get("dataset"),
+            **{k: v for k, v in test_metrics.items() if not isinstance(v, (list, dict))},
+            "params": sum(params.values()) if len(params) != 1 else next(iter(params.values())),
+            **({f"params_{k}": v for k, v in params.items()} if len(params) > 1 else {}),
+            "epochs": self.epoch,
+            "steps": self.step,
+            "train_seconds": round(self.train_seconds, 2),
+            "images_per_second": round(self.images_seen / self.train_seconds, 2)
+            if self.train_seconds > 0 else None,
+            "nonfinite_steps_skipped": self.nonfinite_total,
+            "best": self.best,
+            "device": str(self.device),
+            "precision": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "fp32",
+            "world_size": self.world_size,
+        }
+
