@@ -1,0 +1,254 @@
+"""ResNet-18 image classifier (CIFAR-10, MNIST, Fashion-MNIST, image folders).
+
+SGD with Nesterov momentum (or AdamW), weight decay on weights only (not on norms and biases),
+one-cycle or warm-up + cosine schedule, label smoothing, per-dataset augmentation, bf16 autocast
+where the hardware has it, channels_last, optional weight EMA and test-time flip averaging.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dllab.engine import Trainer
+from dllab.models.resnet import ResNet, ResNetConfig
+from dllab.utils import resolve_precision
+
+DEFAULTS = {
+    "epochs": 15,
+    "batch_size": 128,
+    "lr": 0.1,
+    "optimizer": "sgd",
+    "momentum": 0.9,
+    "nesterov": True,
+    "weight_decay": 5e-4,
+    "schedule": "onecycle",
+    "warmup_epochs": 1.0,
+    "label_smoothing": 0.0,
+    "ema": 0.0,
+    "tta": False,
+    "stem": "cifar",
+    "layers": "torch",
+    "norm": True,
+    "maxpool": "default",
+    "width": 64,
+    "image_size": None,
+    "eval_batch_size": 512,
+}
+
+
+def add_arguments(g: argparse._ArgumentGroup) -> None:
+    from dllab.cli import nonnegative_float, positive_int, unit_float
+
+    g.add_argument("--optimizer", choices=("sgd", "adamw"), default=DEFAULTS["optimizer"])
+    g.add_argument("--momentum", type=unit_float, default=DEFAULTS["momentum"], help="SGD momentum")
+    g.add_argument("--no-nesterov", dest="nesterov", action="store_false", help="plain SGD momentum")
+    g.add_argument("--weight-decay", type=nonnegative_float, default=DEFAULTS["weight_decay"],
+                   help="decoupled for AdamW; applied to conv/linear weights only, never norms or biases")
+    g.add_argument("--schedule", choices=("onecycle", "cosine", "constant"), default=DEFAULTS["schedule"],
+                   help="learning-rate schedule (cosine has a linear warm-up)")
+    g.add_argument("--warmup-epochs", type=nonnegative_float, default=DEFAULTS["warmup_epochs"],
+                   help="warm-up length (onecycle: rise to the peak; cosine: linear warm-up)")
+    g.add_argument("--label-smoothing", type=unit_float, default=DEFAULTS["label_smoothing"])
+    g.add_argument("--ema", type=unit_float, default=DEFAULTS["ema"],
+                   help="decay of an exponential moving average of the weights, used for evaluation "
+                   "(e.g. 0.999; 0 = off)")
+    g.add_argument("--tta", action="store_true", help="test-time horizontal-flip averaging in evaluation")
+    g.add_argument("--stem", choices=("cifar", "imagenet"), default=DEFAULTS["stem"],
+                   help="cifar: 3x3 stride-1 conv; imagenet: 7x7 stride-2 conv + max-pool")
+    g.add_argument("--layers", choices=("torch", "scratch"), default=DEFAULTS["layers"],
+                   help="torch.nn layers or dllab's from-scratch Conv2d/MaxPool2d/BatchNorm2d")
+    g.add_argument("--no-norm", dest="norm", action="store_false", help="ablation: no batch norm")
+    g.add_argument("--maxpool", choices=("default", "on", "off"), default=DEFAULTS["maxpool"],
+                   help="max-pool after the stem (default: on for the imagenet stem, off for cifar)")
+    g.add_argument("--width", type=positive_int, default=DEFAULTS["width"],
+                   help="channels of the first stage (64 = ResNet-18; smaller is faster on a CPU)")
+    g.add_argument("--image-size", type=positive_int, default=DEFAULTS["image_size"],
+                   help="folder datasets: resize images to this size")
+    g.add_argument("--eval-batch-size", type=positive_int, default=DEFAULTS["eval_batch_size"])
+
+
+def data_options(config: dict) -> dict:
+    return {"image_size": config.get("image_size")}
+
+
+def model_config(config: dict, data) -> ResNetConfig:
+    maxpool = {"default": None, "on": True, "off": False}[config.get("maxpool", "default")]
+    return ResNetConfig(num_classes=data.num_classes, in_channels=data.in_channels,
+                        stem=config["stem"], layers=config["layers"], norm=bool(config["norm"]),
+                        maxpool=maxpool, width=int(config["width"]))
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on conv/linear weights only; norms' scales/shifts and biases are not decayed."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim > 1 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_scheduler(optimizer, config: dict, steps_per_epoch: int):
+    """One-cycle (Smith & Topin 2019), linear warm-up + cosine decay, or constant."""
+    total = int(config["epochs"]) * steps_per_epoch
+    warmup = int(round(float(config["warmup_epochs"]) * steps_per_epoch))
+    kind = config["schedule"]
+    if kind == "onecycle":
+        pct = min(max(warmup / total, 0.01), 0.5) if total > 1 else 0.3
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=float(config["lr"]), total_steps=max(total, 2), pct_start=pct,
+            anneal_strategy="cos", div_factor=25.0, final_div_factor=1e3,
+            cycle_momentum=config["optimizer"] == "sgd")
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def build_model(config: dict, data, device: torch.device) -> ResNet:
+    model = ResNet(model_config(config, data)).to(device)
+    if config.get("channels_last"):
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+class ClassifierTrainer(Trainer):
+    kind = "classifier"
+    best_metric = "test_acc"
+    best_mode = "max"
+    scale = "standard"
+
+    def build(self) -> None:
+        c = self.config
+        self.amp_dtype = resolve_precision(c["precision"], self.device)
+        self.net = build_model(c, self.data, self.device)
+        self.model = self.wrap(self.net)
+        if c["optimizer"] == "sgd":
+            self.optimizer = torch.optim.SGD(param_groups(self.net, c["weight_decay"]), lr=c["lr"],
+                                             momentum=c["momentum"], nesterov=bool(c["nesterov"]))
+        else:
+            self.optimizer = torch.optim.AdamW(param_groups(self.net, c["weight_decay"]), lr=c["lr"])
+        steps = len(self.loader("train", shuffle=True, augment=False, drop_last=True))
+        self.scheduler = make_scheduler(self.optimizer, c, max(1, steps))
+        self.ema = None
+        if c["ema"] > 0:
+            self.ema = torch.optim.swa_utils.AveragedModel(
+                self.net, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(c["ema"]),
+                use_buffers=True)
+        self.test_loader = self.loader("test", shuffle=False, augment=False, drop_last=False,
+                                       batch_size=int(c["eval_batch_size"]))
+
+    def modules(self):
+        mods = {"model": self.net}
+        if self.ema is not None:
+            mods["ema"] = self.ema
+        return mods
+
+    def optimizers(self):
+        return {"optimizer": self.optimizer}
+
+    def schedulers(self):
+        return {"scheduler": self.scheduler}
+
+    def extra_state(self) -> dict:
+        return {"model_config": dataclasses.asdict(self.net.config), "classes": list(self.data.classes),
+                "mean": list(self.data.mean), "std": list(self.data.std)}
+
+    def step_extras(self) -> dict:
+        return {"lr": self.optimizer.param_groups[0]["lr"]}
+
+    def train_step(self, x, y):
+        self.model.train()
+        with self.autocast():
+            logits = self.model(x)  # (B, num_classes)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=float(self.config["label_smoothing"]))
+        self.optimizer.zero_grad(set_to_none=True)
+        if not self.finite(loss):
+            self.scheduler.step()  # keep the schedule aligned with the step count
+            return {}
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.net)
+        return {"loss": loss.detach(), "acc": (logits.detach().argmax(1) == y).float().mean()}
+
+    def eval_model(self) -> nn.Module:
+        return self.ema.module if self.ema is not None else self.net
+
+    def evaluate(self) -> dict:
+        from dllab.metrics.classification import evaluate_classifier
+
+        result = evaluate_classifier(self.eval_model(), self.test_loader, self.device,
+                                     self.data.num_classes, tta_flip=bool(self.config["tta"]),
+                                     autocast_dtype=self.amp_dtype)
+        self._last_eval = result
+        return {"test_loss": result["test_loss"], "test_acc": result["test_acc"], "ece": result["ece"]}
+
+    def epoch_end(self, epoch, test_metrics) -> None:
+        from dllab.figures.classifier import plot_lr_schedule, plot_training_curves
+
+        records = self.run.metrics()
+        plot_training_curves(records, self.run.figure_path("curves.png"))
+        plot_lr_schedule(records, self.run.figure_path("lr_schedule.png"))
+
+    def finish(self, test_metrics) -> dict:
+        return write_analysis(self.run, self._last_eval, self.data)
+
+
+def write_analysis(run, result: dict, data, prefix: str = "") -> dict:
+    """Confusion matrix, reliability diagram and most confident mistakes; returns summary extras."""
+    from dllab.figures.classifier import plot_confident_mistakes, plot_confusion_matrix, plot_reliability
+    from dllab.metrics.classification import most_confident_mistakes
+
+    plot_confusion_matrix(result["confusion"], data.classes, run.figure_path(f"{prefix}confusion_matrix.png"))
+    plot_reliability(result["ece_bins"], run.figure_path(f"{prefix}reliability.png"))
+    idx = most_confident_mistakes(result["probs"], result["targets"], k=16)
+    if len(idx):
+        images = data.test_x[idx]
+        probs = result["probs"][idx]
+        plot_confident_mistakes(images, result["targets"][idx], probs.argmax(1), probs.max(1).values,
+                                data.classes, run.figure_path(f"{prefix}confident_mistakes.png"),
+                                scale="uint8")
+    per_class = result["per_class_acc"]
+    return {"per_class_acc": {c: a for c, a in zip(data.classes, per_class)}}
+
+
+def evaluate_run(run, device: torch.device, options: dict) -> dict:
+    """``dllab eval`` for a classifier run: metrics and figures from a checkpoint."""
+    from dllab.data import load
+    from dllab.metrics.classification import evaluate_classifier
+
+    c = run.config
+    state = run.load_checkpoint(options.get("checkpoint", "best"), map_location="cpu")
+    data = load(c["dataset"], data_dir=options.get("data_dir") or c.get("data_dir"),
+                limit=c.get("limit"), seed=int(c["seed"]), **data_options(c))
+    model = ResNet(ResNetConfig(**state["extra"]["model_config"]))
+    key = "ema" if "ema" in state["models"] else "model"
+    weights = state["models"][key]
+    if key == "ema":  # AveragedModel's keys are "module.<name>" plus "n_averaged"
+        weights = {k[len("module."):]: v for k, v in weights.items() if k.startswith("module.")}
+    model.load_state_dict(weights)
+    model.to(device).eval()
+    loader = data.loader("test", batch_size=int(options.get("batch_size") or 256), shuffle=False,
+                         augment=False, scale="standard", device=device, drop_last=False)
+    result = evaluate_classifier(model, loader, device, data.num_classes,
+                                 tta_flip=bool(options.get("tta")), autocast_dtype=None)
+    extras = write_analysis(run, result, data, prefix="eval_")
+    return {"checkpoint": options.get("checkpoint", "best"), "epoch": state["epoch"],
+            "test_acc": result["test_acc"], "test_loss": result["test_loss"], "ece": result["ece"],
+            "tta": bool(options.get("tta")), **extras}
+
+
+TRAINER = ClassifierTrainer
