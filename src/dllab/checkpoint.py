@@ -74,10 +74,14 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
+        text = str(e)
+        if "GLOBAL" not in text and "global" not in text:  # not an object, just bytes gone wrong
+            raise CheckpointError(f"checkpoint {path} is corrupt or truncated (not a torch.save file "
+                                  f"that weights_only=True can read)") from e
+        detail = next((ln.strip() for ln in text.splitlines() if "GLOBAL" in ln or "global" in ln), "")
         raise CheckpointError(
             f"refusing to load {path}: it contains objects other than tensors and plain containers, "
-            f"and loading it would run code from the file (torch.load weights_only=True said: "
-            f"{str(e).splitlines()[0]})"
+            f"and loading it could run code from the file ({detail})"
         ) from e
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
         raise CheckpointError(

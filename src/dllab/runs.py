@@ -88,8 +88,8 @@ def environment() -> dict:
 
     return {
         "dllab": __version__,
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
+        "torch": str(torch.__version__),
+        "torchvision": str(torchvision.__version__),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cuda": torch.version.cuda if torch.cuda.is_available() else None,
@@ -212,7 +212,8 @@ class Run:
     def save_checkpoint(self, name: str, state: dict) -> Path | None:
         if not self.writer:
             return None
-        return save_checkpoint({"config": self.config, **state}, self.checkpoint_path(name))
+        config = json.loads(json.dumps(_jsonable(self.config)))  # plain types: weights_only-safe
+        return save_checkpoint({"config": config, **state}, self.checkpoint_path(name))
 
     def load_checkpoint(self, name: str = "last", map_location="cpu") -> dict:
         return load_checkpoint(self.checkpoint_path(name), map_location=map_location)
