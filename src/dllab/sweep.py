@@ -1,0 +1,218 @@
+"""``dllab sweep`` and ``dllab ablate``: many runs, one table.
+
+``dllab sweep KIND --flag v1 v2 ... [--other v]`` takes any ``dllab train KIND`` flag with several
+values and trains one run per combination (the product of all multi-valued flags), each in its own
+folder under the sweep folder. Every combination is parsed and checked before the first run
+starts. A finished run (one with summary.json) is not trained again, so an interrupted sweep
+continues where it stopped. The results go to ``sweep.md`` and ``sweep.csv`` and overlaid test
+curves to ``sweep_curves.png``.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import io
+import itertools
+from pathlib import Path
+
+from dllab.runs import read_json, read_metrics
+
+# the summary columns worth a table, per kind (others stay in the runs' summary.json)
+COLUMNS = {
+    "classifier": ["test_acc", "test_loss", "ece", "params", "epochs", "train_seconds",
+                   "images_per_second"],
+    "vae": ["test_elbo", "test_recon", "test_kl", "bits_per_dim", "active_units", "knn_acc",
+            "iw_log_likelihood", "train_seconds"],
+    "dcgan": ["clf_fid", "clf_precision", "clf_recall", "modes_covered", "class_kl",
+              "pairwise_distance_ratio", "params_generator", "params_discriminator", "train_seconds"],
+}
+CURVE_METRIC = {"classifier": "test_acc", "vae": "test_loss", "dcgan": "g_loss"}
+
+
+def split_flags(tokens: list[str]) -> list[tuple[str, list[str]]]:
+    """``["--lr", "0.1", "0.2", "--quiet"]`` -> ``[("--lr", ["0.1", "0.2"]), ("--quiet", [])]``."""
+    groups: list[tuple[str, list[str]]] = []
+    for tok in tokens:
+        if tok.startswith("--"):
+            if "=" in tok:
+                flag, value = tok.split("=", 1)
+                groups.append((flag, [value]))
+            else:
+                groups.append((tok, []))
+        elif groups:
+            groups[-1][1].append(tok)
+        else:
+            raise ValueError(f"unexpected value {tok!r} before any --flag")
+    return groups
+
+
+def _label(flag: str, value: str | None) -> str:
+    name = flag.lstrip("-")
+    return name if value is None else f"{name}={value}"
+
+
+def plan(kind: str, groups: list[tuple[str, list[str]]]) -> list[tuple[str, list[str], dict]]:
+    """Every combination as (run name, train argv, {flag: value}); parsed and checked now."""
+    from dllab.cli import build_parser
+
+    for flag, _ in groups:
+        if flag in ("--out", "--resume"):
+            raise ValueError(f"{flag} is set by the sweep itself (use --sweep-out)")
+    fixed = [tok for flag, values in groups if len(values) <= 1 for tok in [flag, *values]]
+    swept = [(flag, values) for flag, values in groups if len(values) > 1]
+    parser = build_parser()
+    combos = []
+    for choice in itertools.product(*[values for _, values in swept]) if swept else [()]:
+        chosen = {flag: value for (flag, _), value in zip(swept, choice)}
+        name = "_".join(_label(f, v) for f, v in chosen.items()) or "run"
+        argv = ["train", kind, *fixed, *[t for f, v in chosen.items() for t in (f, v)]]
+        parser.parse_args(argv)  # exits with code 2 and a one-line message on a bad value
+        combos.append((name, argv, chosen))
+    return combos
+
+
+def run_all(kind: str, combos, out: Path, quiet: bool) -> list[dict]:
+    from dllab.cli import build_parser, split_train_config
+    from dllab.train import train
+
+    parser = build_parser()
+    rows = []
+    for name, argv, chosen in combos:
+        run_dir = out / name
+        if (run_dir / "summary.json").exists():
+            summary = read_json(run_dir / "summary.json")
+        else:
+            args = parser.parse_args([*argv, "--out", str(run_dir)])
+            config, _, q = split_train_config(args)
+            resume = (run_dir / "checkpoints" / "last.pt").exists()
+            summary = train(kind, config, resume=resume, quiet=quiet or q)
+        rows.append({"run": name, **{k.lstrip("-"): v for k, v in chosen.items()}, **summary,
+                     "_path": str(run_dir)})
+    return rows
+
+
+def write_table(rows: list[dict], keys: list[str], kind: str, out: Path, stem: str) -> tuple[Path, Path]:
+    """``stem.md`` and ``stem.csv`` with one row per run."""
+    from dllab.checkpoint import atomic_write_bytes
+
+    metric_cols = [c for c in COLUMNS.get(kind, []) if any(c in r for r in rows)]
+    cols = ["run", *keys, *metric_cols]
+
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return "" if v is None else str(v)
+
+    md = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    md += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(cols)
+    writer.writerows([[r.get(c, "") for c in cols] for r in rows])
+    md_path = atomic_write_bytes(out / f"{stem}.md", lambda f: f.write(("\n".join(md) + "\n").encode()))
+    csv_path = atomic_write_bytes(out / f"{stem}.csv", lambda f: f.write(buf.getvalue().encode()))
+    return md_path, csv_path
+
+
+def plot_overlaid(rows: list[dict], kind: str, out: Path, stem: str) -> list[Path]:
+    """Overlaid per-epoch test curves (and train loss) of every run."""
+    from dllab.figures.common import plot_curves
+
+    paths = []
+    metric = CURVE_METRIC[kind]
+    for split, key in (("test", metric), ("train", "loss")):
+        series = {}
+        for r in rows:
+            recs = [m for m in read_metrics(r["_path"]) if m.get("split") == split and key in m]
+            series[r["run"]] = ([m["epoch"] for m in recs], [m[key] for m in recs])
+        if any(len(xs) for xs, _ in series.values()):
+            paths.append(plot_curves(series, out / f"{stem}_{split}_{key}.png", xlabel="epoch",
+                                     ylabel=key, title=f"{split} {key}"))
+    return paths
+
+
+def sweep_main(args, argv: list[str]) -> int:
+    """``dllab sweep KIND --flag v1 v2 ...``"""
+    tokens = argv[argv.index(args.kind) + 1:]
+    tokens = _drop_option(tokens, "--sweep-out")
+    groups = split_flags(tokens)
+    combos = plan(args.kind, groups)
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = Path(args.sweep_out or f"runs/sweep-{args.kind}-{stamp}")
+    out.mkdir(parents=True, exist_ok=True)
+    quiet = any(flag == "--quiet" for flag, _ in groups)
+    rows = run_all(args.kind, combos, out, quiet)
+    keys = [flag.lstrip("-") for flag, values in groups if len(values) > 1]
+    md, csv_path = write_table(rows, keys, args.kind, out, "sweep")
+    plot_overlaid(rows, args.kind, out, "sweep")
+    module = __import__(f"dllab.train.{args.kind}", fromlist=["sweep_figures"])
+    if hasattr(module, "sweep_figures"):
+        module.sweep_figures(rows, out)
+    print(md.read_text(), end="")
+    print(f"table: {md}\ncsv: {csv_path}")
+    return 0
+
+
+ABLATIONS = {
+    "bn+pool": [("--maxpool", "on")],
+    "bn": [("--maxpool", "off")],
+    "pool": [("--no-norm", None), ("--maxpool", "on")],
+    "none": [("--no-norm", None), ("--maxpool", "off")],
+}
+
+
+def ablate_main(args, argv: list[str]) -> int:
+    """``dllab ablate classifier [train flags]``: {BN on/off} x {max-pool on/off}."""
+    tokens = argv[argv.index(args.kind) + 1:]
+    tokens = _drop_option(tokens, "--ablate-out")
+    tokens = [t for t in tokens if t != "--both-layers"]
+    groups = split_flags(tokens)
+    for flag, _ in groups:
+        if flag in ("--no-norm", "--maxpool", "--out", "--resume", "--layers"):
+            raise ValueError(f"{flag} is set by the ablation itself")
+    base = [tok for flag, values in groups for tok in [flag, *values]]
+    layer_sets = ["torch", "scratch"] if args.both_layers else [None]
+    from dllab.cli import build_parser
+
+    parser = build_parser()
+    combos = []
+    for layers in layer_sets:
+        for name, extra in ABLATIONS.items():
+            argv_i = ["train", "classifier", *base, *[t for f, v in extra for t in (f, v) if t is not None]]
+            if layers:
+                argv_i += ["--layers", layers]
+                name = f"{name}-{layers}"
+            parser.parse_args(argv_i)
+            chosen = {"batch_norm": "--no-norm" not in argv_i,
+                      "max_pool": dict(extra).get("--maxpool") == "on"}
+            if layers:
+                chosen["layers"] = layers
+            combos.append((name, argv_i, chosen))
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = Path(args.ablate_out or f"runs/ablate-classifier-{stamp}")
+    out.mkdir(parents=True, exist_ok=True)
+    quiet = any(flag == "--quiet" for flag, _ in groups)
+    rows = run_all("classifier", combos, out, quiet)
+    keys = ["batch_norm", "max_pool"] + (["layers"] if args.both_layers else [])
+    md, csv_path = write_table(rows, keys, "classifier", out, "ablation")
+    plot_overlaid(rows, "classifier", out, "ablation")
+    print(md.read_text(), end="")
+    print(f"table: {md}\ncsv: {csv_path}")
+    return 0
+
+
+def _drop_option(tokens: list[str], option: str) -> list[str]:
+    """Remove ``option VALUE`` (or ``option=VALUE``) from a token list."""
+    out, skip = [], False
+    for tok in tokens:
+        if skip:
+            skip = False
+            continue
+        if tok == option:
+            skip = True
+            continue
+        if tok.startswith(option + "="):
+            continue
+        out.append(tok)
+    return out
