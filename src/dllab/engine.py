@@ -283,7 +283,8 @@ class Trainer:
                 self.epoch += 1
                 self.batch_in_epoch = 0
                 test_metrics = self.evaluate()
-                self.run.log({"split": "test", "step": self.step, "epoch": self.epoch, **test_metrics})
+                self.run.log({"split": "test", "step": self.step, "epoch": self.epoch,
+                              **{k.removeprefix("test_"): v for k, v in test_metrics.items()}})
                 if self._improved(test_metrics):
                     self.best = {"epoch": self.epoch, "step": self.step,
                                  self.best_metric: test_metrics[self.best_metric]}

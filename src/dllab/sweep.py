@@ -27,7 +27,8 @@ COLUMNS = {
     "dcgan": ["clf_fid", "clf_precision", "clf_recall", "modes_covered", "class_kl",
               "pairwise_distance_ratio", "params_generator", "params_discriminator", "train_seconds"],
 }
-CURVE_METRIC = {"classifier": "test_acc", "vae": "test_loss", "dcgan": "g_loss"}
+# metrics.jsonl keys (test records drop the summary's "test_" prefix)
+CURVE_METRIC = {"classifier": "acc", "vae": "loss", "dcgan": "g_loss"}
 
 
 def split_flags(tokens: list[str]) -> list[tuple[str, list[str]]]:

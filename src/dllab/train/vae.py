@@ -1,0 +1,213 @@
+"""Variational autoencoder (beta-VAE) on MNIST-like images.
+
+Minimises the negative ELBO (per-image sums, batch mean) with beta, KL warm-up and free bits;
+logs reconstruction and KL separately; draws reconstructions, samples at several temperatures,
+t-SNE of the latent means, interpolations and (for 2-D latents) the decoded manifold; measures
+active units, k-NN accuracy of the latent means and, on request, the IWAE log-likelihood.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import torch
+
+from dllab.engine import Trainer
+from dllab.models.vae import VAE, VAEConfig
+from dllab.utils import resolve_precision
+
+DEFAULTS = {
+    "epochs": 10,
+    "batch_size": 128,
+    "lr": 1e-3,
+    "precision": "fp32",
+    "augment": False,
+    "latent_dim": 16,
+    "arch": "conv",
+    "likelihood": "bernoulli",
+    "gaussian_variance": "learned",
+    "beta": 1.0,
+    "kl_warmup_steps": 0,
+    "free_bits": 0.0,
+    "binarize": "none",
+    "tsne_points": 2000,
+    "iw_samples": 0,
+}
+
+
+def add_arguments(g: argparse._ArgumentGroup) -> None:
+    from dllab.cli import nonnegative_float, nonnegative_int, positive_int
+
+    g.add_argument("--latent-dim", type=positive_int, default=DEFAULTS["latent_dim"])
+    g.add_argument("--arch", choices=("conv", "mlp"), default=DEFAULTS["arch"])
+    g.add_argument("--likelihood", choices=("bernoulli", "gaussian"), default=DEFAULTS["likelihood"])
+    g.add_argument("--gaussian-variance", choices=("learned", "fixed"),
+                   default=DEFAULTS["gaussian_variance"], help="for --likelihood gaussian")
+    g.add_argument("--beta", type=nonnegative_float, default=DEFAULTS["beta"],
+                   help="weight of the KL term (1 = the ELBO)")
+    g.add_argument("--kl-warmup-steps", type=nonnegative_int, default=DEFAULTS["kl_warmup_steps"],
+                   help="anneal the KL weight linearly from 0 to beta over this many steps")
+    g.add_argument("--free-bits", type=nonnegative_float, default=DEFAULTS["free_bits"],
+                   help="nats per latent dimension below which the KL is not penalised")
+    g.add_argument("--binarize", choices=("none", "dynamic"), default=DEFAULTS["binarize"],
+                   help="dynamic: train on a fresh Bernoulli draw of each image every time")
+    g.add_argument("--tsne-points", type=positive_int, default=DEFAULTS["tsne_points"],
+                   help="test latents embedded by t-SNE at the end of training")
+    g.add_argument("--iw-samples", type=nonnegative_int, default=DEFAULTS["iw_samples"],
+                   help="importance samples for the final log-likelihood estimate (0: skip; "
+                   "`dllab eval RUN --iw-samples 5000` measures it later)")
+
+
+def data_options(config: dict) -> dict:
+    return {}
+
+
+def model_config(config: dict, data) -> VAEConfig:
+    return VAEConfig(latent_dim=int(config["latent_dim"]), in_channels=data.in_channels,
+                     image_size=data.image_size, arch=config["arch"], likelihood=config["likelihood"],
+                     gaussian_variance=config["gaussian_variance"], beta=float(config["beta"]),
+                     kl_warmup_steps=int(config["kl_warmup_steps"]), free_bits=float(config["free_bits"]),
+                     binarize=config["binarize"])
+
+
+class VAETrainer(Trainer):
+    kind = "vae"
+    best_metric = "test_loss"
+    best_mode = "min"
+    scale = "unit"
+
+    def build(self) -> None:
+        from dllab.losses.vae import binarize, vae_loss
+
+        self._binarize, self._loss = binarize, vae_loss
+        c = self.config
+        self.amp_dtype = resolve_precision(c["precision"], self.device)
+        self.net = VAE(model_config(c, self.data)).to(self.device)
+        self.model = self.wrap(self.net)
+        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=float(c["lr"]))
+        self.test_loader = self.loader("test", shuffle=False, augment=False, drop_last=False,
+                                       batch_size=512)
+        # fixed test images for the progress pictures, so epochs compare
+        self.fixed_x = self.scaled(self.data.test_x[:32])
+
+    def scaled(self, x_uint8: torch.Tensor) -> torch.Tensor:
+        return x_uint8.to(self.device).float() / 255.0
+
+    def modules(self):
+        return {"model": self.net}
+
+    def optimizers(self):
+        return {"optimizer": self.optimizer}
+
+    def extra_state(self) -> dict:
+        return {"model_config": dataclasses.asdict(self.net.config), "classes": list(self.data.classes)}
+
+    def train_step(self, x, y):
+        self.model.train()
+        if self.net.config.binarize == "dynamic":
+            x = self._binarize(x)
+        with self.autocast():
+            out = self.model(x)
+        out = {k: (v.float() if torch.is_tensor(v) else v) for k, v in out.items()}
+        losses = self._loss(out, x, self.net.config, step=self.step)
+        self.optimizer.zero_grad(set_to_none=True)
+        if not self.finite(losses["loss"]):
+            return {}
+        losses["loss"].backward()
+        self.optimizer.step()
+        return {k: losses[k].detach() for k in ("loss", "recon", "kl", "beta")}
+
+    def evaluate(self) -> dict:
+        from dllab.metrics.vae import evaluate_vae
+
+        result = evaluate_vae(self.net, self.test_loader, self.device, seed=int(self.config["seed"]))
+        self._last_eval = result
+        keys = ("test_loss", "test_elbo", "test_recon", "test_kl", "bits_per_dim", "active_units")
+        return {k: result[k] for k in keys}
+
+    def epoch_end(self, epoch, test_metrics) -> None:
+        from dllab.figures.vae import plot_reconstructions, plot_vae_curves
+
+        plot_vae_curves(self.run.metrics(), self.run.figure_path("curves.png"))
+        with torch.no_grad():
+            self.net.eval()
+            rec = self.net.reconstruct(self.fixed_x)
+        plot_reconstructions(self.fixed_x, rec, self.run.figure_path("reconstructions.png"))
+
+    def finish(self, test_metrics) -> dict:
+        return analyse(self.net, self.data, self.run, self.device, self.config,
+                       iw_samples=int(self.config.get("iw_samples", 0)))
+
+
+def analyse(model: VAE, data, run, device, config: dict, iw_samples: int = 0, prefix: str = "") -> dict:
+    """Final VAE figures and latent-space numbers: samples, t-SNE, interpolation, k-NN, (IWAE)."""
+    from dllab.figures.vae import plot_interpolation, plot_manifold, plot_samples, plot_tsne
+    from dllab.metrics.vae import collect_latents, evaluate_vae, knn_accuracy
+
+    model.eval()
+    seed = int(config["seed"])
+    gen = torch.Generator().manual_seed(seed)
+    test_loader = data.loader("test", batch_size=512, shuffle=False, augment=False, scale="unit",
+                              device=device, drop_last=False)
+    train_loader = data.loader("train", batch_size=512, shuffle=False, augment=False, scale="unit",
+                               device=device, drop_last=False)
+    out: dict = {}
+    if iw_samples > 0:
+        result = evaluate_vae(model, test_loader, device, iw_samples=iw_samples,
+                              iw_batch_size=1000, seed=seed)
+        out.update({k: result[k] for k in result if k.startswith("iw_") or k.startswith("test_")})
+        out["active_units"] = result["active_units"]
+        out["kl_per_dim"] = result["kl_per_dim"]
+    z_train, y_train = collect_latents(model, train_loader, device, seed=seed)
+    z_test, y_test = collect_latents(model, test_loader, device, seed=seed)
+    out["knn_acc"] = knn_accuracy(z_train, y_train, z_test, y_test, k=5)
+    n = min(int(config.get("tsne_points", 2000)), len(z_test))
+    plot_tsne(z_test[:n], y_test[:n], run.figure_path(f"{prefix}tsne.png"), seed=seed,
+              class_names=list(data.classes))
+    plot_samples(model, run.figure_path(f"{prefix}samples.png"), generator=gen)
+    # interpolate between the first test images of two different classes (several pairs)
+    x_test = data.test_x.float() / 255.0
+    pairs = []
+    for a, b in [(0, 1), (3, 8), (4, 9), (5, 6)]:
+        ia, ib = (data.test_y == a).nonzero(), (data.test_y == b).nonzero()
+        if len(ia) and len(ib):
+            pairs.append((int(ia[0]), int(ib[0])))
+    if pairs:
+        xa = x_test[[i for i, _ in pairs]].to(device)
+        xb = x_test[[j for _, j in pairs]].to(device)
+        plot_interpolation(model, xa, xb, run.figure_path(f"{prefix}interpolation.png"))
+    if model.config.latent_dim == 2:
+        plot_manifold(model, run.figure_path(f"{prefix}manifold.png"))
+    return out
+
+
+def evaluate_run(run, device: torch.device, options: dict) -> dict:
+    """``dllab eval`` for a VAE run: test ELBO terms, active units, k-NN, IWAE log p(x)."""
+    from dllab.data import load
+    from dllab.metrics.vae import evaluate_vae
+
+    c = run.config
+    state = run.load_checkpoint(options.get("checkpoint", "best"), map_location="cpu")
+    data = load(c["dataset"], data_dir=options.get("data_dir") or c.get("data_dir"),
+                limit=c.get("limit"), seed=int(c["seed"]))
+    model = VAE(VAEConfig(**state["extra"]["model_config"]))
+    model.load_state_dict(state["models"]["model"])
+    model.to(device).eval()
+    loader = data.loader("test", batch_size=int(options.get("batch_size") or 256), shuffle=False,
+                         augment=False, scale="unit", device=device, drop_last=False)
+    result = evaluate_vae(model, loader, device, seed=int(c["seed"]))
+    summary = {k: v for k, v in result.items() if k != "latent_variances"}
+    summary.update(analyse(model, data, run, device, c, iw_samples=int(options.get("iw_samples") or 0),
+                           prefix="eval_"))
+    return {"checkpoint": options.get("checkpoint", "best"), "epoch": state["epoch"], **summary}
+
+
+def sweep_figures(rows: list[dict], out) -> None:
+    """The rate-distortion plot of a sweep (KL = rate vs reconstruction = distortion)."""
+    from dllab.figures.vae import plot_rate_distortion
+
+    plot_rate_distortion(rows, out / "rate_distortion.png")
+
+
+TRAINER = VAETrainer
