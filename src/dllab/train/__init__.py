@@ -5,6 +5,8 @@ Each kind's module (``dllab.train.classifier``, ``.vae``, ``.dcgan``) provides:
 - ``DEFAULTS``: its default settings (epochs, batch size, learning rate, ...);
 - ``add_arguments(parser)``: its own CLI flags;
 - ``data_options(config) -> dict``: extra keyword arguments for :func:`dllab.data.load`;
+- ``model_config(config, data)``: the model's config dataclass (raises ValueError when bad), and
+  optionally ``validate(config, data)`` for further checks, both run before a folder is written;
 - a :class:`dllab.engine.Trainer` subclass named ``TRAINER``;
 - ``evaluate_run(run, device, options) -> dict``: what ``dllab eval RUN`` does for that kind.
 """
@@ -100,6 +102,10 @@ def train(kind: str, config: dict | None = None, *, resume: bool = False, quiet:
     seed_everything(int(config["seed"]))
     data = load(config["dataset"], data_dir=config.get("data_dir"), download=bool(config.get("download")),
                 limit=config.get("limit"), seed=int(config["seed"]), **module.data_options(config))
+    # a bad or over-budget model configuration is refused before anything is written
+    module.model_config(config, data)
+    if hasattr(module, "validate"):
+        module.validate(config, data)
     run = Run.create(config["out"], config, resume=resume, writer=rank == 0)
     if resume:
         run.config.update({k: config[k] for k in RESUMABLE if k in config})

@@ -1,0 +1,356 @@
+"""DCGAN (Radford et al. 2016) on CIFAR-10, MNIST-like digits or Fashion-MNIST.
+
+Adam(2e-4, betas (0.5, 0.999)) for both networks by default, non-saturating BCE or hinge loss,
+one-sided label smoothing, instance noise, spectral norm in D, two-time-scale learning rates and
+an EMA of the generator for sampling. Logs per step the D loss on real and fake, the G loss,
+D(x), D(G(z)) before and after the D update, and both gradient norms; renders a fixed noise batch
+every epoch; measures quality and mode collapse in the feature space of a dllab classifier.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import torch
+
+from dllab.engine import Trainer
+from dllab.models.dcgan import (DCGANConfig, Discriminator, Generator, check_budget, ema_update,
+                                make_ema)
+from dllab.utils import resolve_precision
+
+DEFAULTS = {
+    "epochs": 20,
+    "batch_size": 64,
+    "lr": 2e-4,
+    "lr_d": None,
+    "beta1": 0.5,
+    "precision": "fp32",
+    "augment": False,
+    "log_every": 1,
+    "nz": 100,
+    "g_width": 64,
+    "d_width": 64,
+    "image_size": None,
+    "no_g_norm": False,
+    "no_d_norm": False,
+    "spectral_norm": False,
+    "loss": "bce",
+    "label_smoothing": 0.0,
+    "instance_noise": 0.0,
+    "instance_noise_steps": 0,
+    "ema": 0.0,
+    "max_params": None,
+    "classifier_run": None,
+    "eval_samples": 1000,
+}
+
+
+def add_arguments(g: argparse._ArgumentGroup) -> None:
+    from dllab.cli import nonnegative_float, nonnegative_int, positive_float, positive_int, unit_float
+
+    g.add_argument("--lr-d", type=positive_float, default=DEFAULTS["lr_d"],
+                   help="discriminator learning rate (two-time-scale rule); default: --lr")
+    g.add_argument("--beta1", type=unit_float, default=DEFAULTS["beta1"], help="Adam beta1 for both nets")
+    g.add_argument("--nz", type=positive_int, default=DEFAULTS["nz"], help="noise dimension")
+    g.add_argument("--g-width", type=positive_int, default=DEFAULTS["g_width"], help="ngf")
+    g.add_argument("--d-width", type=positive_int, default=DEFAULTS["d_width"], help="ndf")
+    g.add_argument("--image-size", type=int, choices=(28, 32, 64), default=DEFAULTS["image_size"],
+                   help="generated image size (default: the dataset's)")
+    g.add_argument("--no-g-norm", action="store_true", help="ablation: no batch norm in the generator")
+    g.add_argument("--no-d-norm", action="store_true", help="no batch norm in the discriminator")
+    g.add_argument("--spectral-norm", action="store_true", help="spectral normalisation in D")
+    g.add_argument("--loss", choices=("bce", "hinge"), default=DEFAULTS["loss"],
+                   help="bce = non-saturating GAN loss; hinge = Lim & Ye 2017")
+    g.add_argument("--label-smoothing", type=unit_float, default=DEFAULTS["label_smoothing"],
+                   help="one-sided: real targets become 1 - this (bce only; 0.1 is usual)")
+    g.add_argument("--instance-noise", type=nonnegative_float, default=DEFAULTS["instance_noise"],
+                   help="initial std of Gaussian noise added to D's inputs")
+    g.add_argument("--instance-noise-steps", type=nonnegative_int,
+                   default=DEFAULTS["instance_noise_steps"], help="steps to anneal it to 0")
+    g.add_argument("--ema", type=unit_float, default=DEFAULTS["ema"],
+                   help="decay of an EMA of G's weights used for sampling (e.g. 0.999; 0 = off)")
+    g.add_argument("--max-params", type=positive_int, default=DEFAULTS["max_params"],
+                   help="refuse a configuration whose G + D parameter count exceeds this")
+    g.add_argument("--classifier-run", default=DEFAULTS["classifier_run"],
+                   help="run folder of a dllab classifier on the same dataset: its features give "
+                   "per-epoch FID/precision/recall and class coverage (NOT Inception FID)")
+    g.add_argument("--eval-samples", type=positive_int, default=DEFAULTS["eval_samples"],
+                   help="generated samples for the per-epoch and final metrics")
+
+
+def data_options(config: dict) -> dict:
+    return {}
+
+
+def model_config(config: dict, data) -> DCGANConfig:
+    return DCGANConfig(nz=int(config["nz"]), g_width=int(config["g_width"]),
+                       d_width=int(config["d_width"]),
+                       image_size=int(config.get("image_size") or data.image_size),
+                       channels=data.in_channels, g_norm=not config["no_g_norm"],
+                       d_norm=not config["no_d_norm"], spectral_norm=bool(config["spectral_norm"]))
+
+
+def validate(config: dict, data) -> None:
+    """Refuse an over-budget model (and a bad config) before any run folder is written."""
+    cfg = model_config(config, data)
+    check_budget(cfg, config.get("max_params"))
+    if cfg.image_size != data.image_size:
+        raise ValueError(f"--image-size {cfg.image_size} differs from the {config['dataset']} images' "
+                         f"size {data.image_size}")
+
+
+def grad_norm(module: torch.nn.Module) -> torch.Tensor:
+    """L2 norm of all gradients of ``module`` (a 0-d tensor; no host sync)."""
+    norms = [p.grad.detach().norm() for p in module.parameters() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+
+
+class ClassifierFeatures:
+    """A trained dllab classifier seen from GAN images in [-1, 1]: features and logits."""
+
+    def __init__(self, run_path, device: torch.device):
+        from dllab.models.resnet import ResNet, ResNetConfig
+        from dllab.runs import Run
+
+        run = Run.open(run_path)
+        if run.kind != "classifier":
+            raise ValueError(f"--classifier-run {run_path} is a {run.kind!r} run, not a classifier")
+        name = "best" if run.has_checkpoint("best") else "last"
+        state = run.load_checkpoint(name, map_location="cpu")
+        extra = state["extra"]
+        self.model = ResNet(ResNetConfig(**extra["model_config"]))
+        weights = state["models"]["ema"] if "ema" in state["models"] else state["models"]["model"]
+        weights = {k.removeprefix("module."): v for k, v in weights.items() if k != "n_averaged"}
+        self.model.load_state_dict(weights)
+        self.model.to(device).eval()
+        self.mean = torch.tensor(extra["mean"], device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(extra["std"], device=device).view(1, -1, 1, 1)
+        self.classes = extra["classes"]
+        self.dataset = run.config.get("dataset")
+        self.device = device
+
+    def _standard(self, x: torch.Tensor) -> torch.Tensor:
+        return ((x.to(self.device).float() + 1) / 2 - self.mean) / self.std
+
+    @torch.no_grad()
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.features(self._standard(x))
+
+    @torch.no_grad()
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(self._standard(x))
+
+
+@torch.no_grad()
+def generate(generator: Generator, n: int, seed: int, device: torch.device,
+             batch_size: int = 500) -> torch.Tensor:
+    """``n`` images from ``generator`` in eval mode, noise from a CPU generator seeded ``seed``."""
+    was = generator.training
+    generator.eval()
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(0, n, batch_size):
+        z = generator.sample_noise(min(batch_size, n - i), generator=gen, device=device)
+        out.append(generator(z).float().cpu())
+    generator.train(was)
+    return torch.cat(out)
+
+
+def quality_metrics(generator, data, clf: ClassifierFeatures, n: int, seed: int, device) -> dict:
+    """Classifier-feature FID, precision/recall, coverage and diversity of ``n`` samples vs train."""
+    from dllab.metrics.gan import classifier_feature_metrics
+
+    fake = generate(generator, n, seed, device)
+    real = data.train_x[:n].float() / 127.5 - 1
+    counts = torch.bincount(data.train_y, minlength=data.num_classes).double()
+    return classifier_feature_metrics(clf.features, clf.logits, real, fake,
+                                      data_class_probs=(counts / counts.sum()).tolist())
+
+
+class DCGANTrainer(Trainer):
+    kind = "dcgan"
+    best_metric = "clf_fid"
+    best_mode = "min"
+    scale = "tanh"
+
+    def build(self) -> None:
+        from dllab.losses.gan import d_loss, g_loss
+
+        self._d_loss, self._g_loss = d_loss, g_loss
+        c = self.config
+        self.amp_dtype = resolve_precision(c["precision"], self.device)
+        cfg = model_config(c, self.data)
+        self.counts = check_budget(cfg, c.get("max_params"))
+        self.gen = Generator(cfg).to(self.device)
+        self.disc = Discriminator(cfg).to(self.device)
+        self.G, self.D = self.wrap(self.gen), self.wrap(self.disc)
+        betas = (float(c["beta1"]), 0.999)
+        self.opt_g = torch.optim.Adam(self.gen.parameters(), lr=float(c["lr"]), betas=betas)
+        self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=float(c["lr_d"] or c["lr"]), betas=betas)
+        self.ema = make_ema(self.gen) if c["ema"] > 0 else None
+        gen = torch.Generator().manual_seed(int(c["seed"]) + 1)
+        self.fixed_noise = self.gen.sample_noise(64, generator=gen, device=self.device)
+        self.clf = ClassifierFeatures(c["classifier_run"], self.device) if c.get("classifier_run") else None
+        self.noise_gen = None
+
+    def modules(self):
+        mods = {"generator": self.gen, "discriminator": self.disc}
+        if self.ema is not None:
+            mods["generator_ema"] = self.ema
+        return mods
+
+    def optimizers(self):
+        return {"generator": self.opt_g, "discriminator": self.opt_d}
+
+    def extra_state(self) -> dict:
+        return {"model_config": dataclasses.asdict(self.gen.config), "fixed_noise": self.fixed_noise.cpu(),
+                "classes": list(self.data.classes)}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.fixed_noise = state["fixed_noise"].to(self.device)
+
+    def sampler(self) -> Generator:
+        return self.ema if self.ema is not None else self.gen
+
+    def train_step(self, x, y):
+        from dllab.losses.gan import add_instance_noise, instance_noise_std
+
+        c = self.config
+        self.G.train()
+        self.D.train()
+        n = x.shape[0]
+        std = instance_noise_std(self.step, float(c["instance_noise"]), int(c["instance_noise_steps"]))
+        # --- discriminator step: maximise log D(x) + log(1 - D(G(z)))
+        z = torch.randn(n, self.gen.config.nz, device=self.device)
+        with self.autocast():
+            fake = self.G(z)
+            real_logits = self.D(add_instance_noise(x, std))
+            fake_logits = self.D(add_instance_noise(fake.detach(), std))
+        loss_d, loss_real, loss_fake = self._d_loss(real_logits.float(), fake_logits.float(), c["loss"],
+                                                    smooth=float(c["label_smoothing"]))
+        self.opt_d.zero_grad(set_to_none=True)
+        if not self.finite(loss_d):
+            return {}
+        loss_d.backward()
+        gn_d = grad_norm(self.disc)
+        self.opt_d.step()
+        # --- generator step: non-saturating, maximise log D(G(z))
+        with self.autocast():
+            fake_logits_after = self.D(add_instance_noise(fake, std))
+        loss_g = self._g_loss(fake_logits_after.float(), c["loss"])
+        self.opt_g.zero_grad(set_to_none=True)
+        if not self.finite(loss_g):
+            return {}
+        loss_g.backward()
+        gn_g = grad_norm(self.gen)
+        self.opt_g.step()
+        if self.ema is not None:
+            ema_update(self.ema, self.gen, float(c["ema"]))
+        return {
+            "d_loss": loss_d.detach(), "d_loss_real": loss_real.detach(), "d_loss_fake": loss_fake.detach(),
+            "g_loss": loss_g.detach(),
+            "d_real": torch.sigmoid(real_logits.detach().float()).mean(),
+            "d_fake_before": torch.sigmoid(fake_logits.detach().float()).mean(),
+            "d_fake_after": torch.sigmoid(fake_logits_after.detach().float()).mean(),
+            "grad_norm_d": gn_d, "grad_norm_g": gn_g,
+        }
+
+    def evaluate(self) -> dict:
+        if self.clf is None:
+            return {}
+        m = quality_metrics(self.sampler(), self.data, self.clf, int(self.config["eval_samples"]),
+                            int(self.config["seed"]), self.device)
+        return {k: m[k] for k in ("clf_fid", "clf_precision", "clf_recall", "clf_modes_covered",
+                                  "clf_kl_gen_data")}
+
+    def epoch_end(self, epoch, test_metrics) -> None:
+        from dllab.figures.common import save_image_grid
+        from dllab.figures.gan import plot_gan_losses
+
+        with torch.no_grad():
+            g = self.sampler()
+            was = g.training
+            g.eval()
+            images = g(self.fixed_noise).float().cpu()
+            g.train(was)
+        save_image_grid(images, self.run.figure_path(f"progress/epoch_{epoch:03d}.png"), nrow=8,
+                        scale="tanh", title=f"fixed noise, epoch {epoch}")
+        folder = self.run.path / "progress"  # the grids as tensors, for the strip and the GIF
+        folder.mkdir(exist_ok=True)
+        torch.save(images.to(torch.float16), folder / f"epoch_{epoch:03d}.pt")
+        plot_gan_losses(self.run.metrics(), self.run.figure_path("losses.png"))
+
+    def finish(self, test_metrics) -> dict:
+        return analyse(self.sampler(), self.data, self.run, self.device, self.config, self.clf,
+                       n=int(self.config["eval_samples"]), counts=self.counts)
+
+
+def progress_grids(run) -> list[torch.Tensor]:
+    folder = run.path / "progress"
+    return [torch.load(p, weights_only=True).float() for p in sorted(folder.glob("epoch_*.pt"))]
+
+
+def analyse(generator, data, run, device, config: dict, clf: ClassifierFeatures | None, n: int,
+            counts: dict | None = None, prefix: str = "") -> dict:
+    """Final samples, progress strip/GIF, nearest training neighbours and the classifier metrics."""
+    from dllab.figures.common import save_image_grid
+    from dllab.figures.gan import (plot_class_histogram, plot_nearest_neighbours, save_progress_gif,
+                                   save_progress_strip)
+    from dllab.metrics.gan import nearest_neighbours
+
+    seed = int(config["seed"])
+    samples = generate(generator, 64, seed + 2, device)
+    save_image_grid(samples, run.figure_path(f"{prefix}samples.png"), nrow=8, scale="tanh",
+                    title="samples")
+    grids = progress_grids(run)
+    if grids and not prefix:
+        save_progress_strip(grids, run.figure_path("progress_strip.png"))
+        save_progress_gif(grids, run.figure_path("progress.gif"))
+    # memorisation check: nearest training images (pixel space) of a few samples
+    train = data.train_x.float() / 127.5 - 1
+    idx, _ = nearest_neighbours(samples[:8].flatten(1), train.flatten(1), k=5)
+    plot_nearest_neighbours(samples[:8], train[idx], run.figure_path(f"{prefix}nearest_neighbours.png"))
+    out: dict = {}
+    if counts:
+        out.update({"params_generator": counts["generator"], "params_discriminator": counts["discriminator"]})
+    if clf is not None:
+        m = quality_metrics(generator, data, clf, n, seed, device)
+        plot_class_histogram(m["clf_class_hist"], m["clf_data_probs"], clf.classes,
+                             run.figure_path(f"{prefix}class_histogram.png"))
+        out.update({k: v for k, v in m.items() if not isinstance(v, (list, dict))})
+        out["clf_class_hist"] = m["clf_class_hist"]
+        out["classifier_run"] = str(config.get("classifier_run"))
+    return out
+
+
+def evaluate_run(run, device: torch.device, options: dict) -> dict:
+    """``dllab eval`` for a DCGAN run: samples, memorisation check, classifier-feature metrics and
+    (with local weights) Inception FID/IS."""
+    from dllab.data import load
+
+    c = run.config
+    state = run.load_checkpoint(options.get("checkpoint", "best"), map_location="cpu")
+    data = load(c["dataset"], data_dir=options.get("data_dir") or c.get("data_dir"),
+                limit=c.get("limit"), seed=int(c["seed"]))
+    generator = Generator(DCGANConfig(**state["extra"]["model_config"]))
+    key = "generator_ema" if "generator_ema" in state["models"] else "generator"
+    generator.load_state_dict(state["models"][key])
+    generator.to(device).eval()
+    clf_path = options.get("classifier") or c.get("classifier_run")
+    clf = ClassifierFeatures(clf_path, device) if clf_path else None
+    n = int(options.get("num_samples") or 5000)
+    result = {"checkpoint": options.get("checkpoint", "best"), "epoch": state["epoch"],
+              "sampler": key, "num_samples": n}
+    result.update(analyse(generator, data, run, device, {**c, "classifier_run": clf_path}, clf, n=n,
+                          prefix="eval_"))
+    if options.get("inception_weights"):
+        from dllab.metrics.gan import inception_metrics
+
+        fake = generate(generator, n, int(c["seed"]), device)
+        real = data.train_x[:n].float() / 127.5 - 1
+        result.update(inception_metrics(fake, real, weights_path=options["inception_weights"]))
+    return result
+
+
+TRAINER = DCGANTrainer

