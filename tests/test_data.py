@@ -650,9 +650,15 @@ def test_loader_bad_arguments(small):
     assert len(small.loader("train", batch_size=200, drop_last=False)) == 1
 
 
-def test_loader_throughput(small):
+def test_loader_throughput_and_thread_setting(small):
     rate = D.loader_throughput(small.loader("train", batch_size=16), n_batches=12)
     assert rate > 0
+    before = torch.get_num_threads()
+    it = iter(small.loader("train", batch_size=16))
+    next(it)
+    assert torch.get_num_threads() == before  # restored while the caller holds a batch
+    list(it)
+    assert torch.get_num_threads() == before
 
 
 def test_imagedata_validates():
