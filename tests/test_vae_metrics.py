@@ -108,7 +108,8 @@ def test_iwae_k1_equals_single_sample_elbo_term_on_vae():
     z = mu + (0.5 * logvar).exp() * eps
     log_q = Normal(mu, (0.5 * logvar).exp()).log_prob(z).sum(1)
     log_pz = Normal(0.0, 1.0).log_prob(z).sum(1)
-    log_px_z = torch.distributions.Bernoulli(logits=model.decode(z)[0]).log_prob(x).flatten(1).sum(1)
+    bern = torch.distributions.Bernoulli(logits=model.decode(z)[0])
+    log_px_z = bern.log_prob(x).flatten(1).sum(1)
     torch.testing.assert_close(got, log_px_z + log_pz - log_q)
 
 

@@ -46,7 +46,8 @@ def test_gaussian_decoder(arch, variance):
     assert mean.shape == log_scale.shape == (6, 3, 32, 32)
     assert mean.min() >= 0 and mean.max() <= 1
     if variance == "fixed":
-        torch.testing.assert_close(log_scale, torch.full_like(log_scale, torch.log(torch.tensor(0.2))))
+        want = torch.full_like(log_scale, torch.log(torch.tensor(0.2)))
+        torch.testing.assert_close(log_scale, want)
     else:
         # the soft floor holds even for very negative raw outputs
         with torch.no_grad():

@@ -63,8 +63,9 @@ def gaussian_nll(mean: torch.Tensor, log_scale: torch.Tensor, target: torch.Tens
     return (0.5 * math.log(2 * math.pi) + log_scale + 0.5 * z.pow(2)).flatten(1).sum(1)
 
 
-def recon_nll(loc: torch.Tensor, log_scale: torch.Tensor | None, target: torch.Tensor) -> torch.Tensor:
-    """-log p(target|z), (B,), from ``VAE.decode``'s (loc, log_scale): Bernoulli if log_scale is None."""
+def recon_nll(loc: torch.Tensor, log_scale: torch.Tensor | None,
+              target: torch.Tensor) -> torch.Tensor:
+    """-log p(target|z), (B,), from ``VAE.decode``'s (loc, log_scale); Bernoulli if no scale."""
     if loc.shape != target.shape:
         raise ValueError(f"decoder output shape {tuple(loc.shape)} != target shape "
                          f"{tuple(target.shape)}")

@@ -58,7 +58,8 @@ class VAEConfig:
         if self.arch not in ARCHS:
             raise ValueError(f"unknown arch {self.arch!r}; expected one of {ARCHS}")
         if self.likelihood not in LIKELIHOODS:
-            raise ValueError(f"unknown likelihood {self.likelihood!r}; expected one of {LIKELIHOODS}")
+            raise ValueError(f"unknown likelihood {self.likelihood!r}; "
+                             f"expected one of {LIKELIHOODS}")
         if self.gaussian_variance not in GAUSSIAN_VARIANCES:
             raise ValueError(f"unknown gaussian_variance {self.gaussian_variance!r}; "
                              f"expected one of {GAUSSIAN_VARIANCES}")
@@ -85,7 +86,8 @@ class VAEConfig:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name}={value!r} must be a positive finite number")
-        if not (isinstance(self.beta, (int, float)) and math.isfinite(self.beta) and self.beta >= 0):
+        if not (isinstance(self.beta, (int, float)) and math.isfinite(self.beta)
+                and self.beta >= 0):
             raise ValueError(f"beta={self.beta!r} must be a finite number >= 0")
         if not (isinstance(self.free_bits, (int, float)) and math.isfinite(self.free_bits)
                 and self.free_bits >= 0):
@@ -198,13 +200,14 @@ class VAE(nn.Module):
             h = h.view(B, cfg.widths[-1], self.side, self.side)  # (B, w_last, s', s')
             h = self.decoder_conv(h)  # (B, C or 2C, H, W)
         else:
-            h = h.view(B, cfg.decoder_channels, cfg.image_size, cfg.image_size)  # (B, C or 2C, H, W)
+            s = cfg.image_size
+            h = h.view(B, cfg.decoder_channels, s, s)  # (B, C or 2C, H, W)
         if cfg.likelihood == "bernoulli":
             return h, None
         if cfg.gaussian_variance == "learned":
             mean_raw, scale_raw = h.chunk(2, dim=1)  # (B, C, H, W) each
             log_min = math.log(cfg.gaussian_sigma_min)
-            # smooth max(scale_raw, log_min): ~0 (sigma ~ 1) at initialisation, never below the floor
+            # smooth max(scale_raw, log_min): ~0 (sigma ~ 1) at initialisation, never below floor
             log_scale = log_min + F.softplus(scale_raw - log_min)
         else:
             mean_raw = h
@@ -212,7 +215,7 @@ class VAE(nn.Module):
         return torch.sigmoid(mean_raw), log_scale
 
     def mean_image(self, loc: torch.Tensor) -> torch.Tensor:
-        """The decoder's mean E[x|z] in [0, 1] from ``decode``'s loc (sigmoid of Bernoulli logits)."""
+        """The decoder's mean E[x|z] in [0, 1] from ``decode``'s loc (sigmoid of the logits)."""
         if self.config.likelihood == "bernoulli":
             return torch.sigmoid(loc)
         return loc.clamp(0, 1)
@@ -225,7 +228,7 @@ class VAE(nn.Module):
         return mu + torch.exp(0.5 * logvar) * eps
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> dict:
-        """One pass for the loss: {"mu", "logvar", "z": (B, L); "loc", "log_scale": see ``decode``}."""
+        """One pass for the loss: {"mu", "logvar", "z": (B, L); "loc", "log_scale": ``decode``}."""
         mu, logvar = self.encode(x)
         z = self.reparameterize(mu, logvar, generator)  # (B, L)
         loc, log_scale = self.decode(z)
@@ -265,7 +268,7 @@ class VAE(nn.Module):
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """Decode the posterior mean: x (B, C, H, W) in [0, 1] -> mean images (B, C, H, W) in [0, 1].
+        """Decode the posterior mean: x (B, C, H, W) in [0, 1] -> mean images, (B, C, H, W).
 
         Uses z = mu(x), not a sample, so a reconstruction grid does not flicker between calls.
         """
