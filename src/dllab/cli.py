@@ -103,6 +103,9 @@ def add_common_train_arguments(p: argparse.ArgumentParser, defaults: dict) -> No
                    help="use only the first N training and N test examples (smoke runs)")
     g.add_argument("--no-augment", dest="augment", action="store_false",
                    help="turn off training-time data augmentation")
+    g.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip the md5 check of dataset files (for files you trust that differ from "
+                   "the official ones)")
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=positive_int, default=defaults["epochs"], help="epochs to train")
     g.add_argument("--batch-size", type=positive_int, default=defaults["batch_size"],

@@ -266,7 +266,8 @@ class Trainer:
                         sums[k] = sums.get(k, 0) + v.detach().float()
                     since_log += 1
                     bar.update(1)
-                    if self.step % log_every == 0:
+                    if self.step % log_every == 0 or self.batch_in_epoch == len(train_loader):
+                        # every log_every steps, and the epoch's last steps too
                         record = {k: (v / since_log).item() for k, v in sums.items()}
                         self.run.log({"split": "train", "step": self.step,
                                       "epoch": self.epoch + self.batch_in_epoch / len(train_loader),

@@ -40,6 +40,7 @@ COMMON_DEFAULTS = {
     "channels_last": False,
     "sync_bn": False,
     "augment": True,
+    "verify": True,
 }
 
 #: settings that may change when a run is resumed (the rest must match the saved config)
@@ -101,7 +102,8 @@ def train(kind: str, config: dict | None = None, *, resume: bool = False, quiet:
         config["out"] = out[0]
     seed_everything(int(config["seed"]))
     data = load(config["dataset"], data_dir=config.get("data_dir"), download=bool(config.get("download")),
-                limit=config.get("limit"), seed=int(config["seed"]), **module.data_options(config))
+                limit=config.get("limit"), seed=int(config["seed"]), verify=bool(config.get("verify", True)),
+                **module.data_options(config))
     # a bad or over-budget model configuration is refused before anything is written
     module.model_config(config, data)
     if hasattr(module, "validate"):
