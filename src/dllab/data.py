@@ -699,7 +699,7 @@ def _extract_cifar_tar(tar: Path, root: Path, verify: bool) -> None:
     if verify and (actual := calculate_md5(tar)) != CIFAR10.tgz_md5:
         raise CorruptDatasetError(tar, f"md5 {actual} differs from the official {CIFAR10.tgz_md5} "
                                        "(corrupt or not the official file); load it anyway with "
-                                       "dllab.data.load(..., verify=False)")
+                                       "--no-verify (dllab.data.load(..., verify=False))")
     try:
         with tarfile.open(tar, "r:gz") as t:
             members = [m for m in t.getmembers()
@@ -755,7 +755,7 @@ def _load_cifar10(root: Path, download: bool, verify: bool) -> ImageData:
             if actual != md5:
                 raise CorruptDatasetError(folder / name, f"md5 {actual} differs from the official "
                                           f"{md5} (corrupt or not the official CIFAR-10 file); load "
-                                          "it anyway with dllab.data.load(..., verify=False)")
+                                          "it anyway with --no-verify (dllab.data.load(..., verify=False))")
     classes = _check_cifar_meta(folder / files[-1][0])
     for name, _ in files[:-1]:
         _check_cifar_batch(folder / name, len(classes))
