@@ -1,0 +1,523 @@
+"""dllab.layers against torch: values, gradients, running statistics, modules, errors, dispatch.
+
+Everything is compared with the torch original on the same numbers (float64 unless the test is
+about another dtype), micrograd-style.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from dllab.layers import BatchNorm2d, Conv2d, MaxPool2d
+from dllab.layers import functional as LF
+
+DT = torch.float64
+
+
+def _leaves(*tensors):
+    """Two independent leaf copies of each tensor (None stays None): one for dllab, one for torch."""
+    a = [None if t is None else t.detach().clone().requires_grad_(t.is_floating_point()) for t in tensors]
+    b = [None if t is None else t.detach().clone().requires_grad_(t.is_floating_point()) for t in tensors]
+    return a, b
+
+
+def _close(a, b, tol=1e-10):
+    assert a.shape == b.shape, (a.shape, b.shape)
+    assert a.dtype == b.dtype, (a.dtype, b.dtype)
+    torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+def _compare_fn(ours, theirs, inputs, grad_seed=0, tol=1e-10):
+    """Forward values and every input gradient of ours(*inputs) vs theirs(*inputs)."""
+    a, b = _leaves(*inputs)
+    ya, yb = ours(*a), theirs(*b)
+    _close(ya, yb, tol)
+    g = torch.randn(yb.shape, dtype=yb.dtype, generator=torch.Generator().manual_seed(grad_seed))
+    ya.backward(g)
+    yb.backward(g)
+    for ta, tb in zip(a, b):
+        if ta is not None and ta.requires_grad:
+            _close(ta.grad, tb.grad, tol)
+    return ya, yb
+
+
+# ----------------------------------------------------------------------------------------------
+# conv2d
+
+CONV_GRID = [
+    # (N, C_in, H, W, C_out, kernel, stride, padding, dilation, groups, bias)
+    (2, 3, 8, 8, 4, 3, 1, 1, 1, 1, True),
+    (2, 3, 8, 8, 4, 3, 1, 0, 1, 1, False),
+    (2, 4, 9, 7, 6, 3, 2, 1, 1, 1, True),
+    (2, 4, 9, 7, 6, 3, 2, 1, 1, 2, True),
+    (2, 4, 10, 10, 8, 1, 1, 0, 1, 1, True),
+    (2, 4, 10, 10, 8, 1, 2, 0, 1, 1, False),
+    (2, 4, 10, 10, 8, 1, 1, 1, 1, 1, True),  # 1x1 with padding: input grad via col2im
+    (1, 4, 9, 9, 4, 3, 1, 1, 1, 4, True),  # depthwise
+    (2, 4, 9, 9, 8, 3, 2, 1, 1, 4, False),  # depthwise, channel multiplier 2
+    (2, 3, 11, 9, 5, (3, 2), (2, 1), (1, 0), (2, 1), 1, True),
+    (2, 3, 11, 9, 5, (1, 4), (1, 3), (0, 2), 1, 1, True),
+    (2, 3, 7, 7, 2, 5, 1, 2, 1, 1, True),
+    (2, 3, 7, 7, 2, 5, 3, 2, 1, 1, True),
+    (1, 2, 12, 12, 3, 3, 1, 2, 2, 1, True),
+    (1, 2, 12, 12, 3, 3, 2, 3, 3, 1, True),  # padding larger than needed
+    (2, 6, 6, 6, 6, 3, 1, "same", 1, 3, True),
+    (2, 2, 6, 7, 3, (2, 4), 1, "same", 1, 1, True),  # even kernel: extra padding bottom/right
+    (2, 2, 9, 9, 3, 3, 1, "same", (2, 3), 1, False),
+    (2, 2, 6, 6, 3, 3, 2, "valid", 1, 1, True),
+    (2, 3, 5, 5, 4, 5, 1, 0, 1, 1, True),  # kernel as large as the input: 1x1 output
+    (3, 1, 1, 1, 2, 1, 1, 0, 1, 1, True),  # 1x1 pixels
+]
+
+
+@pytest.mark.parametrize("case", CONV_GRID, ids=[str(i) for i in range(len(CONV_GRID))])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_conv2d_matches_torch(case, channels_last):
+    n, c, h, w, c_out, k, s, p, d, g, has_bias = case
+    kh, kw = (k, k) if isinstance(k, int) else k
+    gen = torch.Generator().manual_seed(hash(case) % 2**31)
+    x = torch.randn(n, c, h, w, dtype=DT, generator=gen)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    weight = torch.randn(c_out, c // g, kh, kw, dtype=DT, generator=gen)
+    bias = torch.randn(c_out, dtype=DT, generator=gen) if has_bias else None
+    ya, yb = _compare_fn(lambda x_, w_, b_: LF.conv2d(x_, w_, b_, s, p, d, g),
+                         lambda x_, w_, b_: F.conv2d(x_, w_, b_, s, p, d, g), [x, weight, bias])
+    assert ya.is_contiguous(memory_format=torch.channels_last) == yb.is_contiguous(memory_format=torch.channels_last)
+    assert ya.is_contiguous() == yb.is_contiguous()
+
+
+def test_conv2d_broad_grid():
+    """Every combination of kernel, stride, padding, dilation, groups and bias on a small input."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, 7, 6, dtype=DT, generator=gen)
+    count = 0
+    for k, s, p, d, g, has_bias in itertools.product([1, 2, 3], [1, 2], [0, 1, "same"], [1, 2], [1, 2, 4],
+                                                     [False, True]):
+        if p == "same" and s != 1:
+            continue
+        weight = torch.randn(4, 4 // g, k, k, dtype=DT, generator=gen)
+        bias = torch.randn(4, dtype=DT, generator=gen) if has_bias else None
+        _compare_fn(lambda x_, w_, b_: LF.conv2d(x_, w_, b_, s, p, d, g),
+                    lambda x_, w_, b_: F.conv2d(x_, w_, b_, s, p, d, g), [x, weight, bias], grad_seed=count)
+        count += 1
+    assert count == 180
+
+
+def test_conv2d_unbatched_and_empty_batch():
+    gen = torch.Generator().manual_seed(2)
+    w = torch.randn(5, 3, 3, 3, dtype=DT, generator=gen)
+    b = torch.randn(5, dtype=DT, generator=gen)
+    x = torch.randn(3, 6, 6, dtype=DT, generator=gen)
+    ya, yb = _compare_fn(lambda x_, w_, b_: LF.conv2d(x_, w_, b_, padding=1),
+                         lambda x_, w_, b_: F.conv2d(x_, w_, b_, padding=1), [x, w, b])
+    assert ya.shape == (5, 6, 6)
+    x0 = torch.randn(0, 3, 6, 6, dtype=DT)
+    ya, yb = _compare_fn(lambda x_, w_, b_: LF.conv2d(x_, w_, b_, stride=2),
+                         lambda x_, w_, b_: F.conv2d(x_, w_, b_, stride=2), [x0, w, b])
+    assert ya.shape == (0, 5, 2, 2)
+
+
+def test_conv2d_float32_and_gradcheck():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 8, 10, 10, generator=gen)
+    w = torch.randn(16, 8, 3, 3, generator=gen) * 0.1
+    b = torch.randn(16, generator=gen)
+    _compare_fn(lambda *t: LF.conv2d(*t, stride=2, padding=1), lambda *t: F.conv2d(*t, stride=2, padding=1),
+                [x, w, b], tol=1e-4)
+    for s, p, d, g in [(1, 1, 1, 1), (2, 1, 1, 2), (1, "same", 2, 1), (2, 0, 1, 1), (1, 2, 1, 1)]:
+        xd = torch.randn(2, 2, 6, 5, dtype=DT, generator=gen, requires_grad=True)
+        wd = torch.randn(2, 2 // g, 3, 3, dtype=DT, generator=gen, requires_grad=True)
+        bd = torch.randn(2, dtype=DT, generator=gen, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda x_, w_, b_: LF.conv2d(x_, w_, b_, s, p, d, g), (xd, wd, bd),
+                                        fast_mode=True)
+
+
+@pytest.mark.parametrize("bad", [
+    dict(x=(1, 4, 5, 5), w=(4, 3, 3, 3)),  # channels do not match
+    dict(x=(1, 4, 5, 5), w=(4, 4, 7, 7)),  # kernel larger than padded input
+    dict(x=(4, 5), w=(4, 4, 3, 3)),  # wrong input rank
+    dict(x=(1, 4, 5, 5), w=(4, 4, 3), padding=1),  # wrong weight rank
+    dict(x=(1, 4, 5, 5), w=(4, 4, 3, 3), stride=2, padding="same"),
+    dict(x=(1, 4, 5, 5), w=(4, 4, 3, 3), stride=0),
+    dict(x=(1, 4, 5, 5), w=(4, 4, 3, 3), padding=-1),
+    dict(x=(1, 4, 5, 5), w=(4, 4, 3, 3), dilation=0),
+    dict(x=(1, 4, 5, 5), w=(4, 4, 3, 3), padding="full"),
+    dict(x=(1, 4, 5, 5), w=(4, 2, 3, 3), groups=3),  # groups divide neither
+    dict(x=(1, 4, 5, 5), w=(3, 2, 3, 3), groups=2),  # out channels not divisible by groups
+    dict(x=(1, 4, 5, 5), w=(4, 4, 3, 3), groups=0),
+    dict(x=(1, 4, 5, 5), w=(4, 4, 3, 3), bias=3),
+    dict(x=(1, 4, 5, 5), w=(4, 4, 3, 3), stride=(1, 2, 3)),
+])
+def test_conv2d_errors_where_torch_errors(bad):
+    bad = dict(bad)
+    x, w = torch.randn(bad.pop("x")), torch.randn(bad.pop("w"))
+    if "bias" in bad:
+        bad["bias"] = torch.randn(bad["bias"])
+    with pytest.raises(RuntimeError):
+        F.conv2d(x, w, **bad)
+    with pytest.raises(ValueError):
+        LF.conv2d(x, w, **bad)
+
+
+def test_conv2d_dtype_mismatch_raises():
+    with pytest.raises(ValueError, match="dtype"):
+        LF.conv2d(torch.randn(1, 2, 4, 4, dtype=DT), torch.randn(2, 2, 3, 3))
+
+
+# ----------------------------------------------------------------------------------------------
+# Conv2d module
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "replicate", "circular"])
+@pytest.mark.parametrize("padding", [1, (2, 1), "same"])
+def test_conv2d_module_padding_modes(padding_mode, padding):
+    torch.manual_seed(4)
+    ref = nn.Conv2d(3, 4, 3, padding=padding, padding_mode=padding_mode, dtype=DT)
+    ours = Conv2d(3, 4, 3, padding=padding, padding_mode=padding_mode, dtype=DT)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 3, 6, 5, dtype=DT)
+    _compare_fn(ours, ref, [x])
+    _close(ours.weight.grad, ref.weight.grad)
+    _close(ours.bias.grad, ref.bias.grad)
+    assert repr(ours) == repr(ref)
+
+
+def test_conv2d_module_same_init_state_dict_and_repr():
+    for kwargs in [dict(in_channels=4, out_channels=6, kernel_size=3),
+                   dict(in_channels=4, out_channels=6, kernel_size=(3, 2), stride=2, padding=(1, 0), dilation=(1, 2),
+                        groups=2, bias=False),
+                   dict(in_channels=3, out_channels=3, kernel_size=1, padding="valid")]:
+        torch.manual_seed(5)
+        ref = nn.Conv2d(**kwargs)
+        torch.manual_seed(5)
+        ours = Conv2d(**kwargs)
+        assert repr(ours).replace("Conv2d", "") == repr(ref).replace("Conv2d", "")
+        sd_ref, sd_ours = ref.state_dict(), ours.state_dict()
+        assert list(sd_ref) == list(sd_ours)
+        for key in sd_ref:  # same seed, same draws, same numbers
+            torch.testing.assert_close(sd_ref[key], sd_ours[key], rtol=0, atol=0)
+        for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
+                     "padding_mode", "transposed", "output_padding", "_reversed_padding_repeated_twice"):
+            assert getattr(ours, attr) == getattr(ref, attr), attr
+    # a state dict moves both ways with identical outputs
+    ours, ref = Conv2d(4, 8, 3, padding=1), nn.Conv2d(4, 8, 3, padding=1)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 4, 8, 8)
+    torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_conv2d_init_distribution():
+    """Weights ~ U(-b, b) with b = 1/sqrt(fan_in) (kaiming_uniform_ with a=sqrt(5)), bias likewise."""
+    torch.manual_seed(6)
+    conv = Conv2d(32, 64, 3)
+    bound = 1 / math.sqrt(32 * 9)
+    w = conv.weight.detach()
+    assert w.abs().max() <= bound and w.abs().max() > 0.99 * bound
+    assert abs(w.std().item() - bound / math.sqrt(3)) < 0.02 * bound
+    assert conv.bias.abs().max() <= bound
+
+
+@pytest.mark.parametrize("kwargs", [dict(groups=3), dict(groups=0), dict(padding="full"),
+                                    dict(padding="same", stride=2), dict(padding_mode="mirror"),
+                                    dict(padding=-1), dict(kernel_size=0)])
+def test_conv2d_module_errors(kwargs):
+    args = dict(in_channels=4, out_channels=6, kernel_size=3)
+    args.update(kwargs)
+    with pytest.raises(ValueError):
+        Conv2d(**args)
+
+
+# ----------------------------------------------------------------------------------------------
+# max_pool2d
+
+POOL_GRID = [
+    # (H, W, kernel, stride, padding, dilation, ceil_mode)
+    (8, 8, 2, None, 0, 1, False),
+    (9, 7, 3, 2, 1, 1, False),
+    (9, 7, 3, 2, 1, 1, True),
+    (10, 10, 3, 2, 0, 1, True),
+    (6, 6, 2, 2, 1, 1, True),  # ceil_mode with padding: the last window starts in the padding? dropped
+    (5, 5, 2, 2, 1, 1, True),
+    (9, 8, (3, 2), (2, 1), (1, 0), (1, 2), False),
+    (11, 11, 3, 1, 1, 2, True),
+    (7, 9, 3, 3, 1, 1, True),
+    (5, 5, 5, 1, 2, 1, False),
+    (4, 4, 1, 1, 0, 1, False),
+]
+
+
+@pytest.mark.parametrize("case", POOL_GRID, ids=[str(i) for i in range(len(POOL_GRID))])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_max_pool2d_matches_torch(case, channels_last):
+    h, w, k, s, p, d, ceil = case
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 3, h, w, dtype=DT, generator=gen)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    ya, yb = _compare_fn(lambda x_: LF.max_pool2d(x_, k, s, p, d, ceil),
+                         lambda x_: F.max_pool2d(x_, k, s, p, d, ceil), [x])
+    ia = LF.max_pool2d(x, k, s, p, d, ceil, return_indices=True)[1]
+    ib = F.max_pool2d(x, k, s, p, d, ceil, return_indices=True)[1]
+    assert ia.dtype == ib.dtype and torch.equal(ia, ib)
+    assert ya.is_contiguous(memory_format=torch.channels_last) == yb.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_max_pool2d_ties_route_to_first_maximum(stride):
+    """Integer-valued inputs with many equal maxima: same indices and gradients as torch."""
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randint(0, 3, (2, 3, 9, 9), generator=gen).to(DT)
+    x[0, 0] = 1.0  # a plane that is all ties
+    ya, yb = _compare_fn(lambda x_: LF.max_pool2d(x_, 3, stride, 1), lambda x_: F.max_pool2d(x_, 3, stride, 1), [x])
+    ia = LF.max_pool2d(x, 3, stride, 1, return_indices=True)[1]
+    ib = F.max_pool2d(x, 3, stride, 1, return_indices=True)[1]
+    assert torch.equal(ia, ib)
+
+
+def test_max_pool2d_infinities_and_nan():
+    x = torch.full((1, 1, 4, 4), -math.inf, dtype=DT)
+    x[0, 0, 3, 3] = 2.0
+    x[0, 0, 0, 3] = math.nan
+    x[0, 0, 1, 2] = math.nan
+    for p in (0, 1):
+        ya, ia = LF.max_pool2d(x, 2, 2, p, return_indices=True)
+        yb, ib = F.max_pool2d(x, 2, 2, p, return_indices=True)
+        torch.testing.assert_close(ya, yb, equal_nan=True)
+        assert torch.equal(ia, ib)
+
+
+def test_max_pool2d_unbatched_empty_float32_and_gradcheck():
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(3, 7, 7, dtype=DT, generator=gen)
+    ya, ia = LF.max_pool2d(x, 3, 2, 1, return_indices=True)
+    yb, ib = F.max_pool2d(x, 3, 2, 1, return_indices=True)
+    _close(ya, yb)
+    assert torch.equal(ia, ib) and ya.shape == (3, 4, 4)
+    x0 = torch.randn(0, 3, 7, 7)
+    assert LF.max_pool2d(x0, 2).shape == F.max_pool2d(x0, 2).shape == (0, 3, 3, 3)
+    x32 = torch.randn(2, 4, 9, 9, generator=gen)
+    _compare_fn(lambda x_: LF.max_pool2d(x_, 3, 2, 1), lambda x_: F.max_pool2d(x_, 3, 2, 1), [x32], tol=0)
+    xd = torch.randn(2, 2, 7, 6, dtype=DT, generator=gen, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: LF.max_pool2d(t, 3, 2, 1, ceil_mode=True), (xd,))
+    assert torch.autograd.gradcheck(lambda t: LF.max_pool2d(t, 2, 1, dilation=2), (xd,))
+
+
+@pytest.mark.parametrize("bad", [dict(kernel_size=3, padding=2), dict(kernel_size=0), dict(kernel_size=2, stride=0),
+                                 dict(kernel_size=5), dict(kernel_size=2, dilation=0),
+                                 dict(kernel_size=2, padding=-1)])
+def test_max_pool2d_errors_where_torch_errors(bad):
+    x = torch.randn(1, 2, 4, 4)
+    with pytest.raises(RuntimeError):
+        F.max_pool2d(x, **bad)
+    with pytest.raises(ValueError):
+        LF.max_pool2d(x, **bad)
+    with pytest.raises(ValueError):
+        LF.max_pool2d(torch.randn(4, 4), 2)
+
+
+def test_max_pool2d_module():
+    ref, ours = nn.MaxPool2d(3, 2, 1, ceil_mode=True), MaxPool2d(3, 2, 1, ceil_mode=True)
+    assert repr(ours) == repr(ref)
+    assert ours.stride == ref.stride and MaxPool2d(2).stride == nn.MaxPool2d(2).stride == 2
+    x = torch.randn(2, 3, 8, 8, dtype=DT)
+    _compare_fn(ours, ref, [x])
+    ya, ia = MaxPool2d(2, return_indices=True)(x)
+    yb, ib = nn.MaxPool2d(2, return_indices=True)(x)
+    assert torch.equal(ya, yb) and torch.equal(ia, ib)
+
+
+# ----------------------------------------------------------------------------------------------
+# batch_norm
+
+@pytest.mark.parametrize("shape", [(8, 3), (4, 3, 5), (4, 3, 5, 6), (2, 3, 3, 4, 2)])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("momentum", [0.1, 0.7])
+def test_batch_norm_training_matches_torch(shape, affine, momentum):
+    gen = torch.Generator().manual_seed(10)
+    x = torch.randn(shape, dtype=DT, generator=gen) * 3 + 2
+    c = shape[1]
+    w = torch.rand(c, dtype=DT, generator=gen) + 0.5 if affine else None
+    b = torch.randn(c, dtype=DT, generator=gen) if affine else None
+    rm = [torch.randn(c, dtype=DT, generator=gen)] * 2
+    rv = [torch.rand(c, dtype=DT, generator=gen) + 0.5] * 2
+    rm, rv = [t.clone() for t in rm], [t.clone() for t in rv]
+    _compare_fn(lambda x_, w_, b_: LF.batch_norm(x_, rm[0], rv[0], w_, b_, True, momentum),
+                lambda x_, w_, b_: F.batch_norm(x_, rm[1], rv[1], w_, b_, True, momentum), [x, w, b])
+    _close(rm[0], rm[1])
+    _close(rv[0], rv[1])
+
+
+def test_batch_norm_eval_and_no_running_stats():
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(4, 3, 5, 5, dtype=DT, generator=gen)
+    w, b = torch.rand(3, dtype=DT, generator=gen), torch.randn(3, dtype=DT, generator=gen)
+    rm, rv = torch.randn(3, dtype=DT, generator=gen), torch.rand(3, dtype=DT, generator=gen) + 0.1
+    _compare_fn(lambda x_, w_, b_: LF.batch_norm(x_, rm, rv, w_, b_, False),
+                lambda x_, w_, b_: F.batch_norm(x_, rm, rv, w_, b_, False), [x, w, b])
+    _compare_fn(lambda x_, w_, b_: LF.batch_norm(x_, None, None, w_, b_, True),
+                lambda x_, w_, b_: F.batch_norm(x_, None, None, w_, b_, True), [x, w, b])
+    _compare_fn(lambda x_, w_: LF.batch_norm(x_, None, None, w_, None, True, eps=0.3),
+                lambda x_, w_: F.batch_norm(x_, None, None, w_, None, True, eps=0.3), [x, w])
+    xd = x[:2, :, :3, :3].clone().requires_grad_()
+    wd, bd = w.clone().requires_grad_(), b.clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda *t: LF.batch_norm(t[0], None, None, t[1], t[2], True), (xd, wd, bd))
+    assert torch.autograd.gradcheck(lambda *t: LF.batch_norm(t[0], rm, rv, t[1], t[2], False), (xd, wd, bd))
+
+
+def test_batch_norm_empty_batch_and_errors():
+    rm, rv = torch.zeros(4), torch.ones(4)
+    y = LF.batch_norm(torch.randn(0, 4, 5, 5), rm, rv, training=True)
+    assert y.shape == (0, 4, 5, 5) and torch.equal(rm, torch.zeros(4)) and torch.equal(rv, torch.ones(4))
+    with pytest.raises(ValueError, match="more than 1 value"):
+        LF.batch_norm(torch.randn(1, 4), rm, rv, training=True)
+    with pytest.raises(ValueError, match="running_mean"):
+        LF.batch_norm(torch.randn(3, 4), None, None, training=False)
+    with pytest.raises(ValueError, match="5"):
+        LF.batch_norm(torch.randn(3, 4), torch.zeros(5), torch.ones(5), training=True)
+    with pytest.raises(ValueError):
+        LF.batch_norm(torch.randn(4), None, None, training=True)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("affine,track", [(True, True), (False, True), (True, False)])
+def test_batch_norm_module_train_eval(momentum, affine, track):
+    torch.manual_seed(12)
+    ref = nn.BatchNorm2d(5, momentum=momentum, affine=affine, track_running_stats=track, dtype=DT)
+    ours = BatchNorm2d(5, momentum=momentum, affine=affine, track_running_stats=track, dtype=DT)
+    assert repr(ours) == repr(ref)
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    if affine:
+        with torch.no_grad():
+            ref.weight.uniform_(0.5, 1.5)
+            ref.bias.normal_()
+    ours.load_state_dict(ref.state_dict())
+    for step in range(3):
+        x = torch.randn(4, 5, 3, 3, dtype=DT) * (step + 1) + step
+        _compare_fn(ours, ref, [x])
+    for key, value in ref.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[key], value, rtol=1e-12, atol=1e-12)
+    ours.eval()
+    ref.eval()
+    _compare_fn(ours, ref, [torch.randn(2, 5, 3, 3, dtype=DT)])
+    with pytest.raises(ValueError, match="4D"):
+        ours(torch.randn(2, 5, 3))
+
+
+def test_batch_norm_module_bias_false_and_old_state_dict():
+    ref, ours = nn.BatchNorm2d(3, bias=False), BatchNorm2d(3, bias=False)
+    assert repr(ours) == repr(ref) and ours.bias is None
+    sd = nn.BatchNorm2d(3).state_dict()
+    del sd["num_batches_tracked"]
+    bn = BatchNorm2d(3)
+    bn._load_from_state_dict(sd, "", {"version": 1}, True, [], [], [])  # pre-v2 dicts load
+    assert int(bn.num_batches_tracked) == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# whole layers together, dtypes, and the no-native-kernel guarantee
+
+def _small_net(conv, bn, pool):
+    return nn.Sequential(conv(3, 8, 3, padding=1, bias=False), bn(8), nn.ReLU(), pool(3, 2, 1),
+                         conv(8, 16, 3, stride=2, padding=1), bn(16), nn.ReLU(), conv(16, 16, 1))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_network_state_dict_round_trip_train_and_eval(channels_last):
+    torch.manual_seed(13)
+    ours = _small_net(Conv2d, BatchNorm2d, MaxPool2d).double()
+    ref = _small_net(nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d).double()
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(4, 3, 12, 12, dtype=DT)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    for mode in ("train", "eval"):
+        ours.train(mode == "train")
+        ref.train(mode == "train")
+        _compare_fn(ours, ref, [x])
+        for (name, pa), pb in zip(ours.named_parameters(), ref.parameters()):
+            _close(pa.grad, pb.grad)
+    for key, value in ref.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[key], value, rtol=1e-12, atol=1e-12)
+
+
+def test_autocast_bf16_cpu_dtypes_and_values():
+    torch.manual_seed(14)
+    ours = _small_net(Conv2d, BatchNorm2d, MaxPool2d)
+    ref = _small_net(nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(4, 3, 12, 12)
+    outs = []
+    for net in (ours, ref):
+        acts = []
+        hooks = [m.register_forward_hook(lambda m, i, o: acts.append(o)) for m in net]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = net(x)
+        y.float().square().mean().backward()
+        for h in hooks:
+            h.remove()
+        outs.append((acts, [p.grad for p in net.parameters()]))
+    (acts_a, grads_a), (acts_b, grads_b) = outs
+    for a, b in zip(acts_a, acts_b):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a.float(), b.float(), rtol=0.05, atol=0.05)
+    for a, b in zip(grads_a, grads_b):
+        assert a.dtype == b.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=0.1, atol=0.02 * b.abs().max().item())
+
+
+class _OpRecorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.add(func.name())
+        return func(*args, **(kwargs or {}))
+
+
+FORBIDDEN = ("conv", "pool", "batch_norm", "im2col", "col2im", "unfold_backward")
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_no_native_conv_pool_or_batchnorm_kernel_runs(autocast):
+    torch.manual_seed(15)
+    net = _small_net(Conv2d, BatchNorm2d, MaxPool2d)
+    x = torch.randn(2, 3, 12, 12, requires_grad=True)
+    with _OpRecorder() as rec:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = net(x)
+        y.float().sum().backward()
+        net.eval()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            net(x).float().sum().backward()
+    assert any("mm" in op for op in rec.ops)  # the recorder sees the GEMMs
+    bad = sorted(op for op in rec.ops if any(word in op for word in FORBIDDEN))
+    assert not bad, bad
+    # and the recorder does see torch's own kernels
+    with _OpRecorder() as rec:
+        _small_net(nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d)(x).sum().backward()
+    assert any("convolution" in op for op in rec.ops) and any("batch_norm" in op for op in rec.ops)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_torch():
+    torch.manual_seed(16)
+    ours = _small_net(Conv2d, BatchNorm2d, MaxPool2d).cuda()
+    ref = _small_net(nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d).cuda()
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(4, 3, 12, 12, device="cuda")
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    ya, yb = ours(x), ref(x)
+    torch.testing.assert_close(ya, yb, rtol=1e-4, atol=1e-4)
+    ya.square().sum().backward()
+    yb.square().sum().backward()
+    for pa, pb in zip(ours.parameters(), ref.parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-3, atol=1e-3)
