@@ -112,7 +112,7 @@ def plot_gan_losses(records: Iterable[Mapping], path: str | os.PathLike, loss_ki
     for ax in (ax_loss, ax_prob):
         if 1 < len(starts) <= 30:
             for step in sorted(starts.values())[1:]:
-                ax.axvline(step, color="gray", alpha=0.15, linewidth=0.8)
+                ax.axvline(step, color="gray", alpha=0.3, linewidth=0.8, linestyle=":")
         ax.set_xlabel("step" + (" (faint vertical lines: epoch starts)"
                                 if 1 < len(starts) <= 30 else ""))
         ax.grid(alpha=0.3)

@@ -19,6 +19,7 @@ and compute in float64 on the CPU, chunked so 10k x 10k pairwise distances fit i
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -459,7 +460,9 @@ def inception_metrics(fake_images: torch.Tensor, real_images: torch.Tensor,
                                    normalize=False).to(device)
     logits_net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["logits_unbiased"],
                                     feature_extractor_weights_path=str(path))
-    iscore = InceptionScore(feature=logits_net, splits=splits).to(device)
+    with warnings.catch_warnings():  # "will save all extracted features in buffer": we know
+        warnings.filterwarnings("ignore", message=".*save all extracted features.*")
+        iscore = InceptionScore(feature=logits_net, splits=splits).to(device)
     for i in range(0, real.shape[0], batch_size):
         fid.update(real[i:i + batch_size].to(device), real=True)
     for i in range(0, fake.shape[0], batch_size):

@@ -165,10 +165,9 @@ class Generator(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         c = self.config
-        if z.dim() == 2:
-            z = z[:, :, None, None]
-        if z.dim() != 4 or z.shape[1:] != (c.nz, 1, 1):
+        if z.shape[1:] not in ((c.nz,), (c.nz, 1, 1)):
             raise ValueError(f"z has shape {tuple(z.shape)}; expected (N, {c.nz}) or (N, {c.nz}, 1, 1)")
+        z = z.view(z.shape[0], c.nz, 1, 1)
         x = self.project(z)      # (N, ngf * 2^(n-1), b, b): b=7 for 28, 4 for 32/64
         x = self.blocks(x)       # each block doubles the side and halves the width
         #                        # -> (N, ngf, S/2, S/2)
