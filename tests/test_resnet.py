@@ -255,6 +255,23 @@ def test_bf16_autocast_forward_backward(norm):
     assert model.conv1.weight.grad.dtype == torch.float32
 
 
+@pytest.mark.parametrize("norm", [True, False])
+def test_scratch_channels_last_matches_torch_backend(norm):
+    """Same weights, channels_last input, train mode: outputs and gradients agree (float64)."""
+    torch.manual_seed(0)
+    ref = resnet18(num_classes=7, width=4, norm=norm).double()
+    ours = resnet18(num_classes=7, width=4, norm=norm, layers="scratch").double()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    ref, ours = (m.to(memory_format=torch.channels_last) for m in (ref, ours))
+    x = torch.randn(3, 3, 20, 20, dtype=torch.float64).to(memory_format=torch.channels_last)
+    out_ref, out = ref(x), ours(x)
+    torch.testing.assert_close(out, out_ref)
+    out_ref.square().sum().backward()
+    out.square().sum().backward()
+    for (name, p), q in zip(ref.named_parameters(), ours.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, msg=name)
+
+
 # ----------------------------------------------------------------------------- bad arguments
 
 @pytest.mark.parametrize("kwargs,fragment", [
