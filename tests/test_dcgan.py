@@ -6,7 +6,6 @@ import math
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from PIL import Image
 
 from dllab.figures.common import save_image_grid
@@ -139,7 +138,8 @@ def test_spectral_norm_discriminator():
     assert len(convs) == cfg.num_stages + 1
     assert all(nn.utils.parametrize.is_parametrized(m, "weight") for m in convs)
     # spectral norm adds buffers (u, v), not parameters
-    assert count_params(d) == count_params(Discriminator(dataclasses.replace(cfg, spectral_norm=False)))
+    plain = Discriminator(dataclasses.replace(cfg, spectral_norm=False))
+    assert count_params(d) == count_params(plain)
     x = torch.randn(4, 3, 32, 32)
     for _ in range(10):  # power iterations run in train-mode forwards
         out = d(x)
@@ -305,7 +305,8 @@ def test_instance_noise_schedule_and_noise():
     assert instance_noise_std(100, 0.1, 100) == 0.0
     assert instance_noise_std(1000, 0.1, 100) == 0.0
     assert instance_noise_std(0, 0.1, 0) == 0.0
-    for bad in (dict(step=-1, initial=0.1, anneal_steps=10), dict(step=0, initial=-1.0, anneal_steps=10),
+    for bad in (dict(step=-1, initial=0.1, anneal_steps=10),
+                dict(step=0, initial=-1.0, anneal_steps=10),
                 dict(step=0, initial=0.1, anneal_steps=-5)):
         with pytest.raises(ValueError):
             instance_noise_std(**bad)

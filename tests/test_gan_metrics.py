@@ -81,7 +81,8 @@ def test_feature_statistics_and_shape_checks():
     f = rng.normal(size=(40, 5))
     mu, sigma = feature_statistics(torch.as_tensor(f, dtype=torch.float32))
     assert mu.dtype == np.float64 and sigma.shape == (5, 5)
-    assert np.allclose(mu, f.mean(0), atol=1e-6) and np.allclose(sigma, np.cov(f, rowvar=False), atol=1e-6)
+    assert np.allclose(mu, f.mean(0), atol=1e-6)
+    assert np.allclose(sigma, np.cov(f, rowvar=False), atol=1e-6)
     with pytest.raises(ValueError, match="shape mismatch"):
         frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
     with pytest.raises(ValueError, match="at least 2"):
@@ -196,7 +197,8 @@ def test_classifier_feature_metrics_keys_and_values():
     real = torch.rand(60, 1, 4, 4, generator=g) * 2 - 1
     same = classifier_feature_metrics(features, logits, real, real.clone(), batch_size=25)
     assert max(calls) == 25  # called in batches
-    assert same["feature_space"] == FEATURE_SPACE_CLASSIFIER and "NOT Inception" in same["feature_space"]
+    assert same["feature_space"] == FEATURE_SPACE_CLASSIFIER
+    assert "NOT Inception" in same["feature_space"]
     assert all(k.startswith("clf_") for k in same if k != "feature_space")
     assert same["clf_fid"] == pytest.approx(0.0, abs=1e-8)
     assert same["clf_precision"] == 1.0 and same["clf_recall"] == 1.0
@@ -230,9 +232,9 @@ def test_inception_metrics_without_weights_says_what_to_do(tmp_path, monkeypatch
         inception_metrics(imgs, imgs)
     msg = str(info.value)
     assert isinstance(info.value, FileNotFoundError)
-    for needle in ("weights-inception-2015-12-05-6726825d.pth", "pt_inception-2015-12-05-6726825d.pth",
-                   "92 MB", "torch-fidelity", "weights_path", "classifier_feature_metrics",
-                   str(tmp_path / "hub")):
+    for needle in ("weights-inception-2015-12-05-6726825d.pth",
+                   "pt_inception-2015-12-05-6726825d.pth", "92 MB", "torch-fidelity",
+                   "weights_path", "classifier_feature_metrics", str(tmp_path / "hub")):
         assert needle in msg
     missing = tmp_path / "nowhere.pth"
     with pytest.raises(InceptionWeightsMissing, match="nowhere.pth"):
@@ -250,7 +252,8 @@ def test_inception_metrics_plumbing_with_random_weights(tmp_path):
     from unittest import mock
 
     import torch_fidelity.feature_extractor_inceptionv3 as fe  # the "metrics" extra
-    with mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda *a, **k: None), \
+    cls = fe.FeatureExtractorInceptionV3
+    with mock.patch.object(cls, "load_state_dict", lambda *a, **k: None), \
             mock.patch.object(fe, "load_state_dict_from_url", lambda *a, **k: {}):
         net = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
     path = tmp_path / "random-inception.pth"

@@ -194,8 +194,8 @@ def save_progress_gif(batches: Sequence[torch.Tensor], path: str | os.PathLike, 
     frames = []
     for batch, label in zip(batches, labels):
         if not isinstance(batch, torch.Tensor) or batch.dim() != 4:
-            raise ValueError(f"each batch must be a (B, C, H, W) tensor, got "
-                             f"{tuple(batch.shape) if isinstance(batch, torch.Tensor) else type(batch)}")
+            got = tuple(batch.shape) if isinstance(batch, torch.Tensor) else type(batch)
+            raise ValueError(f"each batch must be a (B, C, H, W) tensor, got {got}")
         grid = (grid_image(batch, nrow=nrow, scale=scale) * 255).round().astype(np.uint8)
         img = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
         img = img.convert("RGB")
@@ -280,7 +280,8 @@ def plot_nearest_neighbours(fake: torch.Tensor, neighbours: torch.Tensor,
         neighbours = neighbours[:, None]
     n, k = neighbours.shape[:2]
     if n != fake.shape[0] or neighbours.shape[2:] != fake.shape[1:]:
-        raise ValueError(f"neighbours {tuple(neighbours.shape)} do not match fake {tuple(fake.shape)}")
+        raise ValueError(f"neighbours {tuple(neighbours.shape)} do not match "
+                         f"fake {tuple(fake.shape)}")
     if distances is not None:
         distances = np.asarray(torch.as_tensor(distances).detach().cpu()).reshape(n, -1)
         if distances.shape[1] != k:

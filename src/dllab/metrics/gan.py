@@ -79,7 +79,8 @@ def _kth_nn_radii(x: torch.Tensor, k: int, chunk_size: int) -> torch.Tensor:
 def _mutual_ball_membership(fake: torch.Tensor, real: torch.Tensor, fake_radii: torch.Tensor,
                             real_radii: torch.Tensor, chunk_size: int) -> tuple[float, float]:
     """(fraction of fake rows inside some real ball, fraction of real rows inside some fake
-    ball), from one pass over the fake x real distance matrix, ``chunk_size`` fake rows at a time."""
+    ball), from one pass over the fake x real distance matrix, ``chunk_size`` fake rows at a
+    time."""
     fake_inside = 0
     real_inside = torch.zeros(real.shape[0], dtype=torch.bool)
     for start in range(0, fake.shape[0], chunk_size):
@@ -120,8 +121,10 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     regularising epsilon is needed for singular covariances (fewer samples than dimensions).
     Tiny negative results from rounding are returned as 0.
     """
-    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-    s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    mu1 = np.atleast_1d(np.asarray(mu1, np.float64))
+    mu2 = np.atleast_1d(np.asarray(mu2, np.float64))
+    s1 = np.atleast_2d(np.asarray(sigma1, np.float64))
+    s2 = np.atleast_2d(np.asarray(sigma2, np.float64))
     d = mu1.shape[0]
     if mu1.shape != (d,) or mu2.shape != (d,) or s1.shape != (d, d) or s2.shape != (d, d):
         raise ValueError(f"shape mismatch: mu1 {mu1.shape}, mu2 {mu2.shape}, sigma1 {s1.shape}, "
@@ -408,8 +411,8 @@ def find_inception_weights(weights_path: str | os.PathLike | None = None) -> Pat
 
 def _to_uint8_rgb(images: torch.Tensor, scale: str) -> torch.Tensor:
     if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(f"images must be a (N, 1 or 3, H, W) tensor, got "
-                         f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images)}")
+        got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images)
+        raise ValueError(f"images must be a (N, 1 or 3, H, W) tensor, got {got}")
     x = images.detach().float()
     if scale == "tanh":
         x = (x + 1) * 127.5
@@ -443,7 +446,7 @@ def inception_metrics(fake_images: torch.Tensor, real_images: torch.Tensor,
     """
     path = find_inception_weights(weights_path)
     try:
-        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3  # noqa: F401
+        import torch_fidelity  # noqa: F401  (torchmetrics' Inception comes from it)
         from torchmetrics.image.fid import FrechetInceptionDistance, NoTrainInceptionV3
         from torchmetrics.image.inception import InceptionScore
     except ImportError as e:  # pragma: no cover - depends on the environment

@@ -5,9 +5,9 @@ The architecture guidelines of the paper (sec. 3): no pooling, strided convoluti
 discriminator and fractionally strided (transposed) convolutions in the generator; batch norm in
 both networks (except the generator output and the discriminator input layers); ReLU in the
 generator with Tanh on the output; LeakyReLU(0.2) in the discriminator; weights drawn from
-N(0, 0.02). Batch norm is switchable in each network: ``g_norm=False`` is the mode-collapse
-ablation of sec. 3 ("directly applying batchnorm to all layers ... resulted in sample
-oscillation", and removing it from the generator makes it collapse), and ``spectral_norm=True``
+N(0, 0.02) (sec. 4). Batch norm is switchable in each network: the paper found it "critical to
+get deep generators to begin learning, preventing the generator from collapsing all samples to a
+single point" (sec. 3), so ``g_norm=False`` is the mode-collapse ablation; ``spectral_norm=True``
 wraps every discriminator convolution in spectral normalisation (Miyato et al. 2018).
 
 Images are in [-1, 1] (the data loader's "tanh" scale), (N, C, S, S) with S in {28, 32, 64}.
@@ -16,10 +16,10 @@ The discriminator returns raw logits (N,); the losses in ``dllab.losses.gan`` ap
 Sizes. Both networks are a stack of 4x4, stride-2 (transposed) convolutions that double (halve)
 the side, on top of a "base" resolution b that a single convolution maps to/from 1x1:
 
-    image_size   base b   stride-2 stages   G widths (base -> image)        D widths (image -> base)
-    64           4        4                 ngf*8, ngf*4, ngf*2, ngf, C     C, ndf, ndf*2, ndf*4, ndf*8
-    32           4        3                 ngf*4, ngf*2, ngf, C            C, ndf, ndf*2, ndf*4
-    28           7        2                 ngf*2, ngf, C                   C, ndf, ndf*2
+    image_size  base b  stride-2 stages  G widths (base -> image)     D widths (image -> base)
+    64          4       4                ngf*8, ngf*4, ngf*2, ngf, C  C, ndf, ndf*2, ndf*4, ndf*8
+    32          4       3                ngf*4, ngf*2, ngf, C         C, ndf, ndf*2, ndf*4
+    28          7       2                ngf*2, ngf, C                C, ndf, ndf*2
 
 64 is exactly the network of the paper and of pytorch/examples ``dcgan/main.py``. 28 = 7 * 2^2
 is not a power of two, so for MNIST-sized images the generator projects z to a 7x7 map with a
@@ -86,7 +86,8 @@ class DCGANConfig:
             raise ValueError(f"image_size={self.image_size!r} is not supported; "
                              f"expected one of {IMAGE_SIZES}")
         if self.channels not in CHANNELS:
-            raise ValueError(f"channels={self.channels!r} is not supported; expected one of {CHANNELS}")
+            raise ValueError(f"channels={self.channels!r} is not supported; "
+                             f"expected one of {CHANNELS}")
         for name in ("g_norm", "d_norm", "spectral_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a bool")
@@ -112,8 +113,9 @@ class ParamBudgetError(ValueError):
 
 
 def init_weights(module: nn.Module, std: float = 0.02) -> None:
-    """DCGAN initialisation (Radford et al. 2016, sec. 4): conv weights ~ N(0, std),
-    batch-norm weights ~ N(1, std), all biases 0. Use with ``model.apply``."""
+    """DCGAN initialisation: conv weights ~ N(0, std) (Radford et al. 2016, sec. 4); batch-norm
+    weights ~ N(1, std) and all biases 0 (pytorch/examples ``dcgan/main.py`` ``weights_init``).
+    Use with ``model.apply``."""
     if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
         nn.init.normal_(module.weight, 0.0, std)
         if module.bias is not None:
@@ -147,7 +149,8 @@ class Generator(nn.Module):
 
     For image_size=64, ngf=64 (the paper's network), shapes are
     (N, nz, 1, 1) -> (N, ngf*8, 4, 4) -> (N, ngf*4, 8, 8) -> (N, ngf*2, 16, 16) -> (N, ngf, 32, 32)
-    -> (N, C, 64, 64); for 28: (N, nz, 1, 1) -> (N, ngf*2, 7, 7) -> (N, ngf, 14, 14) -> (N, C, 28, 28).
+    -> (N, C, 64, 64); for 28: (N, nz, 1, 1) -> (N, ngf*2, 7, 7) -> (N, ngf, 14, 14)
+    -> (N, C, 28, 28).
     """
 
     def __init__(self, config: DCGANConfig):
@@ -166,11 +169,11 @@ class Generator(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         c = self.config
         if z.shape[1:] not in ((c.nz,), (c.nz, 1, 1)):
-            raise ValueError(f"z has shape {tuple(z.shape)}; expected (N, {c.nz}) or (N, {c.nz}, 1, 1)")
-        z = z.view(z.shape[0], c.nz, 1, 1)
+            raise ValueError(f"z has shape {tuple(z.shape)}; "
+                             f"expected (N, {c.nz}) or (N, {c.nz}, 1, 1)")
+        z = z.reshape(z.shape[0], c.nz, 1, 1)  # (N, nz, 1, 1)
         x = self.project(z)      # (N, ngf * 2^(n-1), b, b): b=7 for 28, 4 for 32/64
-        x = self.blocks(x)       # each block doubles the side and halves the width
-        #                        # -> (N, ngf, S/2, S/2)
+        x = self.blocks(x)       # (N, ngf, S/2, S/2): each block doubles the side, halves the width
         x = self.to_image(x)     # (N, C, S, S)
         return torch.tanh(x)
 
@@ -305,7 +308,8 @@ def ema_update(ema_model: nn.Module, model: nn.Module, decay: float) -> None:
     for name, ema_t in ema_state.items():
         t = state[name].detach()
         if ema_t.shape != t.shape:
-            raise ValueError(f"{name}: ema shape {tuple(ema_t.shape)} != model shape {tuple(t.shape)}")
+            raise ValueError(f"{name}: ema shape {tuple(ema_t.shape)} != "
+                             f"model shape {tuple(t.shape)}")
         if ema_t.dtype.is_floating_point:
             ema_t.lerp_(t.to(ema_t.dtype), 1.0 - decay)
         else:
