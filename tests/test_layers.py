@@ -521,3 +521,18 @@ def test_cuda_matches_torch():
     yb.square().sum().backward()
     for pa, pb in zip(ours.parameters(), ref.parameters()):
         torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_outputs_allow_in_place_ops(channels_last):
+    """Outputs are fresh tensors, not views, so ReLU(inplace=True) after any layer works."""
+    torch.manual_seed(17)
+    ours = nn.Sequential(Conv2d(3, 4, 1), nn.ReLU(inplace=True), MaxPool2d(2), nn.ReLU(inplace=True),
+                         Conv2d(4, 4, 3, padding=1, groups=2), BatchNorm2d(4), nn.ReLU(inplace=True)).double()
+    ref = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(inplace=True), nn.MaxPool2d(2), nn.ReLU(inplace=True),
+                        nn.Conv2d(4, 4, 3, padding=1, groups=2), nn.BatchNorm2d(4), nn.ReLU(inplace=True)).double()
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 3, 6, 6, dtype=DT)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    _compare_fn(ours, ref, [x])

@@ -130,8 +130,11 @@ def weight_matrix(w: torch.Tensor, groups: int, dtype: torch.dtype) -> torch.Ten
 
 
 def conv_nhwc(xp: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, stride, dilation,
-              groups: int, dtype: torch.dtype) -> torch.Tensor:
-    """Convolution of an already padded NHWC input; returns the NHWC output (N, Ho, Wo, C_out)."""
+              groups: int, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Convolution of an already padded NHWC input; returns the NHWC output (N, Ho, Wo, C_out).
+
+    ``out``, if given, is an (N, Ho, Wo, C_out) tensor (any dtype, any strides) to write into.
+    """
     n, hp, wp, c = xp.shape
     c_out, _, kh, kw = w.shape
     ho = (hp - dilation[0] * (kh - 1) - 1) // stride[0] + 1
@@ -139,23 +142,30 @@ def conv_nhwc(xp: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, stri
     col = im2col(xp, (kh, kw), stride, dilation, (ho, wo), groups)  # (G, M, K)
     wmat = weight_matrix(w, groups, dtype)  # (G, K, C_out/G)
     m = n * ho * wo
+    b = None if bias is None else bias.to(dtype)
     if groups == 1:
         col2, w2 = col[0], wmat[0]
-        out = col2 @ w2 if bias is None else torch.addmm(bias.to(dtype), col2, w2)  # (M, C_out)
-        return out.view(n, ho, wo, c_out)
-    if bias is None:
-        out = torch.bmm(col, wmat)  # (G, M, C_out/G)
+        direct = out is not None and out.dtype == dtype and out.is_contiguous()
+        y2 = out.view(m, c_out) if direct else None  # the GEMM writes straight into ``out``
+        y2 = torch.mm(col2, w2, out=y2) if b is None else torch.addmm(b, col2, w2, out=y2)  # (M, C_out)
+        y = y2.view(n, ho, wo, c_out)
     else:
-        out = torch.baddbmm(bias.to(dtype).view(groups, 1, c_out // groups), col, wmat)
-    return out.permute(1, 0, 2).reshape(n, ho, wo, c_out)  # (M, G, C_out/G) -> NHWC
-
-
-def from_nhwc(y: torch.Tensor, dtype: torch.dtype, memory_format: torch.memory_format) -> torch.Tensor:
-    """NHWC (N, H, W, C) -> an (N, C, H, W) tensor in ``dtype`` and ``memory_format`` (a view if it can be)."""
-    out = y.permute(0, 3, 1, 2)
-    if out.dtype == dtype and out.is_contiguous(memory_format=memory_format):
+        if b is None:
+            y = torch.bmm(col, wmat)  # (G, M, C_out/G)
+        else:
+            y = torch.baddbmm(b.view(groups, 1, c_out // groups), col, wmat)
+        y = y.permute(1, 0, 2).reshape(n, ho, wo, c_out)  # (M, G, C_out/G) -> NHWC
+        direct = False
+    if out is not None and not direct:
+        out.copy_(y)
         return out
-    return out.to(dtype=dtype, memory_format=memory_format)
+    return y
+
+
+def new_nchw(shape, dtype, device, memory_format) -> tuple[torch.Tensor, torch.Tensor]:
+    """An empty (N, C, H, W) tensor in ``memory_format`` and its (N, H, W, C) view."""
+    y = torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
+    return y, y.permute(0, 2, 3, 1)
 
 
 def suggest_memory_format(x: torch.Tensor) -> torch.memory_format:
@@ -178,10 +188,17 @@ class Conv2dFunction(torch.autograd.Function):
         dtype = gemm_dtype(x.dtype, x.device)
         fmt = memory_format_of(x)
         xp = to_nhwc_padded(x, pads, dtype)
-        y = conv_nhwc(xp, w, bias, stride, dilation, groups, dtype)
+        n, _, h, wd = x.shape
+        c_out, _, kh, kw = w.shape
+        top, bottom, left, right = pads
+        ho = (h + top + bottom - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+        wo = (wd + left + right - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+        # the output is a fresh tensor (not a view), so in-place ops on it (ReLU(inplace=True)) work
+        y, y_nhwc = new_nchw((n, c_out, ho, wo), x.dtype, x.device, fmt)
+        conv_nhwc(xp, w, bias, stride, dilation, groups, dtype, out=y_nhwc)
         ctx.save_for_backward(xp, w)
         ctx.conf = (x.shape, x.dtype, fmt, stride, pads, dilation, groups, bias is not None, dtype)
-        return from_nhwc(y, x.dtype, fmt)
+        return y
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -214,13 +231,13 @@ def _conv_backward(grad_y, xp, w, x_shape, x_dtype, fmt, stride, pads, dilation,
         # (C_out, kh, kw, C/G) -> (C_out, C/G, kh, kw)
         grad_w = gw.reshape(c_out, kh, kw, cg).permute(0, 3, 1, 2).to(w.dtype, memory_format=torch.contiguous_format)
     if need_x:
-        grad_x = _conv_input_grad(gy, w, (n, c, h, wd), stride, pads, dilation, g, dtype)
-        grad_x = from_nhwc(grad_x, x_dtype, fmt)
+        grad_x, gx_nhwc = new_nchw((n, c, h, wd), x_dtype, grad_y.device, fmt)
+        _conv_input_grad(gy, w, (n, c, h, wd), stride, pads, dilation, g, dtype, out=gx_nhwc)
     return grad_x, grad_w, grad_b, None, None, None, None
 
 
-def _conv_input_grad(gy, w, x_shape, stride, pads, dilation, groups, dtype):
-    """d loss / d x in NHWC (N, H, W, C), from grad_y in NHWC (N, Ho, Wo, C_out)."""
+def _conv_input_grad(gy, w, x_shape, stride, pads, dilation, groups, dtype, out):
+    """d loss / d x written into ``out`` (N, H, W, C), from grad_y in NHWC (N, Ho, Wo, C_out)."""
     n, c, h, wd = x_shape
     c_out, cg, kh, kw = w.shape
     (sh, sw), (dh, dw), g = stride, dilation, groups
@@ -235,7 +252,7 @@ def _conv_input_grad(gy, w, x_shape, stride, pads, dilation, groups, dtype):
         w_t = w.reshape(g, c_out // g, cg, kh, kw).transpose(1, 2).reshape(c, c_out // g, kh, kw)
         w_t = w_t.flip(2, 3)
         gp = to_nhwc_padded(gy.permute(0, 3, 1, 2), (eh - top, eh - bottom, ew - left, ew - right), dtype)
-        return conv_nhwc(gp, w_t, None, (1, 1), (dh, dw), g, dtype)  # (N, H, W, C)
+        return conv_nhwc(gp, w_t, None, (1, 1), (dh, dw), g, dtype, out=out)  # (N, H, W, C)
     # col2im: grad_col = grad_y @ wmat^T, scattered back to the taps it came from
     wmat = weight_matrix(w, g, dtype)  # (G, K, C_out/G)
     m = n * ho * wo
@@ -249,4 +266,4 @@ def _conv_input_grad(gy, w, x_shape, stride, pads, dilation, groups, dtype):
     for i in range(kh):
         for j in range(kw):
             gxp[:, i * dh: i * dh + sh * (ho - 1) + 1: sh, j * dw: j * dw + sw * (wo - 1) + 1: sw] += gcol[:, :, :, i, j]
-    return gxp[:, top:top + h, left:left + wd]
+    return out.copy_(gxp[:, top:top + h, left:left + wd])
