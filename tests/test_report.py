@@ -160,8 +160,9 @@ def runs(tmp_path_factory) -> dict[str, Path]:
     vae = make_run(
         root, "vae-beta1", kind="vae", seed=2, test_keys=("loss", "recon", "kl"),
         config_extra={"beta": 1.0, "latent_dim": 16},
-        summary={"test_elbo": -98.7654, "test_recon": 74.1, "test_kl": 24.66, "bits_per_dim": 0.1817,
-                 "active_units": 11, "train_seconds": 120.0},
+        summary={"kind": "vae", "dataset": "mnist5k", "test_elbo": -98.7654, "test_recon": 74.1,
+                 "test_kl": 24.66, "bits_per_dim": 0.1817, "active_units": 11, "device": "cpu",
+                 "train_seconds": 120.0},
         figures={"curves.png": "curves", "reconstructions.png": "digits", "samples.png": "digits",
                  "progress.gif": "gif"})
     evil = make_run(
@@ -338,7 +339,9 @@ def test_compare_table_orders_formats_and_aligns(runs):
     header = lines[0].split()
     assert header[:3] == ["run", "kind", "test_acc"]
     assert header.index("test_loss") < header.index("test_elbo") < header.index("train_seconds")
-    assert header[-2:] == ["train_seconds", "images_per_second"]
+    # text-valued entries after the numbers; the summary's own "kind" is not a second column
+    assert header[-4:] == ["train_seconds", "images_per_second", "dataset", "device"]
+    assert header.count("kind") == 1
     assert set(lines[1].replace(" ", "")) == {"-"}
     assert [line.split()[0] for line in lines[2:]] == ["clf-b", "clf-a", "vae-beta1"]
     assert _column(table, "test_acc") == ["0.9712", "0.9812", "-"]
@@ -430,6 +433,23 @@ def test_failed_write_leaves_no_partial_file(runs, tmp_path, monkeypatch):
 ])
 def test_captions_match_by_substring(name, kind, expect):
     assert expect in caption_for(name, kind)
+
+
+def test_wide_figures_span_the_row_and_sizes_are_read_from_headers(runs, tmp_path):
+    from PIL import Image
+
+    from dllab.report import image_size
+
+    assert image_size(runs["vae"] / "figures" / "progress.gif") == (32, 32)
+    Image.new("RGB", (300, 100)).save(tmp_path / "wide.png")
+    assert image_size(tmp_path / "wide.png") == (300, 100)
+    run = shutil.copytree(runs["clf_b"], tmp_path / "clf-b")
+    Image.new("RGB", (300, 100), "white").save(run / "figures" / "samples_strip.png")
+    page = write_report([str(run)], None)[0].read_text()
+    figures = re.findall(r'<figure( class="wide-fig")?><img src="[^"]+" alt="([^"]+)"', page)
+    assert {alt: bool(cls) for cls, alt in figures} == {
+        "curves.png": False, "lr_schedule.png": False, "confusion_matrix.png": False,
+        "samples_strip.png": True}
 
 
 def test_formatting_ordering_and_labels():

@@ -48,23 +48,29 @@ FIRST_METRICS = (
     "fid", "clf_fid", "inception_score", "clf_precision", "clf_recall", "modes_covered", "class_kl",
     "pairwise_distance_ratio",
 )
-LAST_METRICS = ("params", "params_generator", "params_discriminator", "epochs", "steps", "step",
+LAST_METRICS = ("nonfinite_steps_skipped", "world_size", "params", "params_generator",
+                "params_discriminator", "epochs", "steps", "step",
                 "train_seconds", "images_per_second")
 # Keys of metrics.jsonl records that are coordinates, not metrics.
 RECORD_AXES = ("split", "step", "epoch", "time")
 FIGURE_TYPES = {".png": "image/png", ".gif": "image/gif", ".jpg": "image/jpeg",
                 ".jpeg": "image/jpeg", ".webp": "image/webp"}
-MAX_OVERLAYS_PER_KIND = 6
+# Test-record metrics overlaid first (test records drop the "test_" prefix), at most this many.
+CURVE_FIRST = ("acc", "loss", "recon", "kl", "ece", "fid", "clf_fid", "g_loss", "d_loss")
+MAX_OVERLAYS_PER_KIND = 4
+WIDE_FIGURE = 1.9  # figures wider than this (width / height) span the whole row
+# Summary entries that label a run rather than measure it: not columns of comparison tables.
+LABEL_KEYS = ("run", "kind")
 
 # (substring of the lower-cased file stem, caption): the first match wins; kind-specific lists are
 # searched before the shared one. Captions say what to look for, in one line.
 CAPTIONS: dict[str, list[tuple[str, str]]] = {
     "classifier": [
-        ("curves", "Loss and accuracy per epoch, train and test: a train/test gap that keeps "
+        ("curves", "Loss and accuracy over training, train and test: a train/test gap that keeps "
                    "widening means over-fitting; a test curve still rising means more epochs would help."),
     ],
     "vae": [
-        ("curves", "ELBO terms per epoch: reconstruction error should fall while KL settles; a KL "
+        ("curves", "ELBO terms over training: reconstruction error should fall while KL settles; a KL "
                    "near zero means posterior collapse (the decoder ignores z)."),
         ("samples", "Decoded draws from the prior N(0, I): they should look like data, with "
                     "variety, not noise or one repeated blob."),
@@ -104,7 +110,7 @@ CAPTIONS: dict[str, list[tuple[str, str]]] = {
         ("neighbo", "Generated samples beside their nearest training images: exact copies would "
                     "mean the generator memorised the data."),
         ("samples", "Samples drawn from the model: they should look like data and vary."),
-        ("curves", "Training curves per epoch: is the test metric still improving or flat, and how "
+        ("curves", "Training curves: is the test metric still improving or flat, and how "
                    "far apart are train and test?"),
         ("loss", "Loss per step or epoch: it should fall and then flatten; spikes or NaNs mean "
                  "the learning rate is too high."),
@@ -248,11 +254,20 @@ def nested_metrics(summary: Mapping) -> dict:
     return {str(k): v for k, v in summary.items() if not is_scalar(v)}
 
 
+def numbers_then_text(keys: Iterable[str], values: Iterable[Mapping]) -> list[str]:
+    """``keys`` in :func:`order_metrics` order, those holding numbers before the text-valued ones."""
+    ordered = order_metrics(keys)
+    numeric = {k for v in values for k, x in v.items() if is_number(x)}
+    return [k for k in ordered if k in numeric] + [k for k in ordered if k not in numeric]
+
+
 def union_metrics(runs: Sequence[RunData]) -> list[str]:
+    """Scalar summary keys of any run, ordered: numeric ones by :func:`order_metrics`, then text
+    ones (dataset, device, ...); run labels and kinds are left out."""
     keys: list[str] = []
     for run in runs:
-        keys.extend(scalar_metrics(run.summary))
-    return order_metrics(keys)
+        keys.extend(k for k in scalar_metrics(run.summary) if k not in LABEL_KEYS)
+    return numbers_then_text(keys, [run.summary for run in runs])
 
 
 def flatten_config(config: Mapping, prefix: str = "") -> list[tuple[str, Any]]:
@@ -306,6 +321,17 @@ def _image_type(path: Path) -> str | None:
     return None
 
 
+def image_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) read from a PNG's IHDR or a GIF's screen descriptor; None for others."""
+    with open(path, "rb") as f:
+        head = f.read(24)
+    if head.startswith(b"\x89PNG\r\n\x1a\n") and head[12:16] == b"IHDR":
+        return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    if head[:6] in (b"GIF87a", b"GIF89a"):
+        return int.from_bytes(head[6:8], "little"), int.from_bytes(head[8:10], "little")
+    return None
+
+
 def data_uri(path: Path) -> str | None:
     mime = _image_type(path)
     if mime is None:
@@ -341,8 +367,7 @@ def shared_test_metrics(runs: Sequence[RunData]) -> list[str]:
         common = keys if common is None else common & keys
     if not common:
         return []
-    ordered = order_metrics(f"test_{k}" for k in sorted(common))
-    return [k.removeprefix("test_") for k in ordered]
+    return [k for k in CURVE_FIRST if k in common] + sorted(common - set(CURVE_FIRST))
 
 
 def _mpl_text(text: str) -> str:
@@ -394,13 +419,15 @@ table { border-collapse: collapse; margin: 6px 0 12px; font-size: 13.5px; }
 th, td { border: 1px solid #dcdce2; padding: 3px 9px; text-align: left; vertical-align: top; }
 th { background: #f3f3f7; font-weight: 600; } td.num { text-align: right;
      font-variant-numeric: tabular-nums; } td.missing { color: #aaa; text-align: center; }
-.figs { display: grid; grid-template-columns: repeat(auto-fill, minmax(520px, 1fr)); gap: 18px; }
+.figs { display: grid; grid-template-columns: repeat(auto-fill, minmax(520px, 1fr)); gap: 18px;
+        grid-auto-flow: row dense; }
 figure { margin: 0; padding: 10px; border: 1px solid #e3e3e8; border-radius: 6px; }
+figure.wide-fig { grid-column: 1 / -1; }
 figure img { display: block; max-width: 100%; height: auto; margin: 0 auto; }
 figcaption { font-size: 13px; color: #444; margin-top: 6px; }
 figcaption b { color: #1d1d1f; } details { margin: 6px 0; } summary { cursor: pointer; }
 pre { background: #f6f6f9; padding: 8px; overflow-x: auto; font-size: 12.5px; }
-.warn { color: #a33; }
+.warn { color: #a33; } .wide { overflow-x: auto; } .wide table { white-space: nowrap; }
 """
 
 
@@ -444,7 +471,7 @@ def _html_metrics_block(values: Mapping, empty: str) -> str:
         return f'<p class="meta">{esc(empty)}</p>'
     parts = []
     if scalars:
-        parts.append(_html_kv_table(((k, scalars[k]) for k in order_metrics(scalars)),
+        parts.append(_html_kv_table(((k, scalars[k]) for k in numbers_then_text(scalars, [scalars])),
                                     ("metric", "value")))
     if nested:
         parts.append(_html_nested(nested))
@@ -467,7 +494,9 @@ def _html_figure(path: Path, title: str, caption: str) -> str:
     if uri is None:
         return (f'<figure><p class="warn">{esc(title)}: not embedded, the file is not a PNG, GIF, '
                 f"JPEG or WebP image.</p></figure>")
-    return (f'<figure><img src="{uri}" alt="{esc(title)}">'
+    size = image_size(path)
+    wide = ' class="wide-fig"' if size and size[1] and size[0] / size[1] > WIDE_FIGURE else ""
+    return (f'<figure{wide}><img src="{uri}" alt="{esc(title)}">'
             f"<figcaption><b>{esc(title)}</b>: {esc(caption)}</figcaption></figure>")
 
 
@@ -502,7 +531,7 @@ def render_html(runs: Sequence[RunData], overlays: Sequence[Overlay], generated:
         for kind, group in groups.items():
             if len(groups) > 1:
                 body.append(f"<h3>{esc(kind or 'unknown kind')} runs</h3>")
-            body.append(_html_compare_table(group, anchors))
+            body.append(f'<div class="wide">{_html_compare_table(group, anchors)}</div>')
         if overlays:
             body.append("<h3>Overlaid test curves</h3>")
             body.append('<div class="figs">' + "\n".join(
@@ -583,7 +612,7 @@ def _md_metrics_block(values: Mapping, empty: str) -> list[str]:
     out = []
     if scalars:
         out += _md_table(["metric", "value"], ([md_text(k), md_text(format_value(scalars[k]))]
-                                               for k in order_metrics(scalars)))
+                                               for k in numbers_then_text(scalars, [scalars])))
     for key, value in nested.items():
         out += [f"**{md_text(key)}**", ""]
         if isinstance(value, Mapping) and value and all(is_scalar(v) for v in value.values()):
