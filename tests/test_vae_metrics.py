@@ -177,6 +177,7 @@ def test_evaluate_vae_consistent_numbers(binarize, likelihood):
     fb = sum(max(0.3, v) for v in r["kl_per_dim"])
     assert r["test_loss"] == pytest.approx(r["test_recon"] + 2.0 * fb)
     assert r["bits_per_dim"] == pytest.approx(-r["test_elbo"] / (784 * math.log(2)))
+    assert r["recon_bits_per_dim"] + r["kl_bits_per_dim"] == pytest.approx(r["bits_per_dim"])
     assert len(r["latent_variances"]) == 3 and 0 <= r["active_units"] <= 3
     assert all(isinstance(v, (int, float)) for k, v in r.items() if not isinstance(v, list))
     # same seed, same numbers

@@ -128,5 +128,5 @@ def vae_loss(out: dict, target: torch.Tensor, config: VAEConfig,
         "kl": kl,
         "kl_per_dim": kl_per_dim,
         "elbo": -(recon + kl),
-        "beta": torch.tensor(beta_eff),
+        "beta": torch.tensor(beta_eff, device=loss.device),
     }

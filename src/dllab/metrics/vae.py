@@ -170,7 +170,8 @@ def evaluate_vae(model, loader, device: torch.device | str = "cpu", iw_samples: 
       test_loss: the training objective without warm-up: recon + beta * sum_j max(free_bits, KL_j)
           with KL_j the data-averaged KL per dimension (equal to -test_elbo when beta = 1 and no
           free bits).
-      bits_per_dim: -test_elbo / (D ln 2); kl_per_dim: list of KL_j, nats per image.
+      bits_per_dim: -test_elbo / (D ln 2), and recon_bits_per_dim, kl_bits_per_dim (the two terms,
+          which add up to it); kl_per_dim: list of KL_j, nats per image.
       active_units, latent_variances: Burda et al. (2016) sec. 5.2 (see ``active_units``).
       num_images, num_dims.
       With iw_samples = k > 0: iw_log_likelihood, the mean IWAE estimate of log p(x) (Burda et
@@ -225,6 +226,8 @@ def evaluate_vae(model, loader, device: torch.device | str = "cpu", iw_samples: 
         "test_recon": recon,
         "test_kl": kl,
         "bits_per_dim": bits_per_dim(-elbo, num_dims),
+        "recon_bits_per_dim": bits_per_dim(recon, num_dims),
+        "kl_bits_per_dim": bits_per_dim(kl, num_dims),
         "kl_per_dim": [float(v) for v in kl_per_dim],
         "active_units": count,
         "latent_variances": [float(v) for v in variances],
