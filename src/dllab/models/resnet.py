@@ -103,7 +103,8 @@ def _no_norm(num_features: int) -> nn.Module:
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 convolutions with a residual connection: relu(bn2(conv2(relu(bn1(conv1(x))))) + x)."""
+    """relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x)); shortcut is the identity or
+    ``downsample`` (1x1 conv + norm) where the stride or the number of channels changes."""
 
     expansion: int = 1
 
