@@ -236,10 +236,11 @@ def test_channels_last_matches_contiguous():
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("layers", BACKENDS)
 @pytest.mark.parametrize("norm", [True, False])
-def test_bf16_autocast_forward_backward(norm):
+def test_bf16_autocast_forward_backward(norm, layers):
     torch.manual_seed(0)
-    model = resnet18(num_classes=7, in_channels=1, width=8, norm=norm).to(
+    model = resnet18(num_classes=7, in_channels=1, width=8, norm=norm, layers=layers).to(
         memory_format=torch.channels_last)
     x = torch.randn(4, 1, 28, 28).to(memory_format=torch.channels_last)
     with torch.no_grad():
