@@ -463,7 +463,8 @@ def test_formatting_ordering_and_labels():
 
 # ---- headless Chromium ---------------------------------------------------------------------
 needs_chromium = pytest.mark.skipif(
-    shutil.which("chromium") is None, reason="Debian's chromium is not installed (apt-get install chromium)")
+    shutil.which("chromium") is None,
+    reason="Debian's chromium is not installed (apt-get install chromium)")
 
 # Test-only scripts injected into a copy of the report (the report itself has none).
 HOOK = "<script>window.__alerts = 0; window.alert = function () { window.__alerts++; };</script>"

@@ -67,7 +67,8 @@ LABEL_KEYS = ("run", "kind")
 CAPTIONS: dict[str, list[tuple[str, str]]] = {
     "classifier": [
         ("curves", "Loss and accuracy over training, train and test: a train/test gap that keeps "
-                   "widening means over-fitting; a test curve still rising means more epochs would help."),
+                   "widening means over-fitting; a test curve still rising means more epochs "
+                   "would help."),
     ],
     "vae": [
         ("curves", "ELBO terms over training: reconstruction error should fall while KL settles; a KL "
@@ -397,7 +398,8 @@ def plot_overlays(runs: Sequence[RunData], out_dir: Path) -> list[Overlay]:
         for metric in shared_test_metrics(group)[:MAX_OVERLAYS_PER_KIND]:
             series = {_mpl_text(run.label): _test_series(run, metric) for run in group}
             name = f"compare_{_safe_filename(kind or 'runs')}_{_safe_filename(metric)}.png"
-            path = plot_curves(series, out_dir / name, xlabel="epoch", ylabel=_mpl_text(f"test {metric}"),
+            path = plot_curves(series, out_dir / name, xlabel="epoch",
+                               ylabel=_mpl_text(f"test {metric}"),
                                title=_mpl_text(f"{kind or 'runs'}: test {metric} per epoch"))
             overlays.append(Overlay(kind, metric, path))
     return overlays
