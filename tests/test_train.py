@@ -61,13 +61,43 @@ def test_same_seed_same_numbers(kind, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["classifier", "vae", "dcgan"])
-def test_resume_matches_an_uninterrupted_run(kind, tmp_path):
+def test_resume_matches_an_uninterrupted_run(kind, tmp_path, monkeypatch, capsys):
+    """SIGTERM after the first of two epochs, resume, and land on the uninterrupted weights."""
+    from dllab.train import kind_module
+
     assert main(train_argv(kind, tmp_path / "straight", epochs=2)) == 0
-    assert main(train_argv(kind, tmp_path / "split", epochs=1)) == 0
+    trainer = kind_module(kind).TRAINER
+    original = trainer.epoch_end
+
+    def epoch_end_then_sigterm(self, epoch, metrics):
+        original(self, epoch, metrics)
+        if epoch == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(trainer, "epoch_end", epoch_end_then_sigterm)
+    assert main(train_argv(kind, tmp_path / "split", epochs=2)) == 128 + signal.SIGTERM
+    assert "checkpoint saved" in capsys.readouterr().err
+    assert load_checkpoint(tmp_path / "split" / "checkpoints" / "last.pt")["epoch"] == 1
+    monkeypatch.undo()
     assert main(train_argv(kind, tmp_path / "split", "--resume", epochs=2)) == 0
     assert_same_weights(final_weights(tmp_path / "straight"), final_weights(tmp_path / "split"))
     steps = [r["step"] for r in read_metrics(tmp_path / "split") if r["split"] == "train"]
     assert steps == sorted(set(steps))  # no step logged twice after the resume
+
+
+def test_more_epochs_on_resume_replans_the_schedule(tmp_path):
+    """Raising --epochs on resume re-plans one-cycle: later steps follow a 2-epoch run's plan."""
+    out = tmp_path / "run"
+    assert main(train_argv("classifier", out, "--log-every", "1", epochs=1)) == 0
+    assert main(train_argv("classifier", out, "--resume", "--log-every", "1", epochs=2)) == 0
+    assert main(train_argv("classifier", tmp_path / "plan", "--log-every", "1", epochs=2)) == 0
+    state = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert state["epoch"] == 2 and state["config"]["epochs"] == 2
+    lrs = [r["lr"] for r in read_metrics(out) if r["split"] == "train"]
+    planned = [r["lr"] for r in read_metrics(tmp_path / "plan") if r["split"] == "train"]
+    assert len(lrs) == len(planned) == 8
+    assert lrs[4:] == pytest.approx(planned[4:])
+    assert lrs[:4] != pytest.approx(planned[:4])  # the first epoch ran on the 1-epoch plan
 
 
 def test_existing_run_is_never_overwritten(tmp_path, capsys):
@@ -98,7 +128,7 @@ def test_killed_run_resumes_to_the_same_weights(sig, tmp_path):
     extra = ["--checkpoint-every", "3", "--log-every", "1"]
     assert main(train_argv(kind, tmp_path / "straight", *extra, limit=256, epochs=2)) == 0
     out = tmp_path / "killed"
-    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same thread count as this process (conftest)
     proc = subprocess.Popen([sys.executable, "-m", "dllab",
                              *train_argv(kind, out, *extra, limit=256, epochs=2)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -199,7 +199,8 @@ class Trainer:
         for k, o in self.optimizers().items():
             o.load_state_dict(state["optimizers"][k])
         for k, s in self.schedulers().items():
-            s.load_state_dict(state["schedulers"][k])
+            if k in state["schedulers"]:  # a kind may re-plan its schedule instead (see classifier)
+                s.load_state_dict(state["schedulers"][k])
         self.load_extra_state(state.get("extra", {}))
         set_rng_state(state["rng"])
         self.epoch = state["epoch"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -164,6 +165,21 @@ class ClassifierTrainer(Trainer):
     def extra_state(self) -> dict:
         return {"model_config": dataclasses.asdict(self.net.config), "classes": list(self.data.classes),
                 "mean": list(self.data.mean), "std": list(self.data.std)}
+
+    def load_state(self, state: dict) -> None:
+        """Resume; if ``--epochs`` changed, re-plan the schedule for the new length.
+
+        The schedule is rebuilt for the new total and fast-forwarded to the current step, so
+        from here on the learning rate follows the new plan (one-cycle: it jumps to where a run
+        of the new length would be at this step).
+        """
+        replan = int(state.get("config", {}).get("epochs", self.config["epochs"])) != int(self.config["epochs"])
+        super().load_state({**state, "schedulers": {}} if replan else state)
+        if replan:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # "step() before optimizer.step()"
+                for _ in range(self.step):
+                    self.scheduler.step()
 
     def step_extras(self) -> dict:
         return {"lr": self.optimizer.param_groups[0]["lr"]}
