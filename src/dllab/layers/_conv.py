@@ -52,6 +52,8 @@ import functools
 
 import torch
 
+from dllab.layers import _workspace as workspace
+
 
 @functools.cache
 def _cpu_has_native(dtype: torch.dtype) -> bool:
@@ -73,53 +75,57 @@ def gemm_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     return dtype
 
 
-def to_nhwc_padded(x: torch.Tensor, pads: tuple[int, int, int, int], dtype: torch.dtype) -> torch.Tensor:
-    """(N, C, H, W) -> zero-padded channels-last (N, H+top+bottom, W+left+right, C) in ``dtype``.
+def suggest_memory_format(x: torch.Tensor) -> torch.memory_format:
+    """channels_last for a 4-D tensor laid out channels-last (and not also plain contiguous), else contiguous."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
 
-    The transpose to NHWC, the cast and the padding happen in one copy; a channels-last input
-    with no padding is returned as a view, without copying.
+
+def pad_nhwc(x_nhwc: torch.Tensor, pads: tuple[int, int, int, int], dtype: torch.dtype,
+             slot: str = "pad") -> torch.Tensor:
+    """(N, H, W, C) view of any layout -> zero-padded contiguous (N, H+top+bottom, W+left+right, C).
+
+    The transpose to NHWC, the cast to ``dtype`` and the padding are one copy; an input that is
+    already contiguous NHWC of ``dtype`` and needs no padding is returned as it is.
     """
     top, bottom, left, right = pads
-    n, c, h, w = x.shape
-    xh = x.permute(0, 2, 3, 1)  # (N, H, W, C) view
-    if not any(pads) and xh.is_contiguous() and x.dtype == dtype:
-        return xh
+    n, h, w, c = x_nhwc.shape
+    if not any(pads) and x_nhwc.is_contiguous() and x_nhwc.dtype == dtype:
+        return x_nhwc
     hp, wp = h + top + bottom, w + left + right
-    xp = torch.empty((n, hp, wp, c), dtype=dtype, device=x.device)
-    # zero only the border, then copy the interior: every element is written once
-    if top:
-        xp[:, :top].zero_()
-    if bottom:
-        xp[:, hp - bottom:].zero_()
-    if left:
-        xp[:, top:hp - bottom, :left].zero_()
-    if right:
-        xp[:, top:hp - bottom, wp - right:].zero_()
-    xp[:, top:top + h, left:left + w].copy_(xh)
+    if not any(pads):
+        xp = workspace.buffer(slot, (n, hp, wp, c), dtype, x_nhwc.device)
+    else:  # its border is zero already and stays so: only the interior is ever written
+        xp = workspace.zero_bordered(slot, (n, hp, wp, c), pads, dtype, x_nhwc.device)
+    xp[:, top:top + h, left:left + w].copy_(x_nhwc)
     return xp
 
 
-def im2col(xp: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int],
-           dilation: tuple[int, int], out_hw: tuple[int, int], groups: int) -> torch.Tensor:
+def out_size(size: int, kernel: int, stride: int, dilation: int) -> int:
+    """Output length of a convolution over an already padded length ``size``."""
+    return (size - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def im2col(xp: torch.Tensor, kernel, stride, dilation, groups: int, slot: str = "col") -> torch.Tensor:
     """Padded NHWC input (N, Hp, Wp, C) -> patch matrix (G, N*Ho*Wo, kh*kw*C/G).
 
     Row (n, p, q) holds the kh x kw x C/G patch that output pixel (n, p, q) of each group reads,
-    ordered (tap row i, tap column j, channel c), matching ``weight_matrix``.
+    ordered (tap row i, tap column j, channel c), matching ``weight_matrix``. It is one strided
+    view of ``xp`` copied once; for a 1x1 stride-1 convolution it is ``xp`` itself, no copy.
     """
     n, hp, wp, c = xp.shape
-    (kh, kw), (sh, sw), (dh, dw), (ho, wo) = kernel, stride, dilation, out_hw
-    g = groups
-    if kh == kw == 1 and g == 1:
-        if (sh, sw) != (1, 1):
-            xp = xp[:, : sh * (ho - 1) + 1: sh, : sw * (wo - 1) + 1: sw]
-        return xp.reshape(1, n * ho * wo, c)  # a view when no copy is needed
+    (kh, kw), (sh, sw), (dh, dw), g = kernel, stride, dilation, groups
+    ho, wo = out_size(hp, kh, sh, dh), out_size(wp, kw, sw, dw)
+    m, cg = n * ho * wo, c // groups
+    if kh == kw == sh == sw == 1 and g == 1 and xp.is_contiguous():
+        return xp.view(1, m, c)
     s_n, s_h, s_w, s_c = xp.stride()
-    patches = xp.as_strided((n, ho, wo, kh, kw, g, c // g),
-                            (s_n, sh * s_h, sw * s_w, dh * s_h, dw * s_w, (c // g) * s_c, s_c),
-                            xp.storage_offset())
-    if g == 1:
-        return patches.reshape(1, n * ho * wo, kh * kw * c)
-    return patches.permute(5, 0, 1, 2, 3, 4, 6).reshape(g, n * ho * wo, kh * kw * (c // g))
+    patches = xp.as_strided((g, n, ho, wo, kh, kw, cg),
+                            (cg * s_c, s_n, sh * s_h, sw * s_w, dh * s_h, dw * s_w, s_c), xp.storage_offset())
+    col = workspace.buffer(slot, (g, n, ho, wo, kh, kw, cg), xp.dtype, xp.device)
+    col.copy_(patches)
+    return col.view(g, m, kh * kw * cg)
 
 
 def weight_matrix(w: torch.Tensor, groups: int, dtype: torch.dtype) -> torch.Tensor:
@@ -129,141 +135,118 @@ def weight_matrix(w: torch.Tensor, groups: int, dtype: torch.dtype) -> torch.Ten
     return wg.permute(0, 3, 4, 2, 1).reshape(groups, kh * kw * cg, c_out // groups).to(dtype)
 
 
-def conv_nhwc(xp: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, stride, dilation,
-              groups: int, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Convolution of an already padded NHWC input; returns the NHWC output (N, Ho, Wo, C_out).
+def gemm_into(col: torch.Tensor, wmat: torch.Tensor, bias: torch.Tensor | None, out_nhwc: torch.Tensor) -> None:
+    """out_nhwc (N, Ho, Wo, C_out), any strides and dtype  <-  col (G, M, K) @ wmat (G, K, C_out/G) + bias.
 
-    ``out``, if given, is an (N, Ho, Wo, C_out) tensor (any dtype, any strides) to write into.
+    When ``out_nhwc`` is a contiguous NHWC tensor of the GEMM's dtype the GEMM writes straight into
+    it; otherwise into a workspace buffer that one copy then transposes/casts into place.
     """
-    n, hp, wp, c = xp.shape
-    c_out, _, kh, kw = w.shape
-    ho = (hp - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    wo = (wp - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    col = im2col(xp, (kh, kw), stride, dilation, (ho, wo), groups)  # (G, M, K)
-    wmat = weight_matrix(w, groups, dtype)  # (G, K, C_out/G)
-    m = n * ho * wo
-    b = None if bias is None else bias.to(dtype)
-    if groups == 1:
-        col2, w2 = col[0], wmat[0]
-        direct = out is not None and out.dtype == dtype and out.is_contiguous()
-        y2 = out.view(m, c_out) if direct else None  # the GEMM writes straight into ``out``
-        y2 = torch.mm(col2, w2, out=y2) if b is None else torch.addmm(b, col2, w2, out=y2)  # (M, C_out)
-        y = y2.view(n, ho, wo, c_out)
-    else:
-        if b is None:
-            y = torch.bmm(col, wmat)  # (G, M, C_out/G)
+    g, m, _ = col.shape
+    c_out = out_nhwc.shape[-1]
+    if g == 1 and out_nhwc.dtype == col.dtype and out_nhwc.is_contiguous():
+        y = out_nhwc.view(m, c_out)
+        if bias is None:
+            torch.mm(col[0], wmat[0], out=y)
         else:
-            y = torch.baddbmm(b.view(groups, 1, c_out // groups), col, wmat)
-        y = y.permute(1, 0, 2).reshape(n, ho, wo, c_out)  # (M, G, C_out/G) -> NHWC
-        direct = False
-    if out is not None and not direct:
-        out.copy_(y)
-        return out
-    return y
+            torch.addmm(bias.to(col.dtype), col[0], wmat[0], out=y)
+        return
+    y = workspace.buffer("gemm", (g, m, c_out // g), col.dtype, col.device)
+    if bias is None:
+        torch.bmm(col, wmat, out=y)
+    else:
+        torch.baddbmm(bias.to(col.dtype).view(g, 1, c_out // g), col, wmat, out=y)
+    n, ho, wo, _ = out_nhwc.shape
+    # (G, N, Ho, Wo, C_out/G) into the NHWC view split by group
+    out_nhwc.view(n, ho, wo, g, c_out // g).permute(3, 0, 1, 2, 4).copy_(y.view(g, n, ho, wo, c_out // g))
 
 
-def new_nchw(shape, dtype, device, memory_format) -> tuple[torch.Tensor, torch.Tensor]:
-    """An empty (N, C, H, W) tensor in ``memory_format`` and its (N, H, W, C) view."""
+def new_output(shape, dtype, device, memory_format) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fresh (N, C, H, W) tensor in ``memory_format`` and its (N, H, W, C) view."""
     y = torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
     return y, y.permute(0, 2, 3, 1)
 
 
-def suggest_memory_format(x: torch.Tensor) -> torch.memory_format:
-    """channels_last for a 4-D tensor laid out channels-last (and not also plain contiguous), else contiguous."""
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
-
-
-def memory_format_of(x: torch.Tensor) -> torch.memory_format:
-    """The layout torch's conv gives its output: channels-last iff the input is channels-last."""
-    return suggest_memory_format(x)
+def conv_geometry(x_shape, w_shape, stride, pads, dilation) -> tuple[int, int]:
+    """(Ho, Wo) of a convolution."""
+    top, bottom, left, right = pads
+    return (out_size(x_shape[2] + top + bottom, w_shape[2], stride[0], dilation[0]),
+            out_size(x_shape[3] + left + right, w_shape[3], stride[1], dilation[1]))
 
 
 class Conv2dFunction(torch.autograd.Function):
-    """y = conv2d(x, w, b) by im2col + GEMM; backward by GEMMs (see the module docstring)."""
+    """y = conv2d(x, w, b) by im2col + GEMM; backward by GEMMs (see the module docstring).
+
+    Saves only ``x`` and ``w`` for backward, like torch; the padded copy and ``col`` are rebuilt.
+    """
 
     @staticmethod
     def forward(ctx, x, w, bias, stride, pads, dilation, groups):
         dtype = gemm_dtype(x.dtype, x.device)
-        fmt = memory_format_of(x)
-        xp = to_nhwc_padded(x, pads, dtype)
-        n, _, h, wd = x.shape
-        c_out, _, kh, kw = w.shape
-        top, bottom, left, right = pads
-        ho = (h + top + bottom - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-        wo = (wd + left + right - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+        fmt = suggest_memory_format(x)
+        ho, wo = conv_geometry(x.shape, w.shape, stride, pads, dilation)
         # the output is a fresh tensor (not a view), so in-place ops on it (ReLU(inplace=True)) work
-        y, y_nhwc = new_nchw((n, c_out, ho, wo), x.dtype, x.device, fmt)
-        conv_nhwc(xp, w, bias, stride, dilation, groups, dtype, out=y_nhwc)
-        ctx.save_for_backward(xp, w)
-        ctx.conf = (x.shape, x.dtype, fmt, stride, pads, dilation, groups, bias is not None, dtype)
+        y, y_nhwc = new_output((x.shape[0], w.shape[0], ho, wo), x.dtype, x.device, fmt)
+        xp = pad_nhwc(x.permute(0, 2, 3, 1), pads, dtype)
+        col = im2col(xp, w.shape[2:], stride, dilation, groups)
+        gemm_into(col, weight_matrix(w, groups, dtype), bias, y_nhwc)
+        ctx.save_for_backward(x, w)
+        ctx.conf = (fmt, stride, pads, dilation, groups, bias is not None, dtype)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        xp, w = ctx.saved_tensors
-        x_shape, x_dtype, fmt, stride, pads, dilation, groups, has_bias, dtype = ctx.conf
+        x, w = ctx.saved_tensors
+        fmt, stride, pads, dilation, groups, has_bias, dtype = ctx.conf
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         with torch.autocast(grad_y.device.type, enabled=False):
-            return _conv_backward(grad_y, xp, w, x_shape, x_dtype, fmt, stride, pads, dilation,
-                                  groups, has_bias, dtype, need_x, need_w, need_b)
+            grad_x = grad_w = grad_b = None
+            g, c_out, (kh, kw) = groups, w.shape[0], w.shape[2:]
+            n, _, ho, wo = grad_y.shape
+            m = n * ho * wo
+            gy = pad_nhwc(grad_y.permute(0, 2, 3, 1), (0, 0, 0, 0), dtype, slot="grad_y")  # (N, Ho, Wo, C_out)
+            if need_b and has_bias:
+                grad_b = gy.view(m, c_out).sum(0).to(w.dtype)
+            if need_x:
+                grad_x, gx_nhwc = new_output(x.shape, x.dtype, x.device, fmt)
+                conv_input_grad(gy, w, stride, pads, dilation, g, gx_nhwc)
+            if need_w:
+                col = im2col(pad_nhwc(x.permute(0, 2, 3, 1), pads, dtype), (kh, kw), stride, dilation, g)
+                if g == 1:
+                    gw = gy.view(m, c_out).t() @ col[0]  # (C_out, kh*kw*C)
+                else:  # (G, C_out/G, M) @ (G, M, kh*kw*C/G)
+                    gw = torch.bmm(gy.view(m, g, c_out // g).permute(1, 2, 0), col)
+                # (C_out, kh, kw, C/G) -> (C_out, C/G, kh, kw)
+                grad_w = gw.reshape(c_out, kh, kw, -1).permute(0, 3, 1, 2).to(w.dtype, memory_format=torch.contiguous_format)
+        return grad_x, grad_w, grad_b, None, None, None, None
 
 
-def _conv_backward(grad_y, xp, w, x_shape, x_dtype, fmt, stride, pads, dilation, groups, has_bias,
-                   dtype, need_x, need_w, need_b):
-    n, c, h, wd = x_shape
-    c_out, cg, kh, kw = w.shape
-    g = groups
-    gy = to_nhwc_padded(grad_y, (0, 0, 0, 0), dtype)  # (N, Ho, Wo, C_out)
-    _, ho, wo, _ = gy.shape
-    m = n * ho * wo
-    gy2 = gy.reshape(m, c_out)
-    grad_x = grad_w = grad_b = None
-    if need_b and has_bias:
-        grad_b = gy2.sum(0).to(w.dtype)
-    if need_w:
-        col = im2col(xp, (kh, kw), stride, dilation, (ho, wo), g)  # (G, M, K)
-        if g == 1:
-            gw = gy2.t() @ col[0]  # (C_out, K)
-        else:
-            gw = torch.bmm(gy2.view(m, g, c_out // g).permute(1, 2, 0), col)  # (G, C_out/G, K)
-        # (C_out, kh, kw, C/G) -> (C_out, C/G, kh, kw)
-        grad_w = gw.reshape(c_out, kh, kw, cg).permute(0, 3, 1, 2).to(w.dtype, memory_format=torch.contiguous_format)
-    if need_x:
-        grad_x, gx_nhwc = new_nchw((n, c, h, wd), x_dtype, grad_y.device, fmt)
-        _conv_input_grad(gy, w, (n, c, h, wd), stride, pads, dilation, g, dtype, out=gx_nhwc)
-    return grad_x, grad_w, grad_b, None, None, None, None
-
-
-def _conv_input_grad(gy, w, x_shape, stride, pads, dilation, groups, dtype, out):
-    """d loss / d x written into ``out`` (N, H, W, C), from grad_y in NHWC (N, Ho, Wo, C_out)."""
-    n, c, h, wd = x_shape
+def conv_input_grad(gy: torch.Tensor, w: torch.Tensor, stride, pads, dilation, groups: int,
+                    out_nhwc: torch.Tensor) -> None:
+    """dL/dx into ``out_nhwc`` (N, H, W, C), from dL/dy as contiguous NHWC ``gy`` (N, Ho, Wo, C_out)."""
+    n, h, wd, c = out_nhwc.shape
     c_out, cg, kh, kw = w.shape
     (sh, sw), (dh, dw), g = stride, dilation, groups
     top, bottom, left, right = pads
-    n_, ho, wo, _ = gy.shape
-    hp, wp = h + top + bottom, wd + left + right
+    _, ho, wo, _ = gy.shape
     eh, ew = dh * (kh - 1), dw * (kw - 1)  # kernel extent - 1
     if (sh, sw) == (1, 1) and max(top, bottom) <= eh and max(left, right) <= ew:
-        # grad_x = grad_y, zero-padded by (extent - pad), correlated with the kernel flipped in
-        # both spatial axes and with in/out channels swapped (per group):
-        # grad_xp[r] = sum_i w[i] grad_y[r - i*d] = sum_i' w[k-1-i'] grad_y_padded[r + i'*d].
-        w_t = w.reshape(g, c_out // g, cg, kh, kw).transpose(1, 2).reshape(c, c_out // g, kh, kw)
-        w_t = w_t.flip(2, 3)
-        gp = to_nhwc_padded(gy.permute(0, 3, 1, 2), (eh - top, eh - bottom, ew - left, ew - right), dtype)
-        return conv_nhwc(gp, w_t, None, (1, 1), (dh, dw), g, dtype, out=out)  # (N, H, W, C)
-    # col2im: grad_col = grad_y @ wmat^T, scattered back to the taps it came from
-    wmat = weight_matrix(w, g, dtype)  # (G, K, C_out/G)
-    m = n * ho * wo
-    gy2 = gy.reshape(m, c_out)
-    if g == 1:
-        gcol = (gy2 @ wmat[0].t()).view(n, ho, wo, kh, kw, c)
-    else:
-        gcol = torch.bmm(gy2.view(m, g, c_out // g).transpose(0, 1), wmat.transpose(1, 2))  # (G, M, K)
-        gcol = gcol.view(g, n, ho, wo, kh, kw, cg).permute(1, 2, 3, 4, 5, 0, 6).reshape(n, ho, wo, kh, kw, c)
-    gxp = torch.zeros((n, hp, wp, c), dtype=dtype, device=gy.device)
+        # a convolution of grad_y, zero-padded by (extent - pad), with the kernel flipped in both
+        # spatial axes and in/out channels swapped (per group):
+        # grad_xp[r] = sum_i w[i] grad_y[r - i*d] = sum_i' w[k-1-i'] grad_y_padded[r + i'*d]
+        w_t = w.reshape(g, c_out // g, cg, kh, kw).transpose(1, 2).reshape(c, c_out // g, kh, kw).flip(2, 3)
+        gp = pad_nhwc(gy, (eh - top, eh - bottom, ew - left, ew - right), gy.dtype)
+        col = im2col(gp, (kh, kw), (1, 1), (dh, dw), g)
+        gemm_into(col, weight_matrix(w_t, g, gy.dtype), None, out_nhwc)
+        return
+    # col2im: grad_col = grad_y @ wmat^T, then each tap's column block is added back where it was read
+    m, hp, wp = n * ho * wo, h + top + bottom, wd + left + right
+    wmat = weight_matrix(w, g, gy.dtype)  # (G, K, C_out/G)
+    gcol = workspace.buffer("col", (g, m, kh * kw * cg), gy.dtype, gy.device)
+    torch.bmm(gy.view(m, g, c_out // g).transpose(0, 1), wmat.transpose(1, 2), out=gcol)
+    gcol = gcol.view(g, n, ho, wo, kh, kw, cg)
+    gxp = workspace.buffer("col2im", (n, hp, wp, g, cg), gy.dtype, gy.device).zero_()
     for i in range(kh):
         for j in range(kw):
-            gxp[:, i * dh: i * dh + sh * (ho - 1) + 1: sh, j * dw: j * dw + sw * (wo - 1) + 1: sw] += gcol[:, :, :, i, j]
-    return out.copy_(gxp[:, top:top + h, left:left + wd])
+            tap = gxp[:, i * dh: i * dh + sh * (ho - 1) + 1: sh, j * dw: j * dw + sw * (wo - 1) + 1: sw]
+            tap += gcol[:, :, :, :, i, j].permute(1, 2, 3, 0, 4)  # (N, Ho, Wo, G, C/G)
+    out_nhwc.copy_(gxp.view(n, hp, wp, c)[:, top:top + h, left:left + wd])

@@ -1,0 +1,78 @@
+"""Reusable scratch buffers for the temporaries of the CPU layers (im2col matrices, padded copies).
+
+A fresh CPU tensor of a hundred megabytes costs more than the copy that fills it: the operating
+system hands its pages over one by one (a page fault each) the first time they are written, and
+glibc returns them on free, so an im2col buffer allocated per call is paid for again on every
+call. Here each named *slot* keeps one byte buffer per thread and hands out views of it, growing
+it when a larger one is asked for. A view is valid until the next request for the same slot, so
+slots hold only temporaries that die inside one forward or backward call: never an output and
+never a tensor saved for backward.
+
+CUDA (and any other device) needs none of this: its caching allocator already reuses memory, so
+there ``buffer`` is just ``torch.empty``. ``workspace_bytes()`` reports what the slots hold and
+``clear_workspace()`` frees it.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import torch
+
+
+MAX_PADDED = 16  # zero-bordered buffers kept per thread (least recently used dropped first)
+
+
+class _Slots(threading.local):
+    def __init__(self) -> None:
+        self.buffers: dict[str, torch.Tensor] = {}
+        self.padded: dict[tuple, torch.Tensor] = {}  # insertion order = recency
+
+
+_SLOTS = _Slots()
+
+
+def buffer(slot: str, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised tensor of ``shape`` and ``dtype``; on the CPU a view of slot ``slot``."""
+    if device.type != "cpu":
+        return torch.empty(shape, dtype=dtype, device=device)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * itemsize
+    buf = _SLOTS.buffers.get(slot)
+    if buf is None or buf.numel() < nbytes:
+        buf = torch.empty(max(nbytes, 64), dtype=torch.uint8)
+        _SLOTS.buffers[slot] = buf
+    return buf[:nbytes].view(dtype).view(shape)
+
+
+def zero_bordered(slot: str, shape, border: tuple[int, int, int, int], dtype: torch.dtype,
+                  device: torch.device) -> torch.Tensor:
+    """An (N, Hp, Wp, C) buffer whose ``border`` (top, bottom, left, right) rows/columns are zero.
+
+    Callers write only the interior, so the zeros written when the buffer was made stay zero and
+    padding costs no fill on later calls. One buffer per (slot, shape, border, dtype), at most
+    ``MAX_PADDED`` per thread. Elsewhere than on the CPU: a fresh zero tensor.
+    """
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    key = (slot, tuple(shape), tuple(border), dtype)
+    buf = _SLOTS.padded.pop(key, None)
+    if buf is None:
+        buf = torch.zeros(shape, dtype=dtype)
+        if len(_SLOTS.padded) >= MAX_PADDED:
+            _SLOTS.padded.pop(next(iter(_SLOTS.padded)))
+    _SLOTS.padded[key] = buf  # most recently used last
+    return buf
+
+
+def workspace_bytes() -> int:
+    """Bytes held by this thread's CPU workspace (scratch slots and zero-bordered buffers)."""
+    return (sum(b.numel() for b in _SLOTS.buffers.values())
+            + sum(b.numel() * b.element_size() for b in _SLOTS.padded.values()))
+
+
+def clear_workspace() -> None:
+    """Free this thread's CPU workspace (it is rebuilt on the next call that needs it)."""
+    _SLOTS.buffers.clear()
+    _SLOTS.padded.clear()
