@@ -212,7 +212,7 @@ def run(device: torch.device, dtype: str, batch: int, repeats: int, memory_forma
               f"{f'{sv_s:.0f}/{sv_t:.0f}':>15}", file=out, flush=True)
     weighted_s = sum(c.count * s for c, s, _ in rows)
     weighted_t = sum(c.count * t for c, _, t in rows)
-    overall = weighted_s / weighted_t
+    overall = weighted_s / weighted_t if weighted_t else float("nan")
     plain = sum(s for _, s, _ in rows) / sum(t for _, _, t in rows)
     worst = max(rows, key=lambda r: r[1] / r[2])
     print(f"overall (ResNet-18 weighted): {overall:.2f}   overall (rows): {plain:.2f}   "

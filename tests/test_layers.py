@@ -469,7 +469,8 @@ def test_autocast_bf16_cpu_dtypes_and_values():
         torch.testing.assert_close(a.float(), b.float(), rtol=0.05, atol=0.05)
     for a, b in zip(grads_a, grads_b):
         assert a.dtype == b.dtype == torch.float32
-        torch.testing.assert_close(a, b, rtol=0.1, atol=0.02 * b.abs().max().item())
+        # the floor covers the bias of the conv before a batch norm, whose true gradient is 0
+        torch.testing.assert_close(a, b, rtol=0.1, atol=max(0.02 * b.abs().max().item(), 1e-4))
 
 
 class _OpRecorder(TorchDispatchMode):

@@ -97,7 +97,7 @@ def pad_nhwc(x_nhwc: torch.Tensor, pads: tuple[int, int, int, int], dtype: torch
     if not any(pads):
         xp = workspace.buffer(slot, (n, hp, wp, c), dtype, x_nhwc.device)
     else:  # its border is zero already and stays so: only the interior is ever written
-        xp = workspace.zero_bordered(slot, (n, hp, wp, c), pads, dtype, x_nhwc.device)
+        xp = workspace.bordered(slot, (n, hp, wp, c), pads, dtype, x_nhwc.device)
     xp[:, top:top + h, left:left + w].copy_(x_nhwc)
     return xp
 

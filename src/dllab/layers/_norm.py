@@ -43,6 +43,8 @@ from __future__ import annotations
 
 import torch
 
+from dllab.layers import _workspace as workspace
+
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation dtype: float32 for half types, else the dtype itself."""
@@ -71,44 +73,62 @@ def scale_shift(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> to
 
 
 class BatchNormTrainFunction(torch.autograd.Function):
-    """(y, mean, biased var) of a training-mode batch norm; closed-form backward."""
+    """(y, mean, biased var) of a training-mode batch norm; closed-form backward.
+
+    Two passes for the statistics, as the numerically safe textbook algorithm: ``mean = sum(x)/n``,
+    then ``xc = x - mean`` and ``var = |xc|^2 / n`` (no cancellation, unlike ``E[x^2] - mean^2``).
+    For float32/float64 inputs ``xc`` is what backward keeps (instead of x: the same size, and the
+    backward needs x only as ``x - mean``); for half inputs x is kept and ``xc`` rebuilt in float32.
+    Temporaries live in the CPU workspace (see ``_workspace.py``).
+    """
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps):
         acc = acc_dtype(x.dtype)
-        dims = reduce_dims(x)
-        xf = x if x.dtype == acc else x.to(acc)
-        var, mean = torch.var_mean(xf, dim=dims, correction=0)  # (C,), (C,)
+        dims, shape = reduce_dims(x), channel_shape(x)
+        n = x.numel() // x.shape[1]
+        mean = x.sum(dims, dtype=acc) / n  # (C,)
+        keep_xc = x.dtype == acc
+        xc = torch.sub(x, mean.view(shape), out=None if keep_xc else workspace.buffer_like("bn_xc", x, acc))
+        var = torch.linalg.vector_norm(xc, 2, dims).square_() / n  # (C,) biased
         invstd = torch.rsqrt(var + eps)
         scale = invstd if weight is None else invstd * weight.to(acc)
-        shift = -mean * scale if bias is None else bias.to(acc) - mean * scale
-        y = scale_shift(x, scale, shift)
-        ctx.save_for_backward(x, weight, mean, invstd)
+        shift = None if bias is None else bias.to(acc)
+        out = torch.empty_like(x)  # x's dtype and layout; computed in acc, rounded once
+        if shift is None:
+            torch.mul(xc, scale.view(shape), out=out)
+        else:
+            torch.addcmul(shift.view(shape), xc, scale.view(shape), out=out)
+        ctx.save_for_backward(xc if keep_xc else x, weight, mean, invstd)
+        ctx.keep_xc = keep_xc
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.mark_non_differentiable(mean, var)
-        return y, mean, var
+        return out, mean, var
 
     @staticmethod
     def backward(ctx, grad_y, _grad_mean, _grad_var):
-        x, weight, mean, invstd = ctx.saved_tensors
+        saved, weight, mean, invstd = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         acc = mean.dtype
-        dims = reduce_dims(x)
-        shape = channel_shape(x)
-        n = x.numel() // x.shape[1]
-        g = grad_y if grad_y.dtype == acc else grad_y.to(acc)
-        xf = x if x.dtype == acc else x.to(acc)
-        xc = xf - mean.view(shape)  # x - mean
-        sum_g = g.sum(dims)  # (C,)
-        sum_g_xhat = (g * xc).sum(dims) * invstd  # (C,)
+        dims, shape = reduce_dims(saved), channel_shape(saved)
+        n = saved.numel() // saved.shape[1]
+        xc = saved if ctx.keep_xc else torch.sub(saved, mean.view(shape), out=workspace.buffer_like("bn_xc", saved, acc))
+        g = grad_y
+        sum_g = g.sum(dims, dtype=acc)  # (C,)  = dL/dbeta
+        tmp = workspace.buffer_like("bn_tmp", xc, acc)
+        sum_g_xhat = torch.mul(g, xc, out=tmp).sum(dims) * invstd  # (C,)  = dL/dgamma
         grad_x = grad_w = grad_b = None
         if need_x:
             a = invstd if weight is None else invstd * weight.to(acc)  # gamma / std
-            # a * (g - sum_g/n - xhat * sum_g_xhat/n), written as g*a + xc*b + c0
+            # a * (g - sum_g/n - xhat * sum_g_xhat/n)  =  g*a + xc*b + c0
             b = -a * invstd * sum_g_xhat / n
             c0 = -a * sum_g / n
-            grad_x = torch.addcmul(torch.addcmul(c0.view(shape), xc, b.view(shape)), g, a.view(shape))
-            grad_x = grad_x.to(x.dtype)
+            grad_x = torch.empty_like(grad_y, memory_format=torch.preserve_format) if grad_y.dtype == saved.dtype \
+                else torch.empty_like(saved)
+            if grad_x.dtype == acc:
+                torch.addcmul(c0.view(shape), xc, b.view(shape), out=grad_x).addcmul_(g, a.view(shape))
+            else:
+                torch.addcmul(torch.addcmul(c0.view(shape), xc, b.view(shape), out=tmp), g, a.view(shape), out=grad_x)
         if need_w and weight is not None:
             grad_w = sum_g_xhat.to(weight.dtype)
         if need_b and ctx.bias_dtype is not None:

@@ -1,88 +1,99 @@
-"""2-D max-pooling from strided slices, and a backward pass that routes each gradient to its argmax.
+"""2-D max-pooling from a window view, and a backward pass that routes each gradient to its argmax.
 
-Forward. Pad the input with -inf, so that padding never wins a comparison, then visit the kh x kw
-taps of the window in row-major order (i outer, j inner). Tap (i, j) of *every* window at once is
-one strided slice of the padded input:
+Forward. Pad the input with -inf, so that padding never wins a comparison (torch's rule that the
+padding is at most half the kernel guarantees every window holds a real cell). Tap (i, j) of
+*every* window at once is one strided slice of the padded input ``xp``:
 
-    xp[:, :, i*dh : i*dh + sh*(Ho-1) + 1 : sh,  j*dw : j*dw + sw*(Wo-1) + 1 : sw]   # (N, C, Ho, Wo)
+    xp[:, :, i*dh : i*dh + sh*(Ho-1) + 1 : sh,  j*dw : j*dw + sw*(Wo-1) + 1 : sw]    # (N, C, Ho, Wo)
 
-and a running elementwise maximum over the kh*kw slices gives the output. Next to the maximum we
-keep the tap that produced it, and replace it only when a later tap is *strictly* greater, so a
-window whose maximum occurs several times (a tie) picks the **first** one in row-major order:
-torch's CPU and CUDA kernels scan the window the same way with the test ``val > max || isnan(val)``.
-The ``isnan`` term copies torch's NaN rule too: a NaN always wins, so a window with NaNs outputs
-NaN and points at its *last* NaN. Padding cells are never chosen: until a window has seen one real
-cell, the first real cell it meets is taken whatever its value (this matters only for windows
-whose real cells are all -inf, where torch also points at the first real cell).
+and the kh*kw slices together are a single ``as_strided`` view of shape (kh*kw, N, C, Ho, Wo).
+One copy makes it contiguous and one ``max`` over the first dimension returns each window's
+maximum and the number ``t = i*kw + j`` of the tap holding it, reading taps in row-major order.
 
-``return_indices`` gives, like torch, the flat index ``h*W + w`` of the chosen cell in its
-(H, W) input plane.
+Ties. ``max`` returns the *first* maximal tap, which is what torch's max-pool kernels do: they
+scan the window row by row and replace the running maximum only when ``val > max`` (strictly).
+So a window whose maximum occurs several times sends its gradient to the first occurrence.
+NaN: torch's kernels test ``val > max || isnan(val)``, so a NaN wins and the *last* NaN of the
+window is chosen, while ``max`` picks the first; when the output holds a NaN the indices of those
+windows are recomputed as their last NaN.
+
+Indices. ``return_indices`` gives, like torch, the flat position ``h*W + w`` of the chosen cell in
+its (H, W) input plane: ``(p*sh - ph + i*dh) * W + (q*sw - pw + j*dw)`` for output (p, q) and tap
+(i, j), i.e. a per-output base plus a per-tap offset.
 
 Backward. Only the chosen cell of each window influenced the output, so
-``grad_x[n, c, index] += grad_y[n, c, p, q]`` for every output pixel: one ``scatter_add`` over the
-flattened planes. When windows overlap (stride < kernel) a cell that is the maximum of several
-windows receives the sum of their gradients, as in torch.
+``grad_x[n, c, index] += grad_y[n, c, p, q]``: one ``scatter_add`` over the flattened planes.
+When windows overlap (stride < kernel) a cell that is the maximum of several windows receives the
+sum of their gradients, as in torch.
 """
 
 from __future__ import annotations
 
 import torch
 
+from dllab.layers import _workspace as workspace
 from dllab.layers._conv import suggest_memory_format
 
 
-def pool_taps(xp: torch.Tensor, kernel, stride, dilation, out_hw):
-    """Yield (i, j, slice) for each tap of the pooling window, as strided views of ``xp``."""
-    (kh, kw), (sh, sw), (dh, dw), (ho, wo) = kernel, stride, dilation, out_hw
-    for i in range(kh):
-        for j in range(kw):
-            yield i, j, xp[:, :, i * dh: i * dh + sh * (ho - 1) + 1: sh, j * dw: j * dw + sw * (wo - 1) + 1: sw]
+def padded_input(x: torch.Tensor, padding, size: tuple[int, int], channels_last: bool) -> torch.Tensor:
+    """x (N, C, H, W) inside a -inf (or dtype-minimum) border, ``size`` = (Hp, Wp); x itself if no border."""
+    n, c, h, w = x.shape
+    hp, wp = size
+    if (hp, wp) == (h, w):
+        return x
+    ph, pw = padding
+    low = -torch.inf if x.is_floating_point() else torch.iinfo(x.dtype).min
+    border = (ph, hp - h - ph, pw, wp - w - pw)
+    if channels_last:
+        xp = workspace.bordered("pool", (n, hp, wp, c), border, x.dtype, x.device, low).permute(0, 3, 1, 2)
+    else:
+        xp = workspace.bordered("pool", (n, c, hp, wp), border, x.dtype, x.device, low)
+    xp[:, :, ph:ph + h, pw:pw + w] = x  # only the interior is written: the border stays -inf
+    return xp
 
 
 def max_pool2d_forward(x: torch.Tensor, kernel, stride, padding, dilation, out_hw):
     """(values, flat indices) of a max-pool of (N, C, H, W) ``x``; see the module docstring."""
     n, c, h, w = x.shape
     (kh, kw), (sh, sw), (ph, pw), (dh, dw), (ho, wo) = kernel, stride, padding, dilation, out_hw
-    # padded size: ceil_mode may let the last window run past the right/bottom padding
+    channels_last = suggest_memory_format(x) == torch.channels_last
+    # ceil_mode may let the last window run past the right/bottom padding
     hp = max(h + 2 * ph, sh * (ho - 1) + dh * (kh - 1) + 1)
     wp = max(w + 2 * pw, sw * (wo - 1) + dw * (kw - 1) + 1)
-    fmt = suggest_memory_format(x)
-    if (hp, wp) == (h, w):
-        xp = x
+    xp = padded_input(x, padding, (hp, wp), channels_last)
+    s_n, s_c, s_h, s_w = xp.stride()
+    taps = xp.as_strided((kh, kw, n, c, ho, wo), (dh * s_h, dw * s_w, s_n, s_c, sh * s_h, sw * s_w),
+                         xp.storage_offset())
+    if channels_last:  # a (kh*kw, N, Ho, Wo, C) buffer seen as (kh, kw, N, C, Ho, Wo)
+        buf = workspace.buffer("pool_win", (kh, kw, n, ho, wo, c), x.dtype, x.device).permute(0, 1, 2, 5, 3, 4)
     else:
-        low = -torch.inf if x.is_floating_point() else torch.iinfo(x.dtype).min
-        xp = torch.full((n, c, hp, wp), low, dtype=x.dtype, device=x.device).contiguous(memory_format=fmt)
-        xp[:, :, ph:ph + h, pw:pw + w] = x
-    # which taps of which windows fall on real (unpadded) cells: depends only on (tap, p, q)
-    rows = torch.arange(ho, device=x.device) * sh - ph  # top row of each window, in input coordinates
+        buf = workspace.buffer("pool_win", (kh, kw, n, c, ho, wo), x.dtype, x.device)
+    buf.copy_(taps)
+    win = buf.flatten(0, 1)  # (kh*kw, N, C, Ho, Wo), a view
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    values = torch.empty((n, c, ho, wo), dtype=x.dtype, device=x.device, memory_format=fmt)
+    tap = workspace.buffer_like("pool_tap", values, torch.int64)
+    torch.max(win, 0, out=(values, tap))  # the first maximal tap of each window
+    low = -torch.inf if x.is_floating_point() else torch.iinfo(x.dtype).min
+    special = not bool(torch.isfinite(values.sum())) if x.is_floating_point() else bool((values == low).any())
+    if special:  # NaN or -inf maxima (one cheap test on the sum): torch's choices, see docstring
+        if x.is_floating_point():
+            nan_tap = kh * kw - 1 - torch.isnan(win).flip(0).int().argmax(0)  # last NaN tap
+            tap.copy_(torch.where(torch.isnan(values), nan_tap, tap))
+        # a window whose real cells are all -inf: the first real cell, not a padding cell
+        i0 = (ph - torch.arange(ho, device=x.device) * sh).clamp(min=0).add(dh - 1).div(dh, rounding_mode="floor")
+        j0 = (pw - torch.arange(wo, device=x.device) * sw).clamp(min=0).add(dw - 1).div(dw, rounding_mode="floor")
+        tap.copy_(torch.where(values == low, i0.view(ho, 1) * kw + j0.view(1, wo), tap))
+    # flat index in the input plane: per-output base + per-tap offset, looked up by tap number
+    rows = torch.arange(ho, device=x.device) * sh - ph
     cols = torch.arange(wo, device=x.device) * sw - pw
-    best = arg = None
-    found = None  # (Ho, Wo) bool: the window has met a real cell
-    for i, j, v in pool_taps(xp, kernel, stride, dilation, out_hw):
-        t = i * kw + j
-        r, q = rows + i * dh, cols + j * dw
-        real = ((r >= 0) & (r < h))[:, None] & ((q >= 0) & (q < w))[None, :]  # (Ho, Wo)
-        if best is None:
-            best = v.clone(memory_format=fmt) if v.is_floating_point() else v.clone()
-            small = kh * kw <= 256  # the winning tap number fits a byte
-            arg = torch.zeros(best.shape, dtype=torch.uint8 if small else torch.int64, device=x.device)
-            found = real
-            continue
-        take = v > best
-        if v.is_floating_point():
-            take |= torch.isnan(v)
-        first_real = real & ~found
-        if bool(first_real.any()):
-            take |= first_real
-            found = found | real
-        best = torch.where(take, v, best)
-        arg.masked_fill_(take, t)
-    # flat index h*W + w of the chosen cell
-    best = best.contiguous(memory_format=fmt)
-    arg = arg.long()
-    ti, tj = arg // kw, arg % kw
-    idx = (rows.view(ho, 1) + ti * dh) * w + (cols.view(1, wo) + tj * dw)
-    return best, idx
+    base = rows.view(ho, 1) * w + cols.view(1, wo)  # (Ho, Wo)
+    i, j = torch.meshgrid(torch.arange(kh, device=x.device), torch.arange(kw, device=x.device), indexing="ij")
+    offset = (i * dh * w + j * dw).reshape(kh * kw, 1, 1, 1, 1)
+    table = (offset + base).expand(kh * kw, n, c, ho, wo)  # (kh*kw, N, C, Ho, Wo), a broadcast view
+    idx = torch.empty_like(values, dtype=torch.int64)
+    torch.gather(table, 0, tap.unsqueeze(0), out=idx.unsqueeze(0))
+    return values, idx
 
 
 class MaxPool2dFunction(torch.autograd.Function):
@@ -98,12 +109,9 @@ class MaxPool2dFunction(torch.autograd.Function):
         return y, idx
 
     @staticmethod
-    def backward(ctx, grad_y, grad_idx):
+    def backward(ctx, grad_y, _grad_idx):
         (idx,) = ctx.saved_tensors
         n, c, h, w = ctx.x_shape
-        grad_x = grad_y.new_zeros((n, c, h * w))
-        grad_x.scatter_add_(2, idx.reshape(n, c, -1), grad_y.reshape(n, c, -1))
-        grad_x = grad_x.view(n, c, h, w)
-        if ctx.fmt != torch.contiguous_format:
-            grad_x = grad_x.contiguous(memory_format=ctx.fmt)
+        grad_x = torch.empty(ctx.x_shape, dtype=grad_y.dtype, device=grad_y.device, memory_format=ctx.fmt).zero_()
+        grad_x.view(n, c, h * w).scatter_add_(2, idx.reshape(n, c, -1), grad_y.reshape(n, c, -1))
         return grad_x, None, None, None, None, None

@@ -46,20 +46,28 @@ def buffer(slot: str, shape, dtype: torch.dtype, device: torch.device) -> torch.
     return buf[:nbytes].view(dtype).view(shape)
 
 
-def zero_bordered(slot: str, shape, border: tuple[int, int, int, int], dtype: torch.dtype,
-                  device: torch.device) -> torch.Tensor:
-    """An (N, Hp, Wp, C) buffer whose ``border`` (top, bottom, left, right) rows/columns are zero.
+def buffer_like(slot: str, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A workspace tensor of x's shape and ``dtype``, channels-last if x is (so elementwise ops stream)."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        n, c, h, w = x.shape
+        return buffer(slot, (n, h, w, c), dtype, x.device).permute(0, 3, 1, 2)
+    return buffer(slot, tuple(x.shape), dtype, x.device)
 
-    Callers write only the interior, so the zeros written when the buffer was made stay zero and
-    padding costs no fill on later calls. One buffer per (slot, shape, border, dtype), at most
-    ``MAX_PADDED`` per thread. Elsewhere than on the CPU: a fresh zero tensor.
+
+def bordered(slot: str, shape, border: tuple, dtype: torch.dtype, device: torch.device,
+             fill: float = 0.0) -> torch.Tensor:
+    """A padded buffer of ``shape`` whose ``border`` (e.g. (top, bottom, left, right)) holds ``fill``.
+
+    Callers write only the interior, so the ``fill`` written when the buffer was made stays in the
+    border and padding costs no fill on later calls. One buffer per (slot, shape, border, dtype,
+    fill), at most ``MAX_PADDED`` per thread. Elsewhere than on the CPU: a fresh filled tensor.
     """
     if device.type != "cpu":
-        return torch.zeros(shape, dtype=dtype, device=device)
-    key = (slot, tuple(shape), tuple(border), dtype)
+        return torch.full(shape, fill, dtype=dtype, device=device)
+    key = (slot, tuple(shape), tuple(border), dtype, fill)
     buf = _SLOTS.padded.pop(key, None)
     if buf is None:
-        buf = torch.zeros(shape, dtype=dtype)
+        buf = torch.full(shape, fill, dtype=dtype)
         if len(_SLOTS.padded) >= MAX_PADDED:
             _SLOTS.padded.pop(next(iter(_SLOTS.padded)))
     _SLOTS.padded[key] = buf  # most recently used last
