@@ -135,35 +135,45 @@ def weight_matrix(w: torch.Tensor, groups: int, dtype: torch.dtype) -> torch.Ten
     return wg.permute(0, 3, 4, 2, 1).reshape(groups, kh * kw * cg, c_out // groups).to(dtype)
 
 
-def gemm_into(col: torch.Tensor, wmat: torch.Tensor, bias: torch.Tensor | None, out_nhwc: torch.Tensor) -> None:
-    """out_nhwc (N, Ho, Wo, C_out), any strides and dtype  <-  col (G, M, K) @ wmat (G, K, C_out/G) + bias.
+# Per-image GEMMs straight from/to NCHW beat a transposing copy plus one big GEMM only when each
+# image has enough pixels to make a reasonably shaped GEMM (measured on ResNet-18 CIFAR shapes).
+NCHW_GEMM_MIN_PIXELS = 100000
 
-    When ``out_nhwc`` is a contiguous NHWC tensor of the GEMM's dtype the GEMM writes straight into
-    it; otherwise into a workspace buffer that one copy then transposes/casts into place.
+
+def gemm_into(col: torch.Tensor, wmat: torch.Tensor, bias: torch.Tensor | None, out_nchw: torch.Tensor) -> None:
+    """out_nchw (N, C_out, Ho, Wo)  <-  col (G, N*Ho*Wo, K) @ wmat (G, K, C_out/G) + bias.
+
+    The GEMM writes straight into ``out_nchw`` when its layout allows: channels-last output is the
+    (N*Ho*Wo, C_out) product itself; contiguous NCHW output is, image by image, the transposed
+    product ``wmat^T (C_out, K) @ col_n^T (K, Ho*Wo)`` (a batched GEMM over images with the weight
+    broadcast). Otherwise (groups, a dtype cast) it goes through a workspace buffer and one copy.
     """
-    g, m, _ = col.shape
-    c_out = out_nhwc.shape[-1]
-    if g == 1 and out_nhwc.dtype == col.dtype and out_nhwc.is_contiguous():
-        y = out_nhwc.view(m, c_out)
-        if bias is None:
-            torch.mm(col[0], wmat[0], out=y)
-        else:
-            torch.addmm(bias.to(col.dtype), col[0], wmat[0], out=y)
-        return
+    g, m, k = col.shape
+    n, c_out, ho, wo = out_nchw.shape
+    b = None if bias is None else bias.to(col.dtype)
+    if g == 1 and out_nchw.dtype == col.dtype:
+        out_nhwc = out_nchw.permute(0, 2, 3, 1)
+        if out_nhwc.is_contiguous():  # channels-last
+            y = out_nhwc.view(m, c_out)
+            torch.mm(col[0], wmat[0], out=y) if b is None else torch.addmm(b, col[0], wmat[0], out=y)
+            return
+        if out_nchw.is_contiguous() and ho * wo >= NCHW_GEMM_MIN_PIXELS:  # NCHW: (N, C_out, K) @ (N, K, Ho*Wo)
+            y = out_nchw.view(n, c_out, ho * wo)
+            w_t = wmat[0].t().expand(n, c_out, k)
+            col_t = col[0].view(n, ho * wo, k).transpose(1, 2)
+            if b is None:
+                torch.bmm(w_t, col_t, out=y)
+            else:
+                torch.baddbmm(b.view(1, c_out, 1).expand(n, c_out, ho * wo), w_t, col_t, out=y)
+            return
     y = workspace.buffer("gemm", (g, m, c_out // g), col.dtype, col.device)
-    if bias is None:
+    if b is None:
         torch.bmm(col, wmat, out=y)
     else:
-        torch.baddbmm(bias.to(col.dtype).view(g, 1, c_out // g), col, wmat, out=y)
-    n, ho, wo, _ = out_nhwc.shape
+        torch.baddbmm(b.view(g, 1, c_out // g), col, wmat, out=y)
     # (G, N, Ho, Wo, C_out/G) into the NHWC view split by group
-    out_nhwc.view(n, ho, wo, g, c_out // g).permute(3, 0, 1, 2, 4).copy_(y.view(g, n, ho, wo, c_out // g))
-
-
-def new_output(shape, dtype, device, memory_format) -> tuple[torch.Tensor, torch.Tensor]:
-    """A fresh (N, C, H, W) tensor in ``memory_format`` and its (N, H, W, C) view."""
-    y = torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
-    return y, y.permute(0, 2, 3, 1)
+    out_nchw.permute(0, 2, 3, 1).view(n, ho, wo, g, c_out // g).permute(3, 0, 1, 2, 4).copy_(
+        y.view(g, n, ho, wo, c_out // g))
 
 
 def conv_geometry(x_shape, w_shape, stride, pads, dilation) -> tuple[int, int]:
@@ -185,10 +195,10 @@ class Conv2dFunction(torch.autograd.Function):
         fmt = suggest_memory_format(x)
         ho, wo = conv_geometry(x.shape, w.shape, stride, pads, dilation)
         # the output is a fresh tensor (not a view), so in-place ops on it (ReLU(inplace=True)) work
-        y, y_nhwc = new_output((x.shape[0], w.shape[0], ho, wo), x.dtype, x.device, fmt)
+        y = torch.empty((x.shape[0], w.shape[0], ho, wo), dtype=x.dtype, device=x.device, memory_format=fmt)
         xp = pad_nhwc(x.permute(0, 2, 3, 1), pads, dtype)
         col = im2col(xp, w.shape[2:], stride, dilation, groups)
-        gemm_into(col, weight_matrix(w, groups, dtype), bias, y_nhwc)
+        gemm_into(col, weight_matrix(w, groups, dtype), bias, y)
         ctx.save_for_backward(x, w)
         ctx.conf = (fmt, stride, pads, dilation, groups, bias is not None, dtype)
         return y
@@ -203,50 +213,64 @@ class Conv2dFunction(torch.autograd.Function):
             g, c_out, (kh, kw) = groups, w.shape[0], w.shape[2:]
             n, _, ho, wo = grad_y.shape
             m = n * ho * wo
-            gy = pad_nhwc(grad_y.permute(0, 2, 3, 1), (0, 0, 0, 0), dtype, slot="grad_y")  # (N, Ho, Wo, C_out)
+            # grad_y as NHWC rows: free for channels-last; NCHW is used image by image instead
+            gy_nhwc = grad_y.permute(0, 2, 3, 1)
+            rows = gy_nhwc.is_contiguous() and grad_y.dtype == dtype
+            nchw = (not rows and grad_y.is_contiguous() and grad_y.dtype == dtype and g == 1
+                    and ho * wo >= NCHW_GEMM_MIN_PIXELS)
+            if not rows and not nchw:
+                gy_nhwc = pad_nhwc(gy_nhwc, (0, 0, 0, 0), dtype, slot="grad_y")
+                rows = True
             if need_b and has_bias:
-                grad_b = gy.view(m, c_out).sum(0).to(w.dtype)
+                grad_b = grad_y.sum((0, 2, 3), dtype=dtype).to(w.dtype)
             if need_x:
-                grad_x, gx_nhwc = new_output(x.shape, x.dtype, x.device, fmt)
-                conv_input_grad(gy, w, stride, pads, dilation, g, gx_nhwc)
+                grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+                conv_input_grad(gy_nhwc, w, stride, pads, dilation, g, dtype, grad_x)
             if need_w:
                 col = im2col(pad_nhwc(x.permute(0, 2, 3, 1), pads, dtype), (kh, kw), stride, dilation, g)
-                if g == 1:
-                    gw = gy.view(m, c_out).t() @ col[0]  # (C_out, kh*kw*C)
+                if g == 1 and rows:
+                    gw = (col[0].t() @ gy_nhwc.reshape(m, c_out)).t()  # (K, C_out)^T: the faster order
+                elif g == 1:  # NCHW: sum over images of grad_y_n (C_out, Ho*Wo) @ col_n (Ho*Wo, K)
+                    per_image = workspace.buffer("grad_w", (n, c_out, col.shape[-1]), dtype, x.device)
+                    torch.bmm(grad_y.view(n, c_out, ho * wo), col[0].view(n, ho * wo, -1), out=per_image)
+                    gw = per_image.sum(0)
                 else:  # (G, C_out/G, M) @ (G, M, kh*kw*C/G)
-                    gw = torch.bmm(gy.view(m, g, c_out // g).permute(1, 2, 0), col)
+                    gw = torch.bmm(gy_nhwc.reshape(m, g, c_out // g).permute(1, 2, 0), col)
                 # (C_out, kh, kw, C/G) -> (C_out, C/G, kh, kw)
                 grad_w = gw.reshape(c_out, kh, kw, -1).permute(0, 3, 1, 2).to(w.dtype, memory_format=torch.contiguous_format)
         return grad_x, grad_w, grad_b, None, None, None, None
 
 
-def conv_input_grad(gy: torch.Tensor, w: torch.Tensor, stride, pads, dilation, groups: int,
-                    out_nhwc: torch.Tensor) -> None:
-    """dL/dx into ``out_nhwc`` (N, H, W, C), from dL/dy as contiguous NHWC ``gy`` (N, Ho, Wo, C_out)."""
-    n, h, wd, c = out_nhwc.shape
+def conv_input_grad(gy: torch.Tensor, w: torch.Tensor, stride, pads, dilation, groups: int, dtype: torch.dtype,
+                    out_nchw: torch.Tensor) -> None:
+    """dL/dx into ``out_nchw`` (N, C, H, W), from dL/dy seen as NHWC ``gy`` (N, Ho, Wo, C_out), any
+    strides; the GEMMs run in ``dtype``."""
+    n, c, h, wd = out_nchw.shape
     c_out, cg, kh, kw = w.shape
     (sh, sw), (dh, dw), g = stride, dilation, groups
     top, bottom, left, right = pads
     _, ho, wo, _ = gy.shape
     eh, ew = dh * (kh - 1), dw * (kw - 1)  # kernel extent - 1
-    if (sh, sw) == (1, 1) and max(top, bottom) <= eh and max(left, right) <= ew:
+    as_conv = (sh, sw) == (1, 1) and max(top, bottom) <= eh and max(left, right) <= ew
+    if as_conv and 4 * c >= c_out:  # (when C << C_out, e.g. an RGB stem, col2im's buffers are far smaller)
         # a convolution of grad_y, zero-padded by (extent - pad), with the kernel flipped in both
         # spatial axes and in/out channels swapped (per group):
         # grad_xp[r] = sum_i w[i] grad_y[r - i*d] = sum_i' w[k-1-i'] grad_y_padded[r + i'*d]
         w_t = w.reshape(g, c_out // g, cg, kh, kw).transpose(1, 2).reshape(c, c_out // g, kh, kw).flip(2, 3)
-        gp = pad_nhwc(gy, (eh - top, eh - bottom, ew - left, ew - right), gy.dtype)
+        gp = pad_nhwc(gy, (eh - top, eh - bottom, ew - left, ew - right), dtype)
         col = im2col(gp, (kh, kw), (1, 1), (dh, dw), g)
-        gemm_into(col, weight_matrix(w_t, g, gy.dtype), None, out_nhwc)
+        gemm_into(col, weight_matrix(w_t, g, dtype), None, out_nchw)
         return
     # col2im: grad_col = grad_y @ wmat^T, then each tap's column block is added back where it was read
     m, hp, wp = n * ho * wo, h + top + bottom, wd + left + right
-    wmat = weight_matrix(w, g, gy.dtype)  # (G, K, C_out/G)
-    gcol = workspace.buffer("col", (g, m, kh * kw * cg), gy.dtype, gy.device)
+    wmat = weight_matrix(w, g, dtype)  # (G, K, C_out/G)
+    gy = pad_nhwc(gy, (0, 0, 0, 0), dtype, slot="grad_y")  # contiguous rows (a no-op if already)
+    gcol = workspace.buffer("col", (g, m, kh * kw * cg), dtype, gy.device)
     torch.bmm(gy.view(m, g, c_out // g).transpose(0, 1), wmat.transpose(1, 2), out=gcol)
     gcol = gcol.view(g, n, ho, wo, kh, kw, cg)
-    gxp = workspace.buffer("col2im", (n, hp, wp, g, cg), gy.dtype, gy.device).zero_()
+    gxp = workspace.buffer("col2im", (n, hp, wp, g, cg), dtype, gy.device).zero_()
     for i in range(kh):
         for j in range(kw):
             tap = gxp[:, i * dh: i * dh + sh * (ho - 1) + 1: sh, j * dw: j * dw + sw * (wo - 1) + 1: sw]
             tap += gcol[:, :, :, :, i, j].permute(1, 2, 3, 0, 4)  # (N, Ho, Wo, G, C/G)
-    out_nhwc.copy_(gxp.view(n, hp, wp, c)[:, top:top + h, left:left + wd])
+    out_nchw.permute(0, 2, 3, 1).copy_(gxp.view(n, hp, wp, c)[:, top:top + h, left:left + wd])

@@ -64,16 +64,18 @@ def max_pool2d_forward(x: torch.Tensor, kernel, stride, padding, dilation, out_h
     s_n, s_c, s_h, s_w = xp.stride()
     taps = xp.as_strided((kh, kw, n, c, ho, wo), (dh * s_h, dw * s_w, s_n, s_c, sh * s_h, sw * s_w),
                          xp.storage_offset())
-    if channels_last:  # a (kh*kw, N, Ho, Wo, C) buffer seen as (kh, kw, N, C, Ho, Wo)
-        buf = workspace.buffer("pool_win", (kh, kw, n, ho, wo, c), x.dtype, x.device).permute(0, 1, 2, 5, 3, 4)
-    else:
-        buf = workspace.buffer("pool_win", (kh, kw, n, c, ho, wo), x.dtype, x.device)
+    # windows, tap-major: raw memory (kh*kw, N, C, Ho, Wo), or (kh*kw, N, Ho, Wo, C) for channels-last
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    raw_shape = (kh, kw, n, ho, wo, c) if channels_last else (kh, kw, n, c, ho, wo)
+    raw = workspace.buffer("pool_win", raw_shape, x.dtype, x.device)
+    buf = raw.permute(0, 1, 2, 5, 3, 4) if channels_last else raw  # (kh, kw, N, C, Ho, Wo)
     buf.copy_(taps)
     win = buf.flatten(0, 1)  # (kh*kw, N, C, Ho, Wo), a view
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
     values = torch.empty((n, c, ho, wo), dtype=x.dtype, device=x.device, memory_format=fmt)
     tap = workspace.buffer_like("pool_tap", values, torch.int64)
-    torch.max(win, 0, out=(values, tap))  # the first maximal tap of each window
+    # in memory this is a plain (kh*kw, M) -> (M,) reduction, whatever the layout
+    flat = (lambda t: t.permute(0, 2, 3, 1).reshape(-1)) if channels_last else (lambda t: t.view(-1))
+    torch.max(raw.view(kh * kw, -1), 0, out=(flat(values), flat(tap)))  # first maximal tap per window
     low = -torch.inf if x.is_floating_point() else torch.iinfo(x.dtype).min
     special = not bool(torch.isfinite(values.sum())) if x.is_floating_point() else bool((values == low).any())
     if special:  # NaN or -inf maxima (one cheap test on the sum): torch's choices, see docstring
