@@ -371,6 +371,39 @@ def test_batch_norm_eval_and_no_running_stats():
     assert torch.autograd.gradcheck(lambda *t: LF.batch_norm(t[0], rm, rv, t[1], t[2], False), (xd, wd, bd))
 
 
+@pytest.mark.parametrize("offset", [0.0, 3e3, 1e5])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_batch_norm_float32_ill_conditioned_and_layouts(offset, channels_last):
+    """float32 with |mean| up to 1e5 * std (the one-pass variance would lose everything) and both layouts."""
+    gen = torch.Generator().manual_seed(18)
+    x = torch.randn(8, 4, 6, 6, generator=gen) + offset * torch.tensor([1.0, -1.0, 0.5, 0.0]).view(1, 4, 1, 1)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    w, b = torch.rand(4, generator=gen) + 0.5, torch.randn(4, generator=gen)
+    rm, rv = [torch.zeros(4), torch.zeros(4)], [torch.ones(4), torch.ones(4)]
+    tol = max(1e-5, 64 * offset * 2.0**-24)  # x itself carries offset * 2^-24 of rounding
+    _compare_fn(lambda x_, w_, b_: LF.batch_norm(x_, rm[0], rv[0], w_, b_, True),
+                lambda x_, w_, b_: F.batch_norm(x_, rm[1], rv[1], w_, b_, True), [x, w, b], tol=tol)
+    torch.testing.assert_close(rv[0], rv[1], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(rm[0], rm[1], rtol=1e-6, atol=1e-5)
+
+
+def test_batch_norm_bfloat16_input():
+    gen = torch.Generator().manual_seed(19)
+    x = (torch.randn(8, 4, 6, 6, generator=gen) * 2 + 1).bfloat16()
+    w, b = torch.rand(4, generator=gen) + 0.5, torch.randn(4, generator=gen)
+    a, r = _leaves(x, w, b)
+    ya, yb = LF.batch_norm(a[0], None, None, a[1], a[2], True), F.batch_norm(r[0], None, None, r[1], r[2], True)
+    assert ya.dtype == yb.dtype == torch.bfloat16
+    torch.testing.assert_close(ya.float(), yb.float(), rtol=0.02, atol=0.02)
+    g = torch.randn(ya.shape, generator=gen).bfloat16()
+    ya.backward(g)
+    yb.backward(g)
+    for ta, tb in zip(a, r):
+        assert ta.grad.dtype == tb.grad.dtype
+        torch.testing.assert_close(ta.grad.float(), tb.grad.float(), rtol=0.03, atol=0.03)
+
+
 def test_batch_norm_empty_batch_and_errors():
     rm, rv = torch.zeros(4), torch.ones(4)
     y = LF.batch_norm(torch.randn(0, 4, 5, 5), rm, rv, training=True)

@@ -9,9 +9,16 @@ Forward (training). For an input of shape (N, C, *), each channel c is normalise
     mean_c = sum(x) / n,   var_c = sum((x - mean_c)^2) / n          (biased: divide by n)
     xhat = (x - mean_c) / sqrt(var_c + eps),   y = gamma_c * xhat + beta_c
 
-computed as ``y = x * scale_c + shift_c`` with ``scale = gamma / sqrt(var + eps)`` and
-``shift = beta - mean * scale``: one fused multiply-add over the tensor after one fused pass for
-both statistics (``torch.var_mean``).
+computed as one fused multiply-add over the tensor, ``y = x * scale_c + shift_c`` with
+``scale = gamma / sqrt(var + eps)`` and ``shift = beta - mean * scale``.
+
+Computing the variance. The textbook two-pass algorithm (mean first, then the mean of
+``(x - mean)^2``) is exact to rounding; the one-pass ``var = sum(x^2)/n - mean^2`` saves a pass
+over the tensor but subtracts two numbers of size ``var + mean^2``, so it loses
+``log10(1 + mean^2/var)`` of float32's 7 digits. On the CPU, where each pass over the tensor is
+what costs, the variance comes from one pass (``sum(x)`` and ``|x|^2``), and any channel with
+``mean^2 > 1000 * var`` (more than 3 digits lost) sends the whole batch through the two-pass
+algorithm instead. Elsewhere (CUDA) and for float64 the two-pass algorithm is always used.
 
 Running statistics. The normalisation uses the *biased* variance (it is the variance of the very
 numbers being normalised), but the running estimate that eval mode uses should estimate the
@@ -31,9 +38,11 @@ var depend on every x of the channel, differentiating through them gives
     dL/dx    = gamma / sqrt(var + eps) * (g - sum(g) / n - xhat * sum(g * xhat) / n)
 
 (the two subtracted terms are the gradient flowing through the mean and through the variance).
-It needs only x, the saved mean and 1/sqrt(var + eps), and two channel sums: no graph of the
-forward's intermediate tensors is kept. In eval mode the statistics are constants and
-``y = x * scale + shift`` is differentiated by autograd as it stands.
+It needs x (or ``x - mean``, whichever the forward kept), the saved mean and 1/sqrt(var + eps),
+and two channel sums: no graph of the forward's intermediate tensors is kept. The last line is
+evaluated as ``g * a_c + x * b_c + c_c`` with per-channel a, b, c: two fused multiply-adds. In
+eval mode the statistics are constants and ``y = x * scale + shift`` is differentiated by
+autograd as it stands.
 
 Low precision: statistics and the per-channel scale/shift are computed in float32 for
 bfloat16/float16 inputs (like torch's kernels), and the output has the input's dtype.
@@ -44,6 +53,8 @@ from __future__ import annotations
 import torch
 
 from dllab.layers import _workspace as workspace
+
+ONE_PASS_MAX_RATIO = 1e3  # mean^2 / var above which the one-pass variance is not trusted
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -61,9 +72,10 @@ def reduce_dims(x: torch.Tensor) -> tuple[int, ...]:
     return (0,) + tuple(range(2, x.dim()))
 
 
-def scale_shift(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """``x * scale + shift`` per channel, computed in float32 or better, returned in x's dtype."""
+def scale_shift(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
+    """``x * scale + shift`` per channel, computed in scale's dtype, returned in x's dtype."""
     shape = channel_shape(x)
+    shift = torch.zeros_like(scale) if shift is None else shift
     if scale.dtype == x.dtype:
         return torch.addcmul(shift.view(shape), x, scale.view(shape))
     if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad or shift.requires_grad):
@@ -72,14 +84,23 @@ def scale_shift(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> to
     return torch.addcmul(shift.view(shape), x, scale.view(shape), out=out)
 
 
+def channel_dot(g: torch.Tensor, z: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """sum(g * z) per channel, in ``acc``: one batched dot product for contiguous inputs of ``acc``."""
+    n, c = z.shape[0], z.shape[1]
+    if g.dtype == z.dtype == acc and g.is_contiguous() and z.is_contiguous() and z.dim() > 2 and n * c > 0:
+        # (N*C, 1, L) @ (N*C, L, 1): the dot of every (image, channel) plane, no temporary tensor
+        per_plane = torch.bmm(g.reshape(n * c, 1, -1), z.reshape(n * c, -1, 1))
+        return per_plane.view(n, c).sum(0)
+    tmp = workspace.buffer_like("bn_tmp", z, acc)
+    return torch.mul(g, z, out=tmp).sum(reduce_dims(z))
+
+
 class BatchNormTrainFunction(torch.autograd.Function):
     """(y, mean, biased var) of a training-mode batch norm; closed-form backward.
 
-    Two passes for the statistics, as the numerically safe textbook algorithm: ``mean = sum(x)/n``,
-    then ``xc = x - mean`` and ``var = |xc|^2 / n`` (no cancellation, unlike ``E[x^2] - mean^2``).
-    For float32/float64 inputs ``xc`` is what backward keeps (instead of x: the same size, and the
-    backward needs x only as ``x - mean``); for half inputs x is kept and ``xc`` rebuilt in float32.
-    Temporaries live in the CPU workspace (see ``_workspace.py``).
+    Backward keeps ``z = x - k`` with ``k = 0`` (x itself: the one-pass case) or ``k = mean``
+    (the two-pass case, which computes ``x - mean`` anyway). Half-precision x is kept as it is and
+    widened to float32 in the CPU workspace when backward needs it.
     """
 
     @staticmethod
@@ -88,47 +109,63 @@ class BatchNormTrainFunction(torch.autograd.Function):
         dims, shape = reduce_dims(x), channel_shape(x)
         n = x.numel() // x.shape[1]
         mean = x.sum(dims, dtype=acc) / n  # (C,)
-        keep_xc = x.dtype == acc
-        xc = torch.sub(x, mean.view(shape), out=None if keep_xc else workspace.buffer_like("bn_xc", x, acc))
-        var = torch.linalg.vector_norm(xc, 2, dims).square_() / n  # (C,) biased
+        z, shifted = x, False
+        if x.device.type == "cpu" and acc != torch.float64:
+            sq = torch.linalg.vector_norm(x, 2, dims, dtype=acc).square_() / n  # mean of x^2
+            var = (sq - mean * mean).clamp_(min=0)
+            if bool((mean * mean > ONE_PASS_MAX_RATIO * var).any()):
+                var = None  # ill-conditioned: fall back to two passes
+        else:
+            var = None
+        xc = None
+        if var is None:
+            keep = x.dtype == acc  # xc is kept for backward only at full precision
+            xc = torch.sub(x, mean.view(shape), out=None if keep else workspace.buffer_like("bn_xc", x, acc))
+            var = torch.linalg.vector_norm(xc, 2, dims).square_() / n
+            z, shifted = (xc, True) if keep else (x, False)
         invstd = torch.rsqrt(var + eps)
         scale = invstd if weight is None else invstd * weight.to(acc)
-        shift = None if bias is None else bias.to(acc)
-        out = torch.empty_like(x)  # x's dtype and layout; computed in acc, rounded once
-        if shift is None:
-            torch.mul(xc, scale.view(shape), out=out)
-        else:
-            torch.addcmul(shift.view(shape), xc, scale.view(shape), out=out)
-        ctx.save_for_backward(xc if keep_xc else x, weight, mean, invstd)
-        ctx.keep_xc = keep_xc
+        if xc is None:  # y = x * scale + (beta - mean * scale)
+            y = scale_shift(x, scale, -mean * scale if bias is None else bias.to(acc) - mean * scale)
+        else:  # y = (x - mean) * scale + beta: no cancellation when |mean| >> std
+            y = torch.empty_like(x)
+            if bias is None:
+                torch.mul(xc, scale.view(shape), out=y)
+            else:
+                torch.addcmul(bias.to(acc).view(shape), xc, scale.view(shape), out=y)
+        ctx.save_for_backward(z, weight, mean, invstd)
+        ctx.shifted = shifted  # z = x - mean (True) or z = x (False)
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.mark_non_differentiable(mean, var)
-        return out, mean, var
+        return y, mean, var
 
     @staticmethod
     def backward(ctx, grad_y, _grad_mean, _grad_var):
-        saved, weight, mean, invstd = ctx.saved_tensors
+        z, weight, mean, invstd = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         acc = mean.dtype
-        dims, shape = reduce_dims(saved), channel_shape(saved)
-        n = saved.numel() // saved.shape[1]
-        xc = saved if ctx.keep_xc else torch.sub(saved, mean.view(shape), out=workspace.buffer_like("bn_xc", saved, acc))
+        dims, shape = reduce_dims(z), channel_shape(z)
+        n = z.numel() // z.shape[1]
+        if z.dtype != acc:  # half precision: work on a float32 copy of x
+            z = torch.empty_like(z, dtype=acc) if z.device.type != "cpu" else workspace.buffer_like("bn_xc", z, acc)
+            z.copy_(ctx.saved_tensors[0])
+        k = torch.zeros_like(mean) if ctx.shifted else mean  # x - mean = z - k
         g = grad_y
         sum_g = g.sum(dims, dtype=acc)  # (C,)  = dL/dbeta
-        tmp = workspace.buffer_like("bn_tmp", xc, acc)
-        sum_g_xhat = torch.mul(g, xc, out=tmp).sum(dims) * invstd  # (C,)  = dL/dgamma
+        sum_g_xc = channel_dot(g, z, acc) - k * sum_g  # sum(g * (x - mean))
+        sum_g_xhat = sum_g_xc * invstd  # (C,)  = dL/dgamma
         grad_x = grad_w = grad_b = None
         if need_x:
             a = invstd if weight is None else invstd * weight.to(acc)  # gamma / std
-            # a * (g - sum_g/n - xhat * sum_g_xhat/n)  =  g*a + xc*b + c0
+            # a * (g - sum_g/n - xhat * sum_g_xhat/n)  =  g*a + z*b + c   (x - mean = z - k)
             b = -a * invstd * sum_g_xhat / n
-            c0 = -a * sum_g / n
-            grad_x = torch.empty_like(grad_y, memory_format=torch.preserve_format) if grad_y.dtype == saved.dtype \
-                else torch.empty_like(saved)
+            c = -a * sum_g / n - b * k
+            grad_x = torch.empty_like(ctx.saved_tensors[0])  # x's dtype and layout
             if grad_x.dtype == acc:
-                torch.addcmul(c0.view(shape), xc, b.view(shape), out=grad_x).addcmul_(g, a.view(shape))
+                torch.addcmul(c.view(shape), z, b.view(shape), out=grad_x).addcmul_(g, a.view(shape))
             else:
-                torch.addcmul(torch.addcmul(c0.view(shape), xc, b.view(shape), out=tmp), g, a.view(shape), out=grad_x)
+                tmp = workspace.buffer_like("bn_tmp", z, acc)
+                torch.addcmul(torch.addcmul(c.view(shape), z, b.view(shape), out=tmp), g, a.view(shape), out=grad_x)
         if need_w and weight is not None:
             grad_w = sum_g_xhat.to(weight.dtype)
         if need_b and ctx.bias_dtype is not None:
