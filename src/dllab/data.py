@@ -344,8 +344,10 @@ class BatchLoader:
     ``DistributedSampler``), cut to a multiple of ``world_size`` (``drop_last``) or padded by
     repeating its start; rank r takes every ``world_size``-th index from r, so ranks get disjoint
     (up to padding), equal-size shards and the same number of batches. Augmentation draws come from
-    a generator seeded by ``(seed, epoch, rank)`` for the whole epoch at once, so
-    ``iterate(start=k)`` yields exactly batches k, k+1, ... of an uninterrupted epoch.
+    a generator seeded by ``(seed, epoch)`` for the whole epoch at once and are dealt out the same
+    way, so ``iterate(start=k)`` yields exactly batches k, k+1, ... of an uninterrupted epoch, and
+    the ranks' batches i together hold exactly the examples and crops of batch i of one process
+    with ``world_size`` times the batch size.
     Yields ``(x, y)``: x float32 (B, C, H, W) on ``device``, y int64 (B,).
     """
 
@@ -404,12 +406,19 @@ class BatchLoader:
         return perm[:total][self.rank::self.world_size]
 
     def _draws(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        m, p = self.num_samples, self.augment.pad
-        g = _generator("augment", self.seed, self.epoch, self.rank)
+        """This rank's crop/flip draws, in the order of :meth:`indices`.
+
+        Drawn for the whole epoch as one process sees it (one draw per position of the padded
+        permutation) and dealt out like the indices, so N ranks with batch B get the same crops
+        and flips as one process with batch N*B.
+        """
+        total = self.num_samples * self.world_size
+        m, p = max(total, len(self.x)), self.augment.pad
+        g = _generator("augment", self.seed, self.epoch, 0)
         top = torch.randint(0, 2 * p + 1, (m,), generator=g)
         left = torch.randint(0, 2 * p + 1, (m,), generator=g)
         flip = torch.rand(m, generator=g) < 0.5 if self.augment.flip else torch.zeros(m, dtype=torch.bool)
-        return top, left, flip
+        return tuple(d[:total][self.rank::self.world_size] for d in (top, left, flip))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self.iterate(0)

@@ -5,11 +5,29 @@ optimisers, fixed batches), ``train_step`` (one batch), ``evaluate`` (test metri
 ``epoch_end`` (figures) and ``finish`` (final analysis). :meth:`Trainer.fit` does the rest:
 epochs and steps, metrics logging, checkpoints (last, best, on SIGINT/SIGTERM), exact resume
 (mid-epoch included), skipping non-finite steps, timing and the summary, and the
-torch.distributed plumbing (DDP wrapping, metric reduction, rank-0-only writes).
+torch.distributed plumbing.
+
+Distributed training (``torchrun --nproc_per_node=N -m dllab train ...``):
+
+- the process group is nccl on GPUs and gloo on CPUs; models are wrapped in
+  ``DistributedDataParallel`` (:meth:`Trainer.wrap`), which averages gradients over ranks;
+- each rank reads its own shard of the same ``(seed, epoch)`` permutation (the data loader deals
+  it out like ``DistributedSampler``), so N ranks with batch B each step on the same examples as one
+  process with batch N*B;
+- rank 0 keeps the random stream of a single-process run; every other rank reseeds its own
+  stream, so noise (GAN latents, VAE samples) differs between ranks; every rank's RNG state is
+  saved in the checkpoint, so a resumed distributed run continues exactly;
+- logged training metrics are averaged over ranks; the test set is evaluated on rank 0 and its
+  numbers are broadcast, so every rank takes the same best-checkpoint decision;
+- only rank 0 writes files (the :class:`dllab.runs.Run` of other ranks is read-only);
+- a SIGINT/SIGTERM on any rank, and a non-finite loss on any rank, is agreed on by all ranks
+  at the same step (a rank that stopped alone would leave the others waiting forever).
 """
 
 from __future__ import annotations
 
+import atexit
+import inspect
 import math
 import signal
 import time
@@ -20,7 +38,8 @@ import torch.distributed as dist
 from torch import nn
 
 from dllab.runs import Run
-from dllab.utils import autocast, dist_info, get_rng_state, progress, set_rng_state
+from dllab.utils import (autocast, dist_info, get_rng_state, progress, rank_seed, seed_everything,
+                         set_rng_state)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -47,7 +66,31 @@ def init_distributed(device: torch.device) -> bool:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(backend=backend)
+        atexit.register(_destroy_process_group)
     return True
+
+
+def _destroy_process_group() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def create_run(path, config: dict, *, resume: bool = False) -> Run:
+    """:meth:`Run.create` for every rank of a run: only rank 0 checks and writes the folder.
+
+    Rank 0 creates (or reopens) the folder first; the other ranks wait for it and then open the
+    same folder read-only, so a check like "this folder already holds a run" never sees rank 0's
+    fresh config.json, and no rank but 0 ever writes. Outside torchrun this is ``Run.create``.
+    """
+    rank, _, world = dist_info()
+    if world <= 1 or not dist.is_initialized():
+        return Run.create(path, config, resume=resume)
+    run = Run.create(path, config, resume=resume, writer=True) if rank == 0 else None
+    dist.barrier()  # rank 0 failing above never gets here; torchrun then stops the others
+    if rank != 0:
+        run = Run.create(path, config, resume=True, writer=False) if resume else Run(path, dict(config),
+                                                                                      writer=False)
+    return run
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -83,6 +126,9 @@ class Trainer:
         self.images_seen = 0
         self.nonfinite_total = 0
         self._nonfinite_run = 0
+        self._step_skipped = False
+        self._buffers: list[torch.Tensor] | None = None  # see _backup_buffers
+        self._buffer_copies: list[torch.Tensor] = []
         self._stop_signal: int | None = None
         self.max_nonfinite = int(config.get("max_nonfinite", 20))
 
@@ -124,15 +170,41 @@ class Trainer:
     def autocast(self):
         return autocast(self.device, self.amp_dtype)
 
-    def wrap(self, model: nn.Module) -> nn.Module:
-        """DistributedDataParallel under torchrun; the model itself otherwise."""
+    def wrap(self, model: nn.Module, *, broadcast_buffers: bool = True) -> nn.Module:
+        """DistributedDataParallel under torchrun; the model itself otherwise.
+
+        DDP copies rank 0's parameters and buffers to every rank here and averages gradients in
+        ``backward``. ``broadcast_buffers`` (DDP's own flag) re-sends rank 0's buffers (batch-norm
+        running statistics) before every forward; a module called several times per step (a GAN's
+        discriminator) needs False, because that in-place copy would invalidate tensors the first
+        call saved for backward.
+
+        With ``config["sync_bn"]`` torch's BatchNorm layers become ``SyncBatchNorm``, which
+        normalises with the statistics of the global batch (torch implements it for GPUs only).
+        Without it each rank normalises over its own ``batch_size`` examples, so a BatchNorm
+        network trained on N ranks x B matches one trained on 1 x B per-rank statistics, not 1 x N*B.
+        dllab's from-scratch ``BatchNorm2d`` (``--layers scratch``) is never converted.
+        """
         if not self.distributed:
             return model
-        if self.config.get("sync_bn") and any(isinstance(m, nn.modules.batchnorm._BatchNorm)
-                                               for m in model.modules()):
+        if self.config.get("sync_bn"):
+            from dllab.layers import BatchNorm2d as ScratchBatchNorm2d
+
+            if self.device.type == "cpu":
+                raise ValueError("--sync-bn needs GPUs: torch's SyncBatchNorm does not run on CPU "
+                                 "tensors; leave it off (each rank then normalises over its own batch)")
+            if any(isinstance(m, ScratchBatchNorm2d) for m in model.modules()):
+                raise ValueError("--sync-bn converts torch.nn BatchNorm layers only; the model uses "
+                                 "dllab's from-scratch BatchNorm2d (--layers scratch), which would stay "
+                                 "per-rank: use --layers torch or leave --sync-bn off")
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        kwargs = {}
+        if not broadcast_buffers:  # newer torch renamed the flag (the old name warns)
+            ddp_args = inspect.signature(nn.parallel.DistributedDataParallel).parameters
+            flag = "forward_sync_buffers" if "forward_sync_buffers" in ddp_args else "broadcast_buffers"
+            kwargs[flag] = False
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids, **kwargs)
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum a tensor over ranks (identity when not distributed)."""
@@ -144,23 +216,68 @@ class Trainer:
     def finite(self, loss: torch.Tensor) -> bool:
         """False (and counted) for a NaN/inf loss, whose step the caller must then skip.
 
-        Raises :class:`NonFiniteLossError` after ``max_nonfinite`` such steps in a row.
+        A skipped step leaves the weights and optimiser state as they were, and the forward
+        pass's changes to buffers (BatchNorm running statistics, which a NaN batch would poison)
+        are undone. Raises :class:`NonFiniteLossError` once ``max_nonfinite`` steps in a row were
+        skipped. Under torchrun all ranks skip together if any rank's loss is not finite.
         """
         ok = bool(torch.isfinite(loss.detach()).all())
         if self.distributed:  # every rank must agree to skip, or DDP deadlocks
-            flag = torch.tensor([0.0 if ok else 1.0], device=self.device)
-            ok = bool(self.all_reduce_sum(flag).item() == 0)
+            ok = not self._any_rank(not ok)
         if ok:
-            self._nonfinite_run = 0
             return True
-        self.nonfinite_total += 1
-        self._nonfinite_run += 1
+        self._restore_buffers()
+        if not self._step_skipped:  # count steps, not calls (a GAN step checks two losses)
+            self._step_skipped = True
+            self.nonfinite_total += 1
+            self._nonfinite_run += 1
         if self._nonfinite_run >= self.max_nonfinite:
             raise NonFiniteLossError(
-                f"{self._nonfinite_run} steps in a row had a non-finite loss (at step {self.step}); "
+                f"{self._nonfinite_run} steps in a row had a non-finite loss (at step {self.step + 1}); "
                 "stopping. The last good checkpoint is kept; try a lower --lr or --precision fp32"
             )
         return False
+
+    def _backup_buffers(self) -> None:
+        """Copy every module's buffers aside before a step (cheap: BatchNorm statistics only)."""
+        if self._buffers is None:
+            self._buffers = [b for m in self.modules().values() for b in unwrap(m).buffers()]
+            self._buffer_copies = [b.detach().clone() for b in self._buffers]
+        elif self._buffers:
+            torch._foreach_copy_(self._buffer_copies, self._buffers)
+
+    def _restore_buffers(self) -> None:
+        if self._buffers:
+            with torch.no_grad():
+                torch._foreach_copy_(self._buffers, self._buffer_copies)
+
+    def _any_rank(self, flag: bool) -> bool:
+        """True if ``flag`` is True on any rank (one tiny all-reduce; just ``flag`` alone)."""
+        if not self.distributed:
+            return bool(flag)
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    def _mean_over_ranks(self, sums: dict[str, torch.Tensor], count: int) -> dict[str, float]:
+        """Per-step means of the summed metrics, averaged over ranks, as Python floats."""
+        if not sums:
+            return {}
+        keys = list(sums)
+        values = torch.stack([sums[k].reshape(()) for k in keys]) / count
+        if self.distributed:
+            values = values.to(self.device)
+            dist.all_reduce(values, op=dist.ReduceOp.SUM)
+            values = values / self.world_size
+        return dict(zip(keys, values.tolist()))
+
+    def _evaluate_on_rank0(self) -> dict:
+        """``evaluate()`` on rank 0, its numbers sent to every rank (so all decide alike)."""
+        if not self.distributed:
+            return self.evaluate()
+        box = [self.evaluate() if self.rank == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def loader(self, split: str, *, shuffle: bool, augment: bool, drop_last: bool,
                batch_size: int | None = None):
@@ -173,13 +290,21 @@ class Trainer:
 
     # ---- checkpointing --------------------------------------------------------------------
     def state(self) -> dict:
+        """Everything a resume needs. Under torchrun every rank must call it (it gathers RNG states)."""
+        rng = get_rng_state()
+        rng_ranks = None
+        if self.distributed:
+            rng_ranks = [None] * self.world_size
+            dist.all_gather_object(rng_ranks, rng)
         return {
             "kind": self.kind,
             "models": {k: unwrap(m).state_dict() for k, m in self.modules().items()},
             "optimizers": {k: o.state_dict() for k, o in self.optimizers().items()},
             "schedulers": {k: s.state_dict() for k, s in self.schedulers().items()},
             "extra": self.extra_state(),
-            "rng": get_rng_state(),
+            "rng": rng,
+            **({"rng_ranks": rng_ranks} if rng_ranks is not None else {}),
+            "world_size": self.world_size,
             "epoch": self.epoch,
             "step": self.step,
             "batch_in_epoch": self.batch_in_epoch,
@@ -202,7 +327,20 @@ class Trainer:
             if k in state["schedulers"]:  # a kind may re-plan its schedule instead (see classifier)
                 s.load_state_dict(state["schedulers"][k])
         self.load_extra_state(state.get("extra", {}))
-        set_rng_state(state["rng"])
+        saved_world = int(state.get("world_size", 1))
+        if saved_world != self.world_size and state["batch_in_epoch"] > 0:
+            from dllab.checkpoint import CheckpointError
+
+            raise CheckpointError(
+                f"the checkpoint was saved mid-epoch by {saved_world} process(es); resume it with "
+                f"{saved_world} (now {self.world_size}), since the epoch's shards depend on that number")
+        ranks = state.get("rng_ranks")
+        if ranks is not None and len(ranks) == self.world_size:
+            set_rng_state(ranks[self.rank])
+        else:
+            set_rng_state(state["rng"])
+            if self.rank > 0:  # a different number of processes: fresh, distinct streams
+                seed_everything(rank_seed(int(self.config["seed"]), self.rank, state["step"]))
         self.epoch = state["epoch"]
         self.step = state["step"]
         self.batch_in_epoch = state["batch_in_epoch"]
@@ -212,16 +350,33 @@ class Trainer:
         self.nonfinite_total = state.get("nonfinite_total", 0)
 
     def save(self, name: str = "last") -> None:
-        self.run.save_checkpoint(name, self.state())
+        """Write checkpoints/NAME.pt (rank 0; every rank must call it under torchrun).
+
+        Refuses to write weights that are no longer finite (that would replace a good checkpoint
+        with a useless one): raises :class:`NonFiniteLossError` instead.
+        """
+        state = self.state()
+        for module_name, sd in state["models"].items():
+            for key, value in sd.items():
+                if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                    raise NonFiniteLossError(
+                        f"{module_name}.{key} is no longer finite at step {self.step}; not writing "
+                        f"checkpoints/{name}.pt, the last good checkpoint is kept; try a lower --lr")
+        self.run.save_checkpoint(name, state)
 
     # ---- the loop -------------------------------------------------------------------------
     def _on_signal(self, signum, frame):  # noqa: ARG002
         self._stop_signal = signum
 
     def _check_stop(self) -> None:
-        if self._stop_signal is not None:
+        signum = self._stop_signal
+        if self.distributed:  # a signal may reach the ranks at different steps: stop together
+            t = torch.tensor([float(signum or 0)], device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            signum = int(t.item()) or None
+        if signum is not None:
             self.save("last")
-            raise Interrupted(self._stop_signal, self.run.path)
+            raise Interrupted(signum, self.run.path)
 
     def fit(self, resume: bool = False) -> dict:
         """Train for ``config['epochs']`` epochs (continuing from last.pt with ``resume``).
@@ -229,6 +384,9 @@ class Trainer:
         Returns the summary dict that is also written to summary.json.
         """
         self.build()
+        if self.distributed and self.rank > 0:
+            # rank 0 keeps the single-process stream; the others draw their own noise
+            seed_everything(rank_seed(int(self.config["seed"]), self.rank))
         if resume:
             self.load_state(self.run.load_checkpoint("last", map_location=self.device))
             self.run.truncate_metrics(self.step)
@@ -259,7 +417,11 @@ class Trainer:
                                quiet=self.quiet or self.rank != 0, initial=self.batch_in_epoch)
                 t_epoch = time.perf_counter()
                 for x, y in train_loader.iterate(start=self.batch_in_epoch):
+                    self._backup_buffers()
+                    self._step_skipped = False
                     metrics = self.train_step(x, y)
+                    if not self._step_skipped:
+                        self._nonfinite_run = 0
                     self.step += 1
                     self.batch_in_epoch += 1
                     self.images_seen += x.shape[0] * self.world_size
@@ -269,7 +431,7 @@ class Trainer:
                     bar.update(1)
                     if self.step % log_every == 0 or self.batch_in_epoch == len(train_loader):
                         # every log_every steps, and the epoch's last steps too
-                        record = {k: (v / since_log).item() for k, v in sums.items()}
+                        record = self._mean_over_ranks(sums, since_log)
                         self.run.log({"split": "train", "step": self.step,
                                       "epoch": self.epoch + self.batch_in_epoch / len(train_loader),
                                       **record, **self.step_extras()})
@@ -284,7 +446,7 @@ class Trainer:
                 self.train_seconds += time.perf_counter() - t_epoch
                 self.epoch += 1
                 self.batch_in_epoch = 0
-                test_metrics = self.evaluate()
+                test_metrics = self._evaluate_on_rank0()
                 self.run.log({"split": "test", "step": self.step, "epoch": self.epoch,
                               **{k.removeprefix("test_"): v for k, v in test_metrics.items()}})
                 if self._improved(test_metrics):
@@ -296,7 +458,7 @@ class Trainer:
                     self.epoch_end(self.epoch, test_metrics)
                 self._check_stop()
             if not test_metrics:  # resumed a finished run: measure again
-                test_metrics = self.evaluate()
+                test_metrics = self._evaluate_on_rank0()
             summary = self.summary(test_metrics)
             if self.rank == 0:
                 summary.update(self.finish(test_metrics))

@@ -74,9 +74,9 @@ def train(kind: str, config: dict | None = None, *, resume: bool = False, quiet:
     import torch.distributed as dist
 
     from dllab.data import load
-    from dllab.engine import init_distributed
-    from dllab.runs import Run, read_json
-    from dllab.utils import dist_info, resolve_device, seed_everything
+    from dllab.engine import create_run, init_distributed
+    from dllab.runs import read_json
+    from dllab.utils import resolve_device, seed_everything
 
     module = kind_module(kind)
     config = {**defaults(kind), **(config or {})}
@@ -94,7 +94,6 @@ def train(kind: str, config: dict | None = None, *, resume: bool = False, quiet:
         config = {**saved, **{k: config[k] for k in RESUMABLE if k in config}}
     device = resolve_device(config["device"])
     distributed = init_distributed(device)
-    rank, _, _ = dist_info()
     if not config.get("out"):
         out = [str(default_out(kind, config["dataset"]))]
         if distributed:  # every rank must write to (and read from) rank 0's folder
@@ -108,7 +107,7 @@ def train(kind: str, config: dict | None = None, *, resume: bool = False, quiet:
     module.model_config(config, data)
     if hasattr(module, "validate"):
         module.validate(config, data)
-    run = Run.create(config["out"], config, resume=resume, writer=rank == 0)
+    run = create_run(config["out"], config, resume=resume)  # rank 0 writes, the others read
     if resume:
         run.config.update({k: config[k] for k in RESUMABLE if k in config})
     trainer = module.TRAINER(run.config, data, run, device, quiet=quiet)

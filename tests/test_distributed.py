@@ -1,0 +1,251 @@
+"""Distributed training: 2 CPU processes (torchrun, gloo) against one process with the same
+global batch.
+
+The test launches ``torchrun --standalone --nproc_per_node=2 tests/test_distributed.py JOBS``;
+run as a script, this file is the worker: it trains each job through ``dllab.cli.main`` (so the
+real CLI -> train() -> Trainer.fit path runs under torchrun) and then gathers every rank's
+in-memory weights on rank 0, which writes them, with each rank's exit code, to a file in a
+folder that belongs to the test (never into the run folder).
+
+What is checked:
+
+- the classifier without BatchNorm (``--no-norm``), with augmentation: 2 ranks x batch 16 give
+  the weights and logged losses of 1 process x batch 32, up to float summation order. That needs
+  the loader to deal out one permutation *and* one set of crop draws to the ranks, DDP to average
+  gradients, and the logged metrics to be averaged over ranks;
+- the VAE: close to the single-process run, not equal, because each rank draws its own
+  reparameterisation noise (rank 0 the single-process stream, rank 1 another);
+- the DCGAN (its discriminator runs three times per step): trains, both ranks hold identical
+  weights after every step DDP synchronised, and the folder name chosen by rank 0 (no ``--out``)
+  is the only one written;
+- every run folder holds exactly the files of a single-process run (rank 1 writes nothing).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+HERE = Path(__file__).resolve()
+
+COMMON = ["--dataset", "mnist5k", "--limit", "128", "--epochs", "2", "--seed", "5", "--device",
+          "cpu", "--quiet", "--log-every", "1"]
+CLASSIFIER = ["--width", "4", "--no-norm", "--lr", "0.02", "--schedule", "constant",
+              "--warmup-epochs", "0", "--eval-batch-size", "128"]
+VAE = ["--latent-dim", "4", "--tsne-points", "50"]
+DCGAN = ["--g-width", "8", "--d-width", "8", "--nz", "16", "--epochs", "1"]
+
+
+def _train_argv(kind, extra, batch, out=None):
+    argv = ["train", kind, *COMMON, *extra, "--batch-size", str(batch)]
+    return argv + (["--out", str(out)] if out is not None else [])
+
+
+# ---- the worker (run by torchrun) --------------------------------------------------------------
+def _skip_figures():
+    """Final analyses (t-SNE, k-NN, confusion figures) cost seconds and test nothing here."""
+    from dllab.train import kind_module
+
+    for kind in ("classifier", "vae"):
+        kind_module(kind).TRAINER.finish = lambda self, metrics: {}
+
+
+def _global_step_noise():
+    """Make the VAE's training noise comparable across process counts (test only).
+
+    Each training step draws the noise of the *global* batch from a generator seeded by the step
+    and deals its rows out like the data loader deals out examples (rank r gets rows r, r+N, ...),
+    so 2 ranks x B/2 see exactly the noise of 1 process x B. Returns a function that undoes it.
+    """
+    import torch.distributed as dist
+
+    from dllab.models import vae as vae_model
+    from dllab.train import vae as vae_train
+
+    randn, train_step = vae_model.randn, vae_train.VAETrainer.train_step
+    current = {"step": None}
+
+    def global_randn(shape, generator, device, dtype):
+        if current["step"] is None or generator is not None:
+            return randn(shape, generator, device, dtype)
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        g = torch.Generator().manual_seed(10_000 + current["step"])
+        full = torch.randn((shape[0] * world, *shape[1:]), generator=g, dtype=dtype)
+        return full[rank::world].to(device)
+
+    def step_with_global_noise(self, x, y):
+        current["step"] = self.step
+        try:
+            return train_step(self, x, y)
+        finally:
+            current["step"] = None
+
+    vae_model.randn, vae_train.VAETrainer.train_step = global_randn, step_with_global_noise
+
+    def undo():
+        vae_model.randn, vae_train.VAETrainer.train_step = randn, train_step
+
+    return undo
+
+
+def _worker(jobs_file: str) -> None:
+    import torch.distributed as dist
+
+    from dllab import engine
+    from dllab.cli import main
+
+    _skip_figures()
+    _global_step_noise()
+    trainers = []
+    fit = engine.Trainer.fit
+
+    def recording_fit(self, resume=False):
+        trainers.append(self)
+        return fit(self, resume)
+
+    engine.Trainer.fit = recording_fit
+    spec = json.loads(Path(jobs_file).read_text())
+    report = []
+    for i, argv in enumerate(spec["jobs"]):
+        code = main(argv)
+        trainer = trainers[-1]
+        # every rank's weights, gathered on rank 0; BatchNorm running statistics are each rank's own
+        params = torch.cat([v.detach().double().flatten() for m in trainer.modules().values()
+                            for k, v in engine.unwrap(m).state_dict().items()
+                            if v.is_floating_point() and "running_" not in k])
+        gathered = [torch.empty_like(params) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, params)
+        after = torch.randn(4)  # each rank's own random stream, after training
+        streams = [torch.empty_like(after) for _ in range(dist.get_world_size())]
+        dist.all_gather(streams, after)
+        codes = [None] * dist.get_world_size()
+        dist.all_gather_object(codes, [code, str(trainer.run.path)])
+        if dist.get_rank() == 0:
+            torch.save(params, Path(spec["report"]).with_name(f"weights_{i}.pt"))
+            report.append({"codes": [c for c, _ in codes], "outs": [o for _, o in codes],
+                           "max_rank_difference": max(float((g - params).abs().max()) for g in gathered),
+                           "same_stream": all(torch.equal(s, after) for s in streams)})
+    if dist.get_rank() == 0:
+        Path(spec["report"]).write_text(json.dumps(report))
+    dist.barrier()  # leave together
+
+
+# ---- the test ----------------------------------------------------------------------------------
+def _files(run_dir: Path) -> list[str]:
+    names = []
+    for p in sorted(run_dir.rglob("*")):
+        if p.is_file():
+            rel = p.relative_to(run_dir)
+            names.append("tb/events" if rel.parts[0] == "tb" else str(rel))
+    return names
+
+
+def _weights_of(run_dir: Path) -> torch.Tensor:
+    """The saved weights, flattened in the worker's order (no BatchNorm running statistics)."""
+    from dllab.checkpoint import load_checkpoint
+
+    models = load_checkpoint(run_dir / "checkpoints" / "last.pt")["models"]
+    return torch.cat([v.double().flatten() for sd in models.values() for k, v in sd.items()
+                      if v.is_floating_point() and "running_" not in k])
+
+
+def _train_log(run_dir: Path, key: str) -> list[float]:
+    from dllab.runs import read_metrics
+
+    return [r[key] for r in read_metrics(run_dir) if r["split"] == "train"]
+
+
+@pytest.fixture(scope="module")
+def ddp(tmp_path_factory):
+    """One torchrun launch (2 processes x batch 16) training the three kinds."""
+    root = tmp_path_factory.mktemp("ddp")
+    jobs = [_train_argv("classifier", CLASSIFIER, 16, root / "classifier"),
+            _train_argv("vae", VAE, 16, root / "vae"),
+            _train_argv("dcgan", DCGAN, 16)]  # no --out: rank 0 names the folder for both
+    spec = root / "jobs.json"
+    spec.write_text(json.dumps({"jobs": jobs, "report": str(root / "report.json")}))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", DLLAB_QUIET="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node=2", str(HERE), str(spec)], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((root / "report.json").read_text())
+    weights = [torch.load(root / f"weights_{i}.pt") for i in range(len(jobs))]
+    return root, report, weights
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """The same jobs in this process, with the global batch (32) on one process."""
+    from dllab.cli import main
+    from dllab.train import kind_module
+
+    root = tmp_path_factory.mktemp("single")
+    saved = {k: kind_module(k).TRAINER.finish for k in ("classifier", "vae")}
+    _skip_figures()
+    undo = _global_step_noise()
+    try:
+        for kind, extra in (("classifier", CLASSIFIER), ("vae", VAE), ("dcgan", DCGAN)):
+            assert main(_train_argv(kind, extra, 32, root / kind)) == 0
+    finally:
+        undo()
+        for k, f in saved.items():
+            kind_module(k).TRAINER.finish = f
+    return root
+
+
+def test_all_ranks_agree(ddp):
+    """Both ranks finish, share rank 0's folder and hold identical weights (DDP keeps them in
+    sync); each rank has its own random stream (different GAN noise per rank)."""
+    _, report, weights = ddp
+    for job, w in zip(report, weights):
+        assert job["codes"] == [0, 0]
+        assert job["outs"][0] == job["outs"][1]
+        assert job["max_rank_difference"] == 0.0
+        assert torch.isfinite(w).all()
+        assert not job["same_stream"]
+
+
+@pytest.mark.parametrize("kind, job, keys", [("classifier", 0, ("loss", "acc")),
+                                             ("vae", 1, ("loss", "recon", "kl"))])
+def test_two_ranks_match_one_process_with_the_global_batch(ddp, single, kind, job, keys):
+    """2 ranks x 16 == 1 process x 32 up to float rounding: final weights and every logged step.
+
+    The classifier has no BatchNorm (per-rank batch statistics would differ from the global
+    batch's); the VAE's noise is dealt out like the data (see ``_global_step_noise``).
+    """
+    root, _, weights = ddp
+    ddp_w, one_w = weights[job], _weights_of(single / kind)
+    assert torch.equal(_weights_of(root / kind), ddp_w)  # what rank 0 saved is what it held
+    assert (ddp_w - one_w).norm() <= 1e-5 * one_w.norm(), float((ddp_w - one_w).norm() / one_w.norm())
+    for key in keys:  # logged per-step means over both ranks = the global batch's means
+        a, b = _train_log(root / kind, key), _train_log(single / kind, key)
+        assert len(a) == len(b) == 8  # 2 epochs x 128 / 32
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-6)
+    assert len(set(_train_log(single / kind, "loss"))) > 1  # it trained
+    summary = json.loads((root / kind / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 8
+
+
+def test_only_rank_zero_writes(ddp, single):
+    """One folder (named by rank 0) holding exactly the files of a single-process run."""
+    root, report, _ = ddp
+    runs = list((root / "runs").iterdir())
+    assert len(runs) == 1 and runs[0].name.startswith("dcgan-mnist5k-")
+    assert report[2]["outs"][0] == str(runs[0].relative_to(root))
+    for kind, ddp_dir in (("classifier", root / "classifier"), ("vae", root / "vae"),
+                          ("dcgan", runs[0])):
+        assert _files(ddp_dir) == _files(single / kind), kind
+        steps = _train_log(ddp_dir, "step")
+        assert steps == sorted(set(steps))  # logged once, not once per rank
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1])

@@ -1,0 +1,206 @@
+"""Faults and bad input through the CLI: non-finite losses, a full disk, an unwritable run folder
+and corrupt dataset files each end with one clear line, the right exit code, and a good
+checkpoint left in place."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import fakedata
+from dllab.checkpoint import load_checkpoint
+from dllab.cli import main
+from dllab.engine import unwrap
+from dllab.runs import read_json, read_metrics
+
+TINY = {
+    "classifier": ["--width", "4", "--batch-size", "32", "--lr", "0.05"],
+    "vae": ["--batch-size", "32", "--latent-dim", "4"],
+    "dcgan": ["--batch-size", "32", "--g-width", "8", "--d-width", "8", "--nz", "16"],
+}
+
+
+def train_argv(kind, out, *extra, limit=128, epochs=1):
+    return ["train", kind, "--dataset", "mnist5k", "--limit", str(limit), "--epochs", str(epochs),
+            "--out", str(out), "--quiet", "--seed", "1", "--device", "cpu", "--log-every", "1",
+            *TINY[kind], *extra]
+
+
+def state_vector(trainer) -> torch.Tensor:
+    """All weights and buffers of a trainer's models, flattened (float64)."""
+    return torch.cat([v.detach().double().flatten() for m in trainer.modules().values()
+                      for v in unwrap(m).state_dict().values()])
+
+
+def checkpoint_vector(path) -> torch.Tensor:
+    return torch.cat([v.double().flatten() for sd in load_checkpoint(path)["models"].values()
+                      for v in sd.values()])
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """``poisoned(kind, steps)``: batches of those (0-based) steps become NaN; records the model
+    state after every step in the returned list."""
+
+    def setup(kind, steps):
+        from dllab.train import kind_module
+
+        trainer_cls = kind_module(kind).TRAINER
+        original = trainer_cls.train_step
+        after: list[torch.Tensor] = []
+
+        def train_step(self, x, y):
+            if self.step in steps:
+                x = torch.full_like(x, float("nan"))
+            out = original(self, x, y)
+            after.append(state_vector(self))
+            return out
+
+        monkeypatch.setattr(trainer_cls, "train_step", train_step)
+        monkeypatch.setattr(trainer_cls, "finish", lambda self, metrics: {})  # no t-SNE etc.
+        return after
+
+    return setup
+
+
+@pytest.mark.parametrize("kind", ["classifier", "vae", "dcgan"])
+def test_nonfinite_steps_are_skipped_and_counted(kind, tmp_path, poisoned):
+    """NaN batches at steps 1 and 2 of 4: those steps change nothing (weights, optimiser, BatchNorm
+    statistics), are counted in summary.json and leave no loss in the log; training goes on."""
+    after = poisoned(kind, {1, 2})
+    out = tmp_path / "run"
+    assert main(train_argv(kind, out)) == 0
+    assert len(after) == 4
+    assert torch.equal(after[1], after[0]) and torch.equal(after[2], after[0])
+    assert not torch.equal(after[3], after[2])
+    assert torch.isfinite(after[3]).all()
+    summary = read_json(out / "summary.json")
+    assert summary["nonfinite_steps_skipped"] == 2 and summary["steps"] == 4
+    loss_key = "loss" if kind != "dcgan" else "d_loss"
+    logged = {r["step"]: r for r in read_metrics(out) if r["split"] == "train"}
+    assert [s for s in sorted(logged) if loss_key in logged[s]] == [1, 4]
+    final = checkpoint_vector(out / "checkpoints" / "last.pt")
+    assert torch.equal(final, after[3])
+    if kind != "dcgan":  # the optimiser took exactly the two good steps
+        opt = load_checkpoint(out / "checkpoints" / "last.pt")["optimizers"]["optimizer"]
+        if kind == "vae":  # Adam counts its steps
+            assert {float(s["step"]) for s in opt["state"].values()} == {2.0}
+
+
+def test_too_many_nonfinite_steps_in_a_row_stop_the_run(tmp_path, poisoned, capsys):
+    """From step 4 on every batch is NaN: the third skip in a row stops the run with exit code 1
+    and one line; last.pt is loadable, finite and holds the last good weights."""
+    after = poisoned("classifier", set(range(4, 100)))
+    out = tmp_path / "run"
+    code = main(train_argv("classifier", out, "--max-nonfinite", "3", "--checkpoint-every", "2",
+                           limit=256))
+    err = capsys.readouterr().err
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "3 steps in a row had a non-finite loss" in lines[0], err
+    assert "Traceback" not in err
+    state = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert state["step"] == 6  # saved during the streak: weights unchanged since step 4
+    final = checkpoint_vector(out / "checkpoints" / "last.pt")
+    assert torch.isfinite(final).all()
+    assert torch.equal(final, after[3])  # after the 4th (last good) step
+    assert not (out / "summary.json").exists()
+
+
+def test_full_disk_keeps_the_previous_checkpoint(tmp_path, poisoned, monkeypatch, capsys):
+    """The 2nd checkpoint write fails with ENOSPC half-way: exit code 1, one line, and the first
+    checkpoint is still in place, loadable and unchanged; no temp file is left behind."""
+    after = poisoned("vae", set())
+    real_save = torch.save
+    calls = []
+
+    def save(obj, f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            f.write(b"half a checkpoint")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    out = tmp_path / "run"
+    code = main(train_argv("vae", out, "--checkpoint-every", "2"))
+    err = capsys.readouterr().err
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "No space left on device" in lines[0] and "last.pt" in lines[0], err
+    assert "previous checkpoint" in lines[0] and "Traceback" not in err
+    monkeypatch.setattr(torch, "save", real_save)
+    state = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert state["step"] == 2
+    assert torch.equal(checkpoint_vector(out / "checkpoints" / "last.pt"), after[1])
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last.pt"]
+
+
+def test_unwritable_run_folder(tmp_path, capsys):
+    """--out below a regular file: exit code 2 and one line naming the folder; nothing trained."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    out = blocker / "run"
+    assert main(train_argv("vae", out)) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "cannot write run folder" in lines[0] and str(out) in lines[0], err
+    assert blocker.read_text() == "not a folder"
+
+
+def _truncated_idx(root):
+    fakedata.write_mnist(root, n_train=40, n_test=10)
+    images = root / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[:-100])
+    return "mnist", images, "truncated IDX file", []
+
+
+def _corrupt_cifar_batch(root):
+    fakedata.write_cifar10(root, n_per_batch=4, n_test=4)
+    batch = root / "cifar-10-batches-py" / "data_batch_3"
+    batch.write_bytes(batch.read_bytes()[:700])
+    return "cifar10", batch, "cannot unpickle CIFAR-10 batch", ["--no-verify"]
+
+
+def _cifar_checksum(root):
+    fakedata.write_cifar10(root, n_per_batch=4, n_test=4)
+    return "cifar10", root / "cifar-10-batches-py" / "data_batch_1", "md5", []
+
+
+def _unreadable_image(root):
+    paths = fakedata.write_image_folder(root / "pets", n_per_class=5)
+    bad = paths["dog"][3]
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n but then nothing an image needs")
+    return f"folder:{root / 'pets'}", bad, "cannot read image", []
+
+
+@pytest.mark.parametrize("make", [_truncated_idx, _corrupt_cifar_batch, _cifar_checksum,
+                                  _unreadable_image], ids=lambda f: f.__name__.strip("_"))
+def test_bad_dataset_files_name_the_file(make, tmp_path, capsys):
+    """`dllab train classifier` on a broken file: non-zero exit, one line naming the file, no
+    traceback and no run folder."""
+    data_dir = tmp_path / "data"
+    dataset, bad, reason, extra = make(data_dir)
+    out = tmp_path / "run"
+    code = main(["train", "classifier", "--dataset", dataset, "--data-dir", str(data_dir),
+                 "--epochs", "1", "--out", str(out), "--quiet", "--device", "cpu", *extra])
+    err = capsys.readouterr().err
+    assert code in (1, 2)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert str(bad) in lines[0] and reason in lines[0] and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_a_good_fixture_trains(tmp_path):
+    """The fixtures above are broken only where we broke them: intact, they train."""
+    fakedata.write_mnist(tmp_path / "data", n_train=128, n_test=16)
+    out = tmp_path / "run"
+    assert main(["train", "classifier", "--dataset", "mnist", "--data-dir", str(tmp_path / "data"),
+                 "--epochs", "1", "--out", str(out), "--quiet", "--device", "cpu", "--width", "4",
+                 "--batch-size", "32"]) == 0
+    assert np.isfinite(read_json(out / "summary.json")["test_loss"])
