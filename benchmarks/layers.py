@@ -21,7 +21,9 @@ Memory: on CUDA, the peak of ``torch.cuda.max_memory_allocated`` during one step
 allocated before it. On CPU, the growth of the process's peak resident memory (Linux VmHWM,
 reset through /proc/self/clear_refs) during one step, with glibc told to return every block of
 64 KiB or more to the system on free (mallopt M_MMAP_THRESHOLD), so that the figure follows
-the tensors alive; it includes the step's output, gradients and temporary buffers. ``saved`` is
+the tensors alive; it includes the step's output, gradients and temporary buffers; the scratch layers' CPU workspace is emptied
+before that step, so the buffers it allocates are counted, and ``ws`` is what the workspace holds
+after it (kept for the next call, see ``dllab/layers/_workspace.py``). ``saved`` is
 the memory autograd keeps between forward and backward (distinct storages reached by
 saved-tensor hooks), measured on any device.
 """
@@ -40,6 +42,7 @@ import torch
 import torch.nn as nn
 
 from dllab.layers import BatchNorm2d, Conv2d, MaxPool2d
+from dllab.layers.functional import clear_workspace, workspace_bytes
 
 
 @dataclass
@@ -187,7 +190,7 @@ def run(device: torch.device, dtype: str, batch: int, repeats: int, memory_forma
     print(f"\n== {dtype}{' autocast' if autocast else ''}, batch {batch}, {memory_format}, {device}, "
           f"{repeats} repeats, torch {torch.__version__}, {torch.get_num_threads()} threads ==", file=out)
     head = (f"{'layer':<28}{'n':>3}{'scratch ms':>12}{'torch ms':>10}{'ratio':>7}"
-            f"{'peak MiB s/t':>15}{'saved MiB s/t':>15}")
+            f"{'peak MiB s/t':>15}{'saved MiB s/t':>15}{'ws MiB':>8}")
     print(head, file=out)
     rows = []
     for case in cases:
@@ -202,14 +205,16 @@ def run(device: torch.device, dtype: str, batch: int, repeats: int, memory_forma
             pair = [(ours, t_s), (ref, t_t)]
             for layer, acc in (pair if r % 2 == 0 else pair[::-1]):
                 acc.append(time_step(layer, x, g, autocast, device))
+        clear_workspace()  # the step below allocates the workspace it needs: counted in the peak
         m_s = peak_step_memory(ours, x, g, autocast, device, cpu_mem_ok)
+        ws = workspace_bytes() / 2**20
         m_t = peak_step_memory(ref, x, g, autocast, device, cpu_mem_ok)
         sv_s, sv_t = saved_bytes(ours, x, autocast, device), saved_bytes(ref, x, autocast, device)
         ms, mt = statistics.median(t_s) * 1e3, statistics.median(t_t) * 1e3
         rows.append((case, ms, mt))
         peak = "n/a" if m_s is None else f"{m_s:.0f}/{m_t:.0f}"
         print(f"{case.name:<28}{case.count:>3}{ms:>12.2f}{mt:>10.2f}{ms / mt:>7.2f}{peak:>15}"
-              f"{f'{sv_s:.0f}/{sv_t:.0f}':>15}", file=out, flush=True)
+              f"{f'{sv_s:.0f}/{sv_t:.0f}':>15}{ws:>8.0f}", file=out, flush=True)
     weighted_s = sum(c.count * s for c, s, _ in rows)
     weighted_t = sum(c.count * t for c, _, t in rows)
     overall = weighted_s / weighted_t if weighted_t else float("nan")

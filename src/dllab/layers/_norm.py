@@ -85,9 +85,10 @@ def scale_shift(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None
 
 
 def channel_dot(g: torch.Tensor, z: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-    """sum(g * z) per channel, in ``acc``: one batched dot product for contiguous inputs of ``acc``."""
+    """sum(g * z) per channel, in ``acc``: one batched dot product for contiguous (N, C, L >= 64) inputs."""
     n, c = z.shape[0], z.shape[1]
-    if g.dtype == z.dtype == acc and g.is_contiguous() and z.is_contiguous() and z.dim() > 2 and n * c > 0:
+    plane = z.numel() // max(n * c, 1)
+    if g.dtype == z.dtype == acc and g.is_contiguous() and z.is_contiguous() and n * c > 0 and plane >= 64:
         # (N*C, 1, L) @ (N*C, L, 1): the dot of every (image, channel) plane, no temporary tensor
         per_plane = torch.bmm(g.reshape(n * c, 1, -1), z.reshape(n * c, -1, 1))
         return per_plane.view(n, c).sum(0)

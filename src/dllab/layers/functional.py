@@ -9,7 +9,9 @@ explained in the docstrings of ``_conv.py``, ``_pool.py`` and ``_norm.py``.
 
 Bad arguments raise ``ValueError`` naming the offending value, under the conditions on which
 torch raises its errors. ``pad2d`` (reflect / replicate / circular / zero padding by indexing)
-serves ``Conv2d``'s ``padding_mode``.
+serves ``Conv2d``'s ``padding_mode``. On the CPU the layers keep their large temporaries in a
+reusable per-thread workspace (``workspace_bytes()`` says how much, ``clear_workspace()`` frees it;
+see ``_workspace.py`` for why).
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ import torch
 from dllab.layers._conv import Conv2dFunction, suggest_memory_format
 from dllab.layers._norm import BatchNormTrainFunction, scale_shift
 from dllab.layers._pool import MaxPool2dFunction
+from dllab.layers._workspace import clear_workspace, workspace_bytes
 
 __all__ = ["conv2d", "max_pool2d", "batch_norm", "pad2d", "conv_output_size", "pool_output_size",
-           "same_padding"]
+           "same_padding", "workspace_bytes", "clear_workspace"]
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
