@@ -570,3 +570,11 @@ def test_outputs_allow_in_place_ops(channels_last):
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
     _compare_fn(ours, ref, [x])
+
+
+def test_double_backward_raises_instead_of_being_wrong():
+    x = torch.randn(1, 2, 5, 5, dtype=DT, requires_grad=True)
+    w = torch.randn(2, 2, 3, 3, dtype=DT, requires_grad=True)
+    (gx,) = torch.autograd.grad(LF.conv2d(x, w, padding=1).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        gx.sum().backward()

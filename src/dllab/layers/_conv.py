@@ -51,6 +51,7 @@ from __future__ import annotations
 import functools
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from dllab.layers import _workspace as workspace
 
@@ -204,6 +205,7 @@ class Conv2dFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # a second derivative would need this backward's own graph: not kept
     def backward(ctx, grad_y):
         x, w = ctx.saved_tensors
         fmt, stride, pads, dilation, groups, has_bias, dtype = ctx.conf

@@ -51,6 +51,7 @@ bfloat16/float16 inputs (like torch's kernels), and the output has the input's d
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from dllab.layers import _workspace as workspace
 
@@ -141,6 +142,7 @@ class BatchNormTrainFunction(torch.autograd.Function):
         return y, mean, var
 
     @staticmethod
+    @once_differentiable  # a second derivative would need this backward's own graph: not kept
     def backward(ctx, grad_y, _grad_mean, _grad_var):
         z, weight, mean, invstd = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]

@@ -30,6 +30,7 @@ sum of their gradients, as in torch.
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from dllab.layers import _workspace as workspace
 from dllab.layers._conv import suggest_memory_format
@@ -111,6 +112,7 @@ class MaxPool2dFunction(torch.autograd.Function):
         return y, idx
 
     @staticmethod
+    @once_differentiable  # a second derivative would need this backward's own graph: not kept
     def backward(ctx, grad_y, _grad_idx):
         (idx,) = ctx.saved_tensors
         n, c, h, w = ctx.x_shape
