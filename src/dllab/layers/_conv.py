@@ -24,18 +24,32 @@ One large GEMM does all the arithmetic, and since the output comes out as NHWC r
 stride-1 convolution needs no copy at all: ``col`` *is* the input, viewed as (N*H*W, C).
 With G groups each group is its own GEMM, batched with ``torch.bmm``.
 
-The backward pass (written by hand so that autograd keeps only ``x`` and ``w``, not the
-kh*kw-times larger ``col``; ``col`` is rebuilt when it is needed):
+Where the output goes. A channels-last output *is* the (N*Ho*Wo, C_out) product, so the GEMM
+writes straight into it. For a contiguous NCHW output the same numbers are computed transposed,
+image by image: ``y[n] (C_out, Ho*Wo) = wmat^T (C_out, K) @ col[n]^T (K, Ho*Wo)``, one batched
+GEMM with the weight broadcast over images, again written in place (for images of 16x16 pixels
+or more; smaller ones make GEMMs too thin, and go through one transposing copy instead).
 
-* ``grad_b = sum over pixels of grad_y``                 (column sums of the (N*Ho*Wo, C_out) matrix)
-* ``grad_w = grad_y^T @ col``                             ((C_out, N*Ho*Wo) @ (N*Ho*Wo, kh*kw*C))
+The backward pass (written by hand so that autograd keeps only ``x`` and ``w``, as torch does,
+not the kh*kw-times larger ``col``; ``col`` is rebuilt when it is needed):
+
+* ``grad_b = sum over pixels of grad_y``
+* ``grad_w = grad_y^T @ col``: computed as ``(col^T @ grad_y)^T`` (the faster operand order for
+  MKL), or for NCHW ``grad_y`` as ``sum_n grad_y[n] (C_out, Ho*Wo) @ col[n] (Ho*Wo, K)``, which
+  needs no transposed copy of ``grad_y``.
 * ``grad_x``: every element of ``col`` is a copy of one input element, so the gradient of the
   input is the sum of ``grad_col = grad_y @ wmat^T`` over all the places it was copied to
   ("col2im"): kh*kw strided additions into a zero-padded buffer, then the padding is cut off.
   For stride 1 the same sum is itself a convolution: ``grad_y``, zero-padded by
   ``d*(k-1) - pad``, convolved with the kernel flipped in both spatial axes and with its in/out
-  channels swapped. That form runs the big GEMM with ``kh*kw*C_out`` as the inner dimension and
-  needs no scatter, so it is used whenever it applies.
+  channels swapped. That form runs one big GEMM with ``kh*kw*C_out`` as the inner dimension and
+  needs no scatter, so it is used whenever it applies, except when the input has far fewer
+  channels than the output (an RGB stem: C=3, C_out=64), where col2im's buffers are ~20x smaller.
+
+Memory. The CPU temporaries (padded copies, ``col``) live in a per-thread workspace that is
+reused from call to call (``_workspace.py``): a fresh 150 MB buffer per call costs more in page
+faults than the copy that fills it. Padded buffers keep their zero border between calls, so
+padding costs only the copy of the interior.
 
 Low precision. Under ``torch.autocast`` the functional wrapper casts ``x``, ``w`` and ``b`` to the
 autocast dtype first (as autocast does for ``F.conv2d``), so results and gradients have the dtypes
