@@ -152,7 +152,7 @@ def weight_matrix(w: torch.Tensor, groups: int, dtype: torch.dtype) -> torch.Ten
 
 # Per-image GEMMs straight from/to NCHW beat a transposing copy plus one big GEMM only when each
 # image has enough pixels to make a reasonably shaped GEMM (measured on ResNet-18 CIFAR shapes).
-NCHW_GEMM_MIN_PIXELS = 100000
+NCHW_GEMM_MIN_PIXELS = 256
 
 
 def gemm_into(col: torch.Tensor, wmat: torch.Tensor, bias: torch.Tensor | None, out_nchw: torch.Tensor) -> None:
