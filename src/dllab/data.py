@@ -868,12 +868,26 @@ def _pil_size(path: str) -> tuple[str, tuple[int, int]]:
         raise CorruptDatasetError(path, f"cannot read image ({type(e).__name__}: {e})") from e
 
 
+def _check_memory(n: int, c: int, size: int, what: str) -> None:
+    """Refuse to build an (n, c, size, size) uint8 split that would take over a quarter of the RAM."""
+    need = n * c * size * size
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        ram = 16 << 30
+    if need > ram // 4:
+        raise ValueError(f"image_size={size}: {what} ({n} images x {c} x {size} x {size}) would need "
+                         f"{need / 2**30:.1f} GiB of memory as uint8 (this machine has "
+                         f"{ram / 2**30:.0f} GiB); choose a smaller --image-size")
+
+
 def _read_images(paths: Sequence[str], size: int, mode: str) -> torch.Tensor:
     """Decode, convert to ``mode`` and fit to size x size (shorter side resized, centre crop)."""
     import numpy as np
     from PIL import Image
 
     c = 1 if mode == "L" else 3
+    _check_memory(len(paths), c, size, "the image folder")
     out = torch.empty(len(paths), c, size, size, dtype=torch.uint8)
     for i, path in enumerate(paths):
         try:
@@ -940,6 +954,8 @@ def _load_folder(spec: str, root: Path, image_size: int | None, split_seed: int)
 # ---- public entry points ------------------------------------------------------------------------
 def _resize(x: torch.Tensor, size: int, chunk: int = 2048) -> torch.Tensor:
     """Resize uint8 (N, C, H, W) to (N, C, size, size), bilinear with antialiasing."""
+    _check_memory(len(x), x.shape[1], size, "the resized split")
+    chunk = max(1, min(chunk, (256 << 20) // (4 * x.shape[1] * size * size)))  # float chunks <= 256 MiB
     out = torch.empty(len(x), x.shape[1], size, size, dtype=torch.uint8)
     for i in range(0, len(x), chunk):
         v = F.interpolate(x[i:i + chunk].float(), size=(size, size), mode="bilinear",

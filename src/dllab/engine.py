@@ -38,8 +38,8 @@ import torch.distributed as dist
 from torch import nn
 
 from dllab.runs import Run
-from dllab.utils import (autocast, dist_info, get_rng_state, progress, rank_seed, seed_everything,
-                         set_rng_state)
+from dllab.utils import (autocast, dist_info, get_rng_state, progress, rank_seed, resolve_precision,
+                         seed_everything, set_rng_state)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -73,6 +73,25 @@ def init_distributed(device: torch.device) -> bool:
 def _destroy_process_group() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def validate_config(config: dict, device: torch.device) -> None:
+    """Refuse, before any run folder is written, settings the engine would refuse later.
+
+    ``--precision`` must be possible on ``device`` (fp16 needs CUDA); ``--sync-bn`` under
+    torchrun needs GPUs (torch's SyncBatchNorm has no CPU kernel) and torch's BatchNorm layers.
+    Raises ValueError naming the setting.
+    """
+    resolve_precision(str(config.get("precision", "auto")), device)
+    _, _, world = dist_info()
+    if config.get("sync_bn") and world > 1:
+        if device.type == "cpu":
+            raise ValueError("--sync-bn needs GPUs: torch's SyncBatchNorm does not run on CPU tensors; "
+                             "leave it off (each rank then normalises over its own batch)")
+        if config.get("layers") == "scratch":
+            raise ValueError("--sync-bn converts torch.nn BatchNorm layers only; --layers scratch uses "
+                             "dllab's from-scratch BatchNorm2d, which would stay per-rank: use "
+                             "--layers torch or leave --sync-bn off")
 
 
 def create_run(path, config: dict, *, resume: bool = False) -> Run:

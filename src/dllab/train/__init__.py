@@ -74,7 +74,7 @@ def train(kind: str, config: dict | None = None, *, resume: bool = False, quiet:
     import torch.distributed as dist
 
     from dllab.data import load
-    from dllab.engine import create_run, init_distributed
+    from dllab.engine import create_run, init_distributed, validate_config
     from dllab.runs import read_json
     from dllab.utils import resolve_device, seed_everything
 
@@ -93,6 +93,7 @@ def train(kind: str, config: dict | None = None, *, resume: bool = False, quiet:
             raise ValueError(f"--resume: {config['out']} holds a {saved.get('kind')!r} run, not {kind!r}")
         config = {**saved, **{k: config[k] for k in RESUMABLE if k in config}}
     device = resolve_device(config["device"])
+    validate_config(config, device)  # e.g. fp16 or --sync-bn on a CPU: refused before any file is written
     distributed = init_distributed(device)
     if not config.get("out"):
         out = [str(default_out(kind, config["dataset"]))]
