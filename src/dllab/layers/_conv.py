@@ -170,7 +170,10 @@ def gemm_into(col: torch.Tensor, wmat: torch.Tensor, bias: torch.Tensor | None, 
         out_nhwc = out_nchw.permute(0, 2, 3, 1)
         if out_nhwc.is_contiguous():  # channels-last
             y = out_nhwc.view(m, c_out)
-            torch.mm(col[0], wmat[0], out=y) if b is None else torch.addmm(b, col[0], wmat[0], out=y)
+            if b is None:
+                torch.mm(col[0], wmat[0], out=y)
+            else:
+                torch.addmm(b, col[0], wmat[0], out=y)
             return
         if out_nchw.is_contiguous() and ho * wo >= NCHW_GEMM_MIN_PIXELS:  # NCHW: (N, C_out, K) @ (N, K, Ho*Wo)
             y = out_nchw.view(n, c_out, ho * wo)
@@ -182,7 +185,11 @@ def gemm_into(col: torch.Tensor, wmat: torch.Tensor, bias: torch.Tensor | None, 
                 torch.baddbmm(b.view(1, c_out, 1).expand(n, c_out, ho * wo), w_t, col_t, out=y)
             return
     y = workspace.buffer("gemm", (g, m, c_out // g), col.dtype, col.device)
-    if b is None:
+    if g == 1 and b is None:
+        torch.mm(col[0], wmat[0], out=y[0])
+    elif g == 1:
+        torch.addmm(b, col[0], wmat[0], out=y[0])
+    elif b is None:
         torch.bmm(col, wmat, out=y)
     else:
         torch.baddbmm(b.view(g, 1, c_out // g), col, wmat, out=y)
