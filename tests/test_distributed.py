@@ -17,7 +17,8 @@ What is checked:
   reparameterisation noise (rank 0 the single-process stream, rank 1 another);
 - the DCGAN (its discriminator runs three times per step): trains, both ranks hold identical
   weights after every step DDP synchronised, and the folder name chosen by rank 0 (no ``--out``)
-  is the only one written;
+  is the only one written; stopped after one epoch and resumed, it ends where an uninterrupted
+  2-rank run ends (each rank's random stream is saved and restored);
 - every run folder holds exactly the files of a single-process run (rank 1 writes nothing).
 """
 
@@ -167,7 +168,11 @@ def ddp(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
     jobs = [_train_argv("classifier", CLASSIFIER, 16, root / "classifier"),
             _train_argv("vae", VAE, 16, root / "vae"),
-            _train_argv("dcgan", DCGAN, 16)]  # no --out: rank 0 names the folder for both
+            _train_argv("dcgan", DCGAN, 16),  # no --out: rank 0 names the folder for both
+            # resume: 1 epoch, then on to 2, against 2 straight (each rank's noise stream must resume)
+            _train_argv("dcgan", [*DCGAN, "--epochs", "2"], 16, root / "gan_straight"),
+            _train_argv("dcgan", DCGAN, 16, root / "gan_split"),
+            [*_train_argv("dcgan", [*DCGAN, "--epochs", "2"], 16, root / "gan_split"), "--resume"]]
     spec = root / "jobs.json"
     spec.write_text(json.dumps({"jobs": jobs, "report": str(root / "report.json")}))
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
@@ -232,6 +237,16 @@ def test_two_ranks_match_one_process_with_the_global_batch(ddp, single, kind, jo
     assert len(set(_train_log(single / kind, "loss"))) > 1  # it trained
     summary = json.loads((root / kind / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 8
+
+
+def test_a_resumed_distributed_run_continues_exactly(ddp):
+    """Stopped after epoch 1 and resumed, 2 ranks end on the weights of an uninterrupted run: the
+    checkpoint holds every rank's random state, not only rank 0's."""
+    root, report, weights = ddp
+    assert report[3]["codes"] == report[5]["codes"] == [0, 0]
+    assert torch.equal(weights[3], weights[5])
+    assert torch.equal(_weights_of(root / "gan_straight"), _weights_of(root / "gan_split"))
+    assert not torch.equal(weights[4], weights[5])  # the second epoch did train
 
 
 def test_only_rank_zero_writes(ddp, single):
