@@ -139,11 +139,14 @@ class BatchNormTrainFunction(torch.autograd.Function):
         ctx.shifted = shifted  # z = x - mean (True) or z = x (False)
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.mark_non_differentiable(mean, var)
+        ctx.set_materialize_grads(False)  # no zero tensors for the statistics' (absent) gradients
         return y, mean, var
 
     @staticmethod
     @once_differentiable  # a second derivative would need this backward's own graph: not kept
     def backward(ctx, grad_y, _grad_mean, _grad_var):
+        if grad_y is None:
+            return None, None, None, None
         z, weight, mean, invstd = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         acc = mean.dtype

@@ -109,11 +109,14 @@ class MaxPool2dFunction(torch.autograd.Function):
         ctx.x_shape = x.shape
         ctx.fmt = suggest_memory_format(x)
         ctx.mark_non_differentiable(idx)
+        ctx.set_materialize_grads(False)  # no zero tensor for the indices' (absent) gradient
         return y, idx
 
     @staticmethod
     @once_differentiable  # a second derivative would need this backward's own graph: not kept
     def backward(ctx, grad_y, _grad_idx):
+        if grad_y is None:
+            return None, None, None, None, None, None
         (idx,) = ctx.saved_tensors
         n, c, h, w = ctx.x_shape
         grad_x = torch.empty(ctx.x_shape, dtype=grad_y.dtype, device=grad_y.device, memory_format=ctx.fmt).zero_()
