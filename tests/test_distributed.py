@@ -50,11 +50,13 @@ def _train_argv(kind, extra, batch, out=None):
 
 # ---- the worker (run by torchrun) --------------------------------------------------------------
 def _skip_figures():
-    """Final analyses (t-SNE, k-NN, confusion figures) cost seconds and test nothing here."""
+    """Figures and final analyses (t-SNE, k-NN, confusion matrix) of the classifier and the VAE
+    cost seconds and test nothing here (the DCGAN keeps its own, rank 0 drawing them)."""
     from dllab.train import kind_module
 
     for kind in ("classifier", "vae"):
         kind_module(kind).TRAINER.finish = lambda self, metrics: {}
+        kind_module(kind).TRAINER.epoch_end = lambda self, epoch, metrics: None
 
 
 def _global_step_noise():
@@ -193,7 +195,8 @@ def single(tmp_path_factory):
     from dllab.train import kind_module
 
     root = tmp_path_factory.mktemp("single")
-    saved = {k: kind_module(k).TRAINER.finish for k in ("classifier", "vae")}
+    saved = {k: (kind_module(k).TRAINER.finish, kind_module(k).TRAINER.epoch_end)
+             for k in ("classifier", "vae")}
     _skip_figures()
     undo = _global_step_noise()
     try:
@@ -201,8 +204,8 @@ def single(tmp_path_factory):
             assert main(_train_argv(kind, extra, 32, root / kind)) == 0
     finally:
         undo()
-        for k, f in saved.items():
-            kind_module(k).TRAINER.finish = f
+        for k, (finish, epoch_end) in saved.items():
+            kind_module(k).TRAINER.finish, kind_module(k).TRAINER.epoch_end = finish, epoch_end
     return root
 
 
