@@ -111,6 +111,31 @@ def test_too_many_nonfinite_steps_in_a_row_stop_the_run(tmp_path, poisoned, caps
     assert not (out / "summary.json").exists()
 
 
+def test_non_finite_weights_are_never_checkpointed(tmp_path, poisoned, monkeypatch, capsys):
+    """A weight turns NaN after the 3rd step (an overflow in an update, say): the next save is
+    refused with one line and exit code 1, and last.pt keeps the step-2 state."""
+    from dllab.train.vae import VAETrainer
+
+    after = poisoned("vae", set())
+    step = VAETrainer.train_step
+
+    def step_then_break(self, x, y):
+        out = step(self, x, y)
+        if self.step == 2:  # 0-based step 2, the third
+            with torch.no_grad():
+                next(self.net.parameters()).view(-1)[0] = float("nan")
+        return out
+
+    monkeypatch.setattr(VAETrainer, "train_step", step_then_break)
+    out = tmp_path / "run"
+    assert main(train_argv("vae", out, "--checkpoint-every", "2")) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "no longer finite" in err, err
+    state = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert state["step"] == 2
+    assert torch.equal(checkpoint_vector(out / "checkpoints" / "last.pt"), after[1])
+
+
 def test_full_disk_keeps_the_previous_checkpoint(tmp_path, poisoned, monkeypatch, capsys):
     """The 2nd checkpoint write fails with ENOSPC half-way: exit code 1, one line, and the first
     checkpoint is still in place, loadable and unchanged; no temp file is left behind."""

@@ -71,8 +71,11 @@ def init_distributed(device: torch.device) -> bool:
 
 
 def _destroy_process_group() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    try:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - at exit, a peer may already be gone
+        pass
 
 
 def validate_config(config: dict, device: torch.device) -> None:
@@ -375,12 +378,14 @@ class Trainer:
         with a useless one): raises :class:`NonFiniteLossError` instead.
         """
         state = self.state()
-        for module_name, sd in state["models"].items():
-            for key, value in sd.items():
-                if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
-                    raise NonFiniteLossError(
-                        f"{module_name}.{key} is no longer finite at step {self.step}; not writing "
-                        f"checkpoints/{name}.pt, the last good checkpoint is kept; try a lower --lr")
+        bad = next((f"{module_name}.{key}" for module_name, sd in state["models"].items()
+                    for key, value in sd.items()
+                    if torch.is_tensor(value) and value.is_floating_point()
+                    and not bool(torch.isfinite(value).all())), None)
+        if self._any_rank(bad is not None):  # all ranks stop together
+            raise NonFiniteLossError(
+                f"{bad or 'a weight on another rank'} is no longer finite at step {self.step}; not "
+                f"writing checkpoints/{name}.pt, the last good checkpoint is kept; try a lower --lr")
         self.run.save_checkpoint(name, state)
 
     # ---- the loop -------------------------------------------------------------------------

@@ -105,6 +105,25 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return None
 
 
+def optimizer_options(device: torch.device) -> dict:
+    """Keyword arguments that give torch's SGD/Adam/AdamW their fused kernel on ``device``.
+
+    A fused optimiser updates every parameter in one kernel instead of a Python loop over them:
+    on this project's 2-core CPU one ResNet-18 SGD (Nesterov) step took 12 ms fused, 42 ms with
+    ``foreach`` and 109 ms with the default loop; one Adam step of the VAE 2.5 ms against 9 ms
+    (``benchmarks/train_throughput.py`` measures what that does to a training step). Returns
+    ``{"fused": True}`` where torch has fused kernels for the device type (CPU and CUDA since
+    torch 2.4), else ``{}``.
+    """
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+        supported = _get_fused_kernels_supported_devices()
+    except ImportError:
+        supported = ["cuda"]
+    return {"fused": True} if torch.device(device).type in supported else {}
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None):
     """``torch.autocast`` for ``dtype`` on ``device``, or a no-op context for plain fp32."""
     if dtype is None:
