@@ -20,7 +20,8 @@ bundled MNIST-5k digits (1 x 28 x 28) at the same batch size, it times one train
   no host syncs in the loop.
 - ``dllab+fused``: the same with ``fused=True`` optimisers (one kernel per step for all
   parameters), what ``dllab.utils.optimizer_options`` gives. ``+cl``: channels_last (the
-  classifier's ``--channels-last``). ``+compile``: ``torch.compile`` of the models (``--compile``).
+  classifier's ``--channels-last``). ``+compile``: ``torch.compile`` of the models, as the engine
+  does with ``config["compile"]`` (only with ``--compile``: each model takes about a minute to build).
 
 Every variant is built once; then each round times every variant in turn (the order rotates), for
 ``--seconds`` (at least ``--min-steps`` steps) after ``--warmup`` steps, and the figure is the
@@ -297,16 +298,11 @@ class Dllab:
         seed_everything(seed)
         config = {**defaults(kind), "dataset": data.name, "batch_size": batch, "device": device.type,
                   "precision": "fp32", "channels_last": channels_last, "seed": seed,
-                  "out": tempfile.gettempdir()}
+                  "compile": compile, "out": tempfile.gettempdir()}
         run = Run(Path(tempfile.gettempdir()) / "dllab-bench-unused", config, writer=False)
         trainer = kind_module(kind).TRAINER(config, data, run, device, quiet=True)
         with fused_optimizers() if fused else contextlib.nullcontext():
             trainer.build()
-        if compile:
-            if kind == "dcgan":
-                trainer.G, trainer.D = torch.compile(trainer.G), torch.compile(trainer.D)
-            else:
-                trainer.model = torch.compile(trainer.model)
         self.trainer, self.kind, self.batch = trainer, kind, batch
         self.loader = trainer.loader("train", shuffle=True, augment=bool(config["augment"]), drop_last=True)
         self.epoch = 0

@@ -193,7 +193,8 @@ class Trainer:
         return autocast(self.device, self.amp_dtype)
 
     def wrap(self, model: nn.Module, *, broadcast_buffers: bool = True) -> nn.Module:
-        """DistributedDataParallel under torchrun; the model itself otherwise.
+        """DistributedDataParallel under torchrun; the model itself otherwise (either compiled with
+        ``config["compile"]``).
 
         DDP copies rank 0's parameters and buffers to every rank here and averages gradients in
         ``backward``. ``broadcast_buffers`` (DDP's own flag) re-sends rank 0's buffers (batch-norm
@@ -208,7 +209,7 @@ class Trainer:
         dllab's from-scratch ``BatchNorm2d`` (``--layers scratch``) is never converted.
         """
         if not self.distributed:
-            return model
+            return self._compiled(model)
         if self.config.get("sync_bn"):
             from dllab.layers import BatchNorm2d as ScratchBatchNorm2d
 
@@ -226,7 +227,14 @@ class Trainer:
             ddp_args = inspect.signature(nn.parallel.DistributedDataParallel).parameters
             flag = "forward_sync_buffers" if "forward_sync_buffers" in ddp_args else "broadcast_buffers"
             kwargs[flag] = False
-        return nn.parallel.DistributedDataParallel(model, device_ids=ids, **kwargs)
+        return self._compiled(nn.parallel.DistributedDataParallel(model, device_ids=ids, **kwargs))
+
+    def _compiled(self, model: nn.Module) -> nn.Module:
+        """``torch.compile(model)`` when ``config["compile"]`` is set (off by default: on this
+        project's 2-core CPU it took about a minute per model to build, won 1.3x on the DCGAN and
+        nothing on the VAE, see benchmarks/train_throughput.py). Checkpoints are unaffected: they
+        hold the plain modules' weights."""
+        return torch.compile(model) if self.config.get("compile") else model
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum a tensor over ranks (identity when not distributed)."""
