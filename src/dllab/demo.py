@@ -15,10 +15,10 @@ from pathlib import Path
 
 # (kind, settings) for the quick demo and for --full; epochs may be overridden by --epochs
 QUICK = {
-    "classifier": {"width": 8, "epochs": 8, "batch_size": 128, "lr": 0.1},
-    "vae": {"epochs": 20, "batch_size": 128, "lr": 1e-3, "latent_dim": 16, "tsne_points": 1000,
+    "classifier": {"width": 8, "epochs": 6, "batch_size": 128, "lr": 0.1},
+    "vae": {"epochs": 6, "batch_size": 128, "lr": 1e-3, "latent_dim": 16, "tsne_points": 1000,
             "iw_samples": 100},
-    "dcgan": {"epochs": 12, "batch_size": 64, "g_width": 32, "d_width": 32},
+    "dcgan": {"epochs": 5, "batch_size": 64, "g_width": 32, "d_width": 32},
 }
 FULL = {
     "classifier": {"width": 64, "epochs": 15, "batch_size": 128, "lr": 0.1, "label_smoothing": 0.1},
