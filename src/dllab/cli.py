@@ -31,42 +31,38 @@ class Parser(argparse.ArgumentParser):
 
 
 # ---- value types: each names the offending value ---------------------------------------------
-def positive_int(text: str) -> int:
+def _parse(text: str, cast, what: str):
+    """``cast(text)``, or an argparse error naming the text that is not a valid ``what``."""
     try:
-        value = int(text)
+        return cast(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
+        raise argparse.ArgumentTypeError(f"invalid {what} {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    value = _parse(text, int, "integer")
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
 
 
 def nonnegative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
+    value = _parse(text, int, "integer")
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
     return value
 
 
 def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
-    if not value > 0 or value != value or value == float("inf"):
+    value = _parse(text, float, "number")
+    if not 0 < value < float("inf"):  # also false for NaN
         raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
     return value
 
 
 def nonnegative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
-    if not value >= 0 or value == float("inf"):
+    value = _parse(text, float, "number")
+    if not 0 <= value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
     return value
 
