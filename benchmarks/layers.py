@@ -13,7 +13,8 @@ Timing: one step is ``y = layer(x); y.backward(g)`` on the same input, weights a
 gradient for both implementations. Scratch and torch steps alternate (which goes first alternates
 too) so that the load of a shared machine hits both alike; each figure is the median of
 ``--repeats`` steps after one warm-up step each. ``ratio`` = scratch / torch (below 1: scratch is
-faster). ``overall`` weights each row by how often that layer occurs in one ResNet-18 forward
+faster) of the medians; ``min`` is the same ratio of the fastest steps, the least disturbed by
+other processes. ``overall`` weights each row by how often that layer occurs in one ResNet-18 forward
 (column ``n``), i.e. the ratio of the total time these layers take in a ResNet-18 step;
 ``overall (rows)`` is the plain sum over the rows.
 
@@ -189,7 +190,7 @@ def run(device: torch.device, dtype: str, batch: int, repeats: int, memory_forma
     autocast = dtype == "bf16"
     print(f"\n== {dtype}{' autocast' if autocast else ''}, batch {batch}, {memory_format}, {device}, "
           f"{repeats} repeats, torch {torch.__version__}, {torch.get_num_threads()} threads ==", file=out)
-    head = (f"{'layer':<28}{'n':>3}{'scratch ms':>12}{'torch ms':>10}{'ratio':>7}"
+    head = (f"{'layer':<28}{'n':>3}{'scratch ms':>12}{'torch ms':>10}{'ratio':>7}{'min':>6}"
             f"{'peak MiB s/t':>15}{'saved MiB s/t':>15}{'ws MiB':>8}")
     print(head, file=out)
     rows = []
@@ -213,7 +214,8 @@ def run(device: torch.device, dtype: str, batch: int, repeats: int, memory_forma
         ms, mt = statistics.median(t_s) * 1e3, statistics.median(t_t) * 1e3
         rows.append((case, ms, mt))
         peak = "n/a" if m_s is None else f"{m_s:.0f}/{m_t:.0f}"
-        print(f"{case.name:<28}{case.count:>3}{ms:>12.2f}{mt:>10.2f}{ms / mt:>7.2f}{peak:>15}"
+        best = min(t_s) / min(t_t)
+        print(f"{case.name:<28}{case.count:>3}{ms:>12.2f}{mt:>10.2f}{ms / mt:>7.2f}{best:>6.2f}{peak:>15}"
               f"{f'{sv_s:.0f}/{sv_t:.0f}':>15}{ws:>8.0f}", file=out, flush=True)
     weighted_s = sum(c.count * s for c, s, _ in rows)
     weighted_t = sum(c.count * t for c, _, t in rows)
