@@ -51,7 +51,7 @@ def demo(dataset: str = "mnist5k", epochs: int | None = None, full: bool = False
             config["classifier_run"] = str(runs["classifier"])
         bar.set_description(f"dllab demo: {kind}")
         if not (run_dir / "summary.json").exists():
-            resume = (run_dir / "checkpoints" / "last.pt").exists()
+            resume = (run_dir / "config.json").exists() and (run_dir / "checkpoints" / "last.pt").exists()
             train(kind, config, resume=resume, quiet=quiet)
         bar.update(1)
     bar.set_description("dllab demo: report")
