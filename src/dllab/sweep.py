@@ -88,7 +88,7 @@ def run_all(kind: str, combos, out: Path, quiet: bool) -> list[dict]:
             config, _, q = split_train_config(args)
             resume = (run_dir / "checkpoints" / "last.pt").exists()
             summary = train(kind, config, resume=resume, quiet=quiet or q)
-        rows.append({"run": name, **{k.lstrip("-"): v for k, v in chosen.items()}, **summary,
+        rows.append({**summary, "run": name, **{k.lstrip("-"): v for k, v in chosen.items()},
                      "_path": str(run_dir)})
     return rows
 
