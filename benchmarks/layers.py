@@ -7,7 +7,9 @@
 Each row is one layer of a ResNet-18 with the CIFAR stem (He et al. 2016), batch 64 by default:
 the 3x3 convolutions at 64x32x32, 128x16x16, 256x8x8 and 512x4x4, the stride-2 3x3 and 1x1
 shortcut convolutions that enter each stage, the stem convolution, batch norm (training mode) at
-each width, and torchvision's 3x3 stride-2 max-pool (ImageNet stem) applied at 64x32x32.
+each width, and torchvision's 3x3 stride-2 max-pool (ImageNet stem) applied at 64x32x32. Every
+row computes the gradients of the input and the parameters, except the stem, whose input is the
+images: as in training, only its weight gradient is computed (by both implementations).
 
 Timing: one step is ``y = layer(x); y.backward(g)`` on the same input, weights and upstream
 gradient for both implementations. Scratch and torch steps alternate (which goes first alternates
@@ -56,13 +58,17 @@ class Case:
     kwargs: dict
     chw: tuple[int, int, int]
     count: int  # occurrences in one ResNet-18 (CIFAR stem) forward; 0: not in it
+    input_grad: bool = True  # False for the stem: in training, the images need no gradient
 
 
 def resnet18_cases() -> list[Case]:
     """The layers of a ResNet-18 with the CIFAR stem, one row per distinct shape."""
-    conv = lambda cin, cout, k, s, hw, n, name: Case(name, "conv", (cin, cout, k), dict(stride=s, padding=k // 2, bias=False), (cin, hw, hw), n)
+    def conv(cin, cout, k, s, hw, n, name, input_grad=True):
+        return Case(name, "conv", (cin, cout, k), dict(stride=s, padding=k // 2, bias=False), (cin, hw, hw), n,
+                    input_grad)
+
     return [
-        conv(3, 64, 3, 1, 32, 1, "stem conv3x3 3->64 @32"),
+        conv(3, 64, 3, 1, 32, 1, "stem conv3x3 3->64 @32", input_grad=False),
         conv(64, 64, 3, 1, 32, 4, "conv3x3 64 @32"),
         conv(64, 128, 3, 2, 32, 1, "conv3x3 64->128 s2 @32"),
         conv(64, 128, 1, 2, 32, 1, "conv1x1 64->128 s2 @32"),
@@ -198,7 +204,7 @@ def run(device: torch.device, dtype: str, batch: int, repeats: int, memory_forma
         torch.manual_seed(0)
         ours, ref = build(case, device)
         x = torch.randn(batch, *case.chw, device=device).contiguous(memory_format=memory_format)
-        x.requires_grad_(True)
+        x.requires_grad_(case.input_grad)
         g = step(ours, x, None, autocast, device)  # warm-up (and the upstream gradient)
         step(ref, x, g, autocast, device)
         t_s, t_t = [], []

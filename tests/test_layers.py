@@ -94,6 +94,27 @@ def test_conv2d_matches_torch(case, channels_last):
     assert ya.is_contiguous() == yb.is_contiguous()
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("hw,k,s,p,g,c_out", [
+    (16, 3, 1, 1, 1, 24),  # stride 1: input gradient as a convolution; per-image NCHW / row GEMMs
+    (16, 3, 2, 1, 1, 24),  # stride 2: NHWC col2im
+    (16, 1, 2, 0, 1, 24),  # 1x1 shortcut
+    (8, 3, 1, 1, 1, 16),  # 8x8: one GEMM for NCHW, per-image rows for channels-last
+    (16, 3, 1, 1, 4, 16),  # groups
+    (17, 3, 1, 2, 1, 16),  # padding beyond the kernel extent: col2im at stride 1
+])
+def test_conv2d_wide_layers_all_gemm_paths(channels_last, hw, k, s, p, g, c_out):
+    """16 input channels and images up to 17x17, so the per-image GEMM paths and the NHWC col2im run."""
+    gen = torch.Generator().manual_seed(hw * 100 + k * 10 + s)
+    x = torch.randn(2, 16, hw, hw, dtype=DT, generator=gen)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    w = torch.randn(c_out, 16 // g, k, k, dtype=DT, generator=gen)
+    b = torch.randn(c_out, dtype=DT, generator=gen)
+    _compare_fn(lambda *t: LF.conv2d(*t, stride=s, padding=p, groups=g),
+                lambda *t: F.conv2d(*t, stride=s, padding=p, groups=g), [x, w, b])
+
+
 def test_conv2d_broad_grid():
     """Every combination of kernel, stride, padding, dilation, groups and bias on a small input."""
     gen = torch.Generator().manual_seed(1)
@@ -578,3 +599,35 @@ def test_double_backward_raises_instead_of_being_wrong():
     (gx,) = torch.autograd.grad(LF.conv2d(x, w, padding=1).square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError):
         gx.sum().backward()
+
+
+@pytest.mark.parametrize("mode", ["constant", "reflect", "replicate", "circular"])
+def test_pad2d_matches_f_pad(mode):
+    x = torch.randn(2, 3, 4, 5, dtype=DT)
+    _compare_fn(lambda t: LF.pad2d(t, (1, 2, 3, 0), mode), lambda t: F.pad(t, (1, 2, 3, 0), mode=mode), [x])
+    xc = x.to(memory_format=torch.channels_last)
+    assert LF.pad2d(xc, (1, 1, 1, 1), mode).is_contiguous(memory_format=torch.channels_last) or mode == "constant"
+
+
+def test_pad2d_and_helpers_errors():
+    x = torch.randn(1, 1, 3, 3)
+    for bad in [dict(padding=(1, 1, 1)), dict(padding=(1, 1, 1, -1)), dict(padding=(3, 0, 0, 0), mode="reflect"),
+                dict(padding=(4, 0, 0, 0), mode="circular"), dict(padding=(1, 1, 1, 1), mode="mirror")]:
+        with pytest.raises(ValueError):
+            LF.pad2d(x, **bad)
+    assert LF.conv_output_size(32, 3, 2, 2, 1) == F.conv2d(torch.randn(1, 1, 32, 32), torch.randn(1, 1, 3, 3),
+                                                              stride=2, padding=1).shape[-1] == 16
+    for bad in [dict(in_channels=-1), dict(out_channels=5, groups=2, in_channels=4)]:
+        args = dict(in_channels=4, out_channels=6, kernel_size=3)
+        args.update(bad)
+        with pytest.raises(ValueError):
+            Conv2d(**args)
+    for bad in [dict(num_features=-2), dict(num_features=2.5)]:
+        args = dict(num_features=4)
+        args.update(bad)
+        with pytest.raises(ValueError):
+            BatchNorm2d(**args)
+    with pytest.raises(ValueError, match="floating-point"):
+        LF.conv2d(torch.ones(1, 1, 3, 3, dtype=torch.long), torch.ones(1, 1, 1, 1, dtype=torch.long))
+    with pytest.raises(ValueError, match="momentum"):
+        LF.batch_norm(torch.randn(4, 2), torch.zeros(2), torch.ones(2), training=True, momentum=None)

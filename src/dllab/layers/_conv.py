@@ -43,8 +43,9 @@ not the kh*kw-times larger ``col``; ``col`` is rebuilt when it is needed):
   For stride 1 the same sum is itself a convolution: ``grad_y``, zero-padded by
   ``d*(k-1) - pad``, convolved with the kernel flipped in both spatial axes and with its in/out
   channels swapped. That form runs one big GEMM with ``kh*kw*C_out`` as the inner dimension and
-  needs no scatter, so it is used whenever it applies, except when the input has far fewer
-  channels than the output (an RGB stem: C=3, C_out=64), where col2im's buffers are ~20x smaller.
+  needs no scatter, so it is used whenever it applies, except for inputs with few channels (an
+  RGB stem: C=3, C_out=64), where col2im's buffers are ~20x smaller; there the col2im runs in
+  NCHW order, so that each tap's addition streams along image rows rather than along 3 channels.
 
 Memory. The CPU temporaries (padded copies, ``col``) live in a per-thread workspace that is
 reused from call to call (``_workspace.py``): a fresh 150 MB buffer per call costs more in page
@@ -153,13 +154,19 @@ def weight_matrix(w: torch.Tensor, groups: int, dtype: torch.dtype) -> torch.Ten
 # Per-image GEMMs straight from/to NCHW beat a transposing copy plus one big GEMM only when each
 # image has enough pixels to make a reasonably shaped GEMM (measured on ResNet-18 CIFAR shapes).
 NCHW_GEMM_MIN_PIXELS = 256
+# Channels-last: a batch of per-image (Ho*Wo, K) @ (K, C_out) GEMMs ran 10-20% faster in MKL than the
+# one tall (N*Ho*Wo, K) @ (K, C_out) GEMM from 8x8 images up, and slower at 4x4.
+ROWS_GEMM_MIN_PIXELS = 64
+# Inputs with fewer channels than this (RGB stems) get their input gradient by col2im in NCHW order.
+NARROW_INPUT_CHANNELS = 16
 
 
 def gemm_into(col: torch.Tensor, wmat: torch.Tensor, bias: torch.Tensor | None, out_nchw: torch.Tensor) -> None:
     """out_nchw (N, C_out, Ho, Wo)  <-  col (G, N*Ho*Wo, K) @ wmat (G, K, C_out/G) + bias.
 
     The GEMM writes straight into ``out_nchw`` when its layout allows: channels-last output is the
-    (N*Ho*Wo, C_out) product itself; contiguous NCHW output is, image by image, the transposed
+    (N*Ho*Wo, C_out) product itself (computed image by image for 8x8 images and up, which MKL does
+    faster than one tall GEMM); contiguous NCHW output is, image by image, the transposed
     product ``wmat^T (C_out, K) @ col_n^T (K, Ho*Wo)`` (a batched GEMM over images with the weight
     broadcast). Otherwise (groups, a dtype cast) it goes through a workspace buffer and one copy.
     """
@@ -168,7 +175,15 @@ def gemm_into(col: torch.Tensor, wmat: torch.Tensor, bias: torch.Tensor | None, 
     b = None if bias is None else bias.to(col.dtype)
     if g == 1 and out_nchw.dtype == col.dtype:
         out_nhwc = out_nchw.permute(0, 2, 3, 1)
-        if out_nhwc.is_contiguous():  # channels-last
+        if out_nhwc.is_contiguous() and ho * wo >= ROWS_GEMM_MIN_PIXELS and n > 1:  # channels-last, per image
+            y = out_nhwc.view(n, ho * wo, c_out)
+            col_n, w_n = col[0].view(n, ho * wo, k), wmat[0].expand(n, k, c_out)
+            if b is None:
+                torch.bmm(col_n, w_n, out=y)
+            else:
+                torch.baddbmm(b.view(1, 1, c_out).expand(n, ho * wo, c_out), col_n, w_n, out=y)
+            return
+        if out_nhwc.is_contiguous():  # channels-last, one GEMM
             y = out_nhwc.view(m, c_out)
             if b is None:
                 torch.mm(col[0], wmat[0], out=y)
@@ -274,8 +289,24 @@ def conv_input_grad(gy: torch.Tensor, w: torch.Tensor, stride, pads, dilation, g
     top, bottom, left, right = pads
     _, ho, wo, _ = gy.shape
     eh, ew = dh * (kh - 1), dw * (kw - 1)  # kernel extent - 1
-    as_conv = (sh, sw) == (1, 1) and max(top, bottom) <= eh and max(left, right) <= ew
-    if as_conv and 4 * c >= c_out:  # (when C << C_out, e.g. an RGB stem, col2im's buffers are far smaller)
+    m, hp, wp = n * ho * wo, h + top + bottom, wd + left + right
+    if g == 1 and c < NARROW_INPUT_CHANNELS:
+        # col2im in NCHW order, where each tap's addition runs along image rows instead of along
+        # C (3 for RGB) channels: grad_col^T[n] (kh*kw*C, Ho*Wo) = wmat (kh*kw*C, C_out) @ grad_y[n]
+        k = kh * kw * c
+        gy_nchw = gy.permute(0, 3, 1, 2)  # (N, C_out, Ho, Wo)
+        if not (gy_nchw.is_contiguous() and gy_nchw.dtype == dtype):
+            gy_nchw = workspace.buffer("grad_y_nchw", gy_nchw.shape, dtype, gy.device).copy_(gy_nchw)
+        gcol = workspace.buffer("col", (n, k, ho * wo), dtype, gy.device)
+        torch.bmm(weight_matrix(w, 1, dtype)[0].expand(n, k, c_out), gy_nchw.view(n, c_out, ho * wo), out=gcol)
+        gcol = gcol.view(n, kh, kw, c, ho, wo)
+        gxp = workspace.buffer("col2im", (n, c, hp, wp), dtype, gy.device).zero_()
+        for i in range(kh):
+            for j in range(kw):
+                gxp[:, :, i * dh: i * dh + sh * (ho - 1) + 1: sh, j * dw: j * dw + sw * (wo - 1) + 1: sw] += gcol[:, i, j]
+        out_nchw.copy_(gxp[:, :, top:top + h, left:left + wd])
+        return
+    if (sh, sw) == (1, 1) and max(top, bottom) <= eh and max(left, right) <= ew:
         # a convolution of grad_y, zero-padded by (extent - pad), with the kernel flipped in both
         # spatial axes and in/out channels swapped (per group):
         # grad_xp[r] = sum_i w[i] grad_y[r - i*d] = sum_i' w[k-1-i'] grad_y_padded[r + i'*d]
@@ -285,7 +316,6 @@ def conv_input_grad(gy: torch.Tensor, w: torch.Tensor, stride, pads, dilation, g
         gemm_into(col, weight_matrix(w_t, g, dtype), None, out_nchw)
         return
     # col2im: grad_col = grad_y @ wmat^T, then each tap's column block is added back where it was read
-    m, hp, wp = n * ho * wo, h + top + bottom, wd + left + right
     wmat = weight_matrix(w, g, dtype)  # (G, K, C_out/G)
     gy = pad_nhwc(gy, (0, 0, 0, 0), dtype, slot="grad_y")  # contiguous rows (a no-op if already)
     gcol = workspace.buffer("col", (g, m, kh * kw * cg), dtype, gy.device)

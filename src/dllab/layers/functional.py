@@ -237,8 +237,8 @@ def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_v
         one = torch.ones((), dtype=input.dtype, device=input.device)
         scale = one if weight is None else weight.view(shape)
         return input * scale + (0 if bias is None else bias.view(shape))
-    if momentum is None or not 0 <= float(momentum) <= 1:
-        raise ValueError(f"momentum must be a number in [0, 1], got momentum={momentum!r}")
+    if momentum is None:  # the module turns momentum=None into 1/num_batches_tracked before calling
+        raise ValueError("momentum must be a number in training mode, got momentum=None")
     y, mean, var = BatchNormTrainFunction.apply(input, weight, bias, eps)
     with torch.no_grad():
         if running_mean is not None:

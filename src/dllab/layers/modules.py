@@ -147,8 +147,6 @@ class BatchNorm2d(nn.Module):
         factory = {"device": device, "dtype": dtype}
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 0:
             raise ValueError(f"num_features must be a non-negative integer, got {num_features!r}")
-        if momentum is not None and not 0 <= momentum <= 1:
-            raise ValueError(f"momentum must be None or in [0, 1], got momentum={momentum!r}")
         self.num_features = num_features
         self.eps = eps
         self.momentum = momentum
