@@ -3,6 +3,7 @@
     python benchmarks/train_throughput.py              # about 4-5 minutes on 2 busy CPU cores
     python benchmarks/train_throughput.py --quick      # about 1 minute
     python benchmarks/train_throughput.py --compile    # also torch.compile variants (slow to build)
+    python benchmarks/train_throughput.py --bf16       # also bf16 autocast
     python benchmarks/train_throughput.py --kinds vae --threads 2 --json out.json
 
 For each kind (classifier = ResNet-18 at width 64 with the CIFAR stem, VAE, DCGAN), on the
@@ -20,7 +21,7 @@ bundled MNIST-5k digits (1 x 28 x 28) at the same batch size, it times one train
   no host syncs in the loop.
 - ``dllab+fused``: the same with ``fused=True`` optimisers (one kernel per step for all
   parameters), what ``dllab.utils.optimizer_options`` gives. ``+cl``: channels_last (the
-  classifier's ``--channels-last``). ``+compile``: ``torch.compile`` of the models, as the engine
+  classifier's ``--channels-last``). ``+bf16``: bf16 autocast (``--bf16``). ``+compile``: ``torch.compile`` of the models, as the engine
   does with ``config["compile"]`` (only with ``--compile``: each model takes about a minute to build).
 
 Every variant is built once; then each round times every variant in turn (the order rotates), for
@@ -290,14 +291,14 @@ class Dllab:
     """A dllab trainer's ``train_step`` driven as ``Trainer.fit`` drives it (no logging I/O)."""
 
     def __init__(self, kind: str, data, batch: int, device, *, fused=False, channels_last=False,
-                 compile=False, seed: int = 0):
+                 compile=False, precision="fp32", seed: int = 0):
         from dllab.runs import Run
         from dllab.train import defaults, kind_module
         from dllab.utils import seed_everything
 
         seed_everything(seed)
         config = {**defaults(kind), "dataset": data.name, "batch_size": batch, "device": device.type,
-                  "precision": "fp32", "channels_last": channels_last, "seed": seed,
+                  "precision": precision, "channels_last": channels_last, "seed": seed,
                   "compile": compile, "out": tempfile.gettempdir()}
         run = Run(Path(tempfile.gettempdir()) / "dllab-bench-unused", config, writer=False)
         trainer = kind_module(kind).TRAINER(config, data, run, device, quiet=True)
@@ -362,10 +363,12 @@ def loader_rates(ref: Reference, ours: Dllab, device, n_batches: int) -> tuple[f
     return n_batches * ref.batch / (time.perf_counter() - start), ours_rate
 
 
-def variants_for(kind: str, compile: bool) -> list[tuple[str, dict]]:
+def variants_for(kind: str, compile: bool, bf16: bool) -> list[tuple[str, dict]]:
     out = [("dllab", {}), ("dllab+fused", {"fused": True})]
     if kind == "classifier":
         out.append(("dllab+fused+cl", {"fused": True, "channels_last": True}))
+    if bf16:
+        out.append(("dllab+fused+bf16", {"fused": True, "precision": "bf16"}))
     if compile:
         out.append(("dllab+fused+compile", {"fused": True, "compile": True}))
     return out
@@ -377,7 +380,7 @@ def bench_kind(kind: str, data, args, device, cpu_mem: bool) -> dict:
           f"{torch.get_num_threads()} thread(s), {device})", flush=True)
     runners: dict[str, object] = {"reference": Reference(kind, data, batch, device, args.workers)}
     build_s = {"reference": 0.0}
-    for name, opts in variants_for(kind, args.compile):
+    for name, opts in variants_for(kind, args.compile, args.bf16):
         t = time.perf_counter()
         runners[name] = Dllab(kind, data, batch, device, **opts)
         build_s[name] = time.perf_counter() - t
@@ -438,6 +441,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--loader-batches", type=int, default=30)
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
+    p.add_argument("--bf16", action="store_true",
+                   help="also time bf16 autocast (fast only with AMX/AVX512-BF16 or on GPUs)")
     p.add_argument("--quick", action="store_true", help="1 round, shorter timings, smaller classifier batch")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
