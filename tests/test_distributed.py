@@ -115,8 +115,15 @@ def _worker(jobs_file: str) -> None:
     engine.Trainer.fit = recording_fit
     spec = json.loads(Path(jobs_file).read_text())
     report = []
+    from dllab.train.dcgan import DCGANTrainer
+
+    figures = DCGANTrainer.epoch_end, DCGANTrainer.finish
     for i, argv in enumerate(spec["jobs"]):
+        if i >= 3:  # the resume jobs: no GAN figures either
+            DCGANTrainer.epoch_end = lambda self, epoch, metrics: None
+            DCGANTrainer.finish = lambda self, metrics: {}
         code = main(argv)
+        DCGANTrainer.epoch_end, DCGANTrainer.finish = figures
         trainer = trainers[-1]
         # every rank's weights, gathered on rank 0; BatchNorm running statistics are each rank's own
         params = torch.cat([v.detach().double().flatten() for m in trainer.modules().values()
