@@ -165,6 +165,42 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path, poisoned, monkeypatch
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["last.pt"]
 
 
+@pytest.mark.parametrize("where", ["build", "step"])
+def test_out_of_memory_is_one_line(where, tmp_path, poisoned, monkeypatch, capsys):
+    """An allocation failure (a model or batch too large) ends with one line and exit code 1; in
+    training, the last checkpoint stays. (Simulated: a real 360 GB request could meet the OOM
+    killer on machines that overcommit memory.)"""
+    from dllab.train.vae import VAETrainer
+
+    poisoned("vae", set())
+    failure = RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't "
+                           "allocate memory: you tried to allocate 360000000000 bytes.")
+    if where == "build":
+        def build(self):
+            raise failure
+
+        monkeypatch.setattr(VAETrainer, "build", build)
+    else:
+        step = VAETrainer.train_step
+
+        def step_or_fail(self, x, y):
+            if self.step == 3:
+                raise failure
+            return step(self, x, y)
+
+        monkeypatch.setattr(VAETrainer, "train_step", step_or_fail)
+    out = tmp_path / "run"
+    assert main(train_argv("vae", out, "--checkpoint-every", "2")) == 1
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "out of memory" in lines[0] and "Traceback" not in err, err
+    if where == "build":
+        assert "building the model" in lines[0]
+    else:
+        assert "at step 4" in lines[0]
+        assert load_checkpoint(out / "checkpoints" / "last.pt")["step"] == 2
+
+
 def test_unwritable_run_folder(tmp_path, capsys):
     """--out below a regular file: exit code 2 and one line naming the folder; nothing trained."""
     blocker = tmp_path / "a-file"
