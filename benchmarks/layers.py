@@ -233,6 +233,40 @@ def run(device: torch.device, dtype: str, batch: int, repeats: int, memory_forma
     return {"overall": overall, "rows": plain, "worst": worst[1] / worst[2]}
 
 
+def resnet_step_ratio(device: torch.device, dtype: str, batch: int, repeats: int, memory_format, out=sys.stdout):
+    """Time one ResNet-18 (CIFAR stem) forward+backward with layers="scratch" against layers="torch"."""
+    from dllab.models.resnet import resnet18  # the model that uses these layers
+
+    autocast = dtype == "bf16"
+    torch.manual_seed(0)
+    ours, ref = resnet18(layers="scratch").to(device), resnet18(layers="torch").to(device)
+    ref.load_state_dict(ours.state_dict())
+    ours, ref = ours.to(memory_format=memory_format).train(), ref.to(memory_format=memory_format).train()
+    x = torch.randn(batch, 3, 32, 32, device=device).contiguous(memory_format=memory_format)
+    y = torch.randint(0, 10, (batch,), device=device)
+
+    def step(model):
+        model.zero_grad(set_to_none=True)
+        sync(device)
+        start = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        sync(device)
+        return time.perf_counter() - start, loss.item()
+
+    (_, loss_s), (_, loss_t) = step(ours), step(ref)
+    t_s, t_t = [], []
+    for r in range(repeats):
+        pair = [(ours, t_s), (ref, t_t)]
+        for model, acc in (pair if r % 2 == 0 else pair[::-1]):
+            acc.append(step(model)[0])
+    ms, mt = statistics.median(t_s) * 1e3, statistics.median(t_t) * 1e3
+    print(f"ResNet-18 train step (fwd+bwd, {dtype}{' autocast' if autocast else ''}, batch {batch}, {memory_format}): "
+          f"scratch {ms:.0f} ms, torch {mt:.0f} ms, ratio {ms / mt:.2f} (min {min(t_s) / min(t_t):.2f}); "
+          f"first-step losses {loss_s:.6f} / {loss_t:.6f}", file=out, flush=True)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
@@ -244,6 +278,8 @@ def main(argv=None) -> None:
                         help="layout of the inputs (default contiguous NCHW)")
     parser.add_argument("--only", default=None, help="run only rows whose name contains this text")
     parser.add_argument("--quick", action="store_true", help="batch 16 and 3 repeats")
+    parser.add_argument("--resnet", action="store_true",
+                        help="also time a whole ResNet-18 forward+backward, layers='scratch' vs 'torch'")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -258,7 +294,10 @@ def main(argv=None) -> None:
     print("command: python benchmarks/layers.py " + " ".join(argv if argv is not None else sys.argv[1:]))
     dtypes = ("fp32", "bf16") if args.dtype == "both" else (args.dtype,)
     for dt in dtypes:
-        run(device, dt, batch, repeats, memory_format, cases, cpu_mem_ok)
+        if cases:
+            run(device, dt, batch, repeats, memory_format, cases, cpu_mem_ok)
+        if args.resnet:
+            resnet_step_ratio(device, dt, batch, repeats, memory_format)
 
 
 if __name__ == "__main__":
