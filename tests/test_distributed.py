@@ -19,6 +19,7 @@ What is checked:
   weights after every step DDP synchronised, and the folder name chosen by rank 0 (no ``--out``)
   is the only one written; stopped after one epoch and resumed, it ends where an uninterrupted
   2-rank run ends (each rank's random stream is saved and restored);
+- a NaN loss on one rank only: both ranks skip that step together and stay identical;
 - every run folder holds exactly the files of a single-process run (rank 1 writes nothing).
 """
 
@@ -115,15 +116,26 @@ def _worker(jobs_file: str) -> None:
     engine.Trainer.fit = recording_fit
     spec = json.loads(Path(jobs_file).read_text())
     report = []
+    from dllab.train.classifier import ClassifierTrainer
     from dllab.train.dcgan import DCGANTrainer
 
     figures = DCGANTrainer.epoch_end, DCGANTrainer.finish
+    classifier_step = ClassifierTrainer.train_step
+
+    def nan_on_rank1_at_step1(self, x, y):
+        if self.rank == 1 and self.step == 1:
+            x = torch.full_like(x, float("nan"))
+        return classifier_step(self, x, y)
+
     for i, argv in enumerate(spec["jobs"]):
         if i >= 3:  # the resume jobs: no GAN figures either
             DCGANTrainer.epoch_end = lambda self, epoch, metrics: None
             DCGANTrainer.finish = lambda self, metrics: {}
+        if i == 6:
+            ClassifierTrainer.train_step = nan_on_rank1_at_step1
         code = main(argv)
         DCGANTrainer.epoch_end, DCGANTrainer.finish = figures
+        ClassifierTrainer.train_step = classifier_step
         trainer = trainers[-1]
         # every rank's weights, gathered on rank 0; BatchNorm running statistics are each rank's own
         params = torch.cat([v.detach().double().flatten() for m in trainer.modules().values()
@@ -181,7 +193,9 @@ def ddp(tmp_path_factory):
             # resume: 1 epoch, then on to 2, against 2 straight (each rank's noise stream must resume)
             _train_argv("dcgan", [*DCGAN, "--epochs", "2"], 16, root / "gan_straight"),
             _train_argv("dcgan", DCGAN, 16, root / "gan_split"),
-            [*_train_argv("dcgan", [*DCGAN, "--epochs", "2"], 16, root / "gan_split"), "--resume"]]
+            [*_train_argv("dcgan", [*DCGAN, "--epochs", "2"], 16, root / "gan_split"), "--resume"],
+            # a NaN batch on rank 1 only (step 2): both ranks must skip that step together
+            _train_argv("classifier", [*CLASSIFIER, "--epochs", "1"], 16, root / "nan")]
     spec = root / "jobs.json"
     spec.write_text(json.dumps({"jobs": jobs, "report": str(root / "report.json")}))
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
@@ -257,6 +271,24 @@ def test_a_resumed_distributed_run_continues_exactly(ddp):
     assert torch.equal(weights[3], weights[5])
     assert torch.equal(_weights_of(root / "gan_straight"), _weights_of(root / "gan_split"))
     assert not torch.equal(weights[4], weights[5])  # the second epoch did train
+
+
+def test_a_nan_on_one_rank_is_skipped_by_all(ddp):
+    """Rank 1 alone sees a NaN loss: both ranks skip the step (no deadlock), stay identical, and
+    rank 0's summary counts the skip."""
+    root, report, weights = ddp
+    assert report[6]["codes"] == [0, 0] and report[6]["max_rank_difference"] == 0.0
+    assert torch.isfinite(weights[6]).all()
+    summary = json.loads((root / "nan" / "summary.json").read_text())
+    assert summary["nonfinite_steps_skipped"] == 1 and summary["steps"] == 4
+    logged = [r for r in _train_records(root / "nan")]
+    assert [r["step"] for r in logged if "loss" not in r] == [2]
+
+
+def _train_records(run_dir: Path) -> list[dict]:
+    from dllab.runs import read_metrics
+
+    return [r for r in read_metrics(run_dir) if r["split"] == "train"]
 
 
 def test_only_rank_zero_writes(ddp, single):
