@@ -304,5 +304,21 @@ def test_only_rank_zero_writes(ddp, single):
         assert steps == sorted(set(steps))  # logged once, not once per rank
 
 
+def test_sync_bn_is_refused_where_it_cannot_work(monkeypatch):
+    """Under torchrun, --sync-bn on CPUs (torch's SyncBatchNorm is GPU-only) or with the scratch
+    BatchNorm2d (never converted) is refused before any run folder is written."""
+    from dllab.engine import validate_config
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    config = {"precision": "fp32", "sync_bn": True, "layers": "torch"}
+    with pytest.raises(ValueError, match="--sync-bn needs GPUs"):
+        validate_config(config, torch.device("cpu"))
+    with pytest.raises(ValueError, match="scratch"):
+        validate_config({**config, "layers": "scratch"}, torch.device("cuda"))
+    validate_config({**config, "sync_bn": False}, torch.device("cpu"))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    validate_config(config, torch.device("cpu"))  # one process: nothing to synchronise
+
+
 if __name__ == "__main__":
     _worker(sys.argv[1])
