@@ -21,8 +21,9 @@ bundled MNIST-5k digits (1 x 28 x 28) at the same batch size, it times one train
   no host syncs in the loop.
 - ``dllab+fused``: the same with ``fused=True`` optimisers (one kernel per step for all
   parameters), what ``dllab.utils.optimizer_options`` gives. ``+cl``: channels_last (the
-  classifier's ``--channels-last``). ``+bf16``: bf16 autocast (``--bf16``). ``+compile``: ``torch.compile`` of the models, as the engine
-  does with ``config["compile"]`` (only with ``--compile``: each model takes about a minute to build).
+  classifier's ``--channels-last``). ``+bf16``: bf16 autocast (``--bf16``). ``+compile``:
+  ``torch.compile`` of the models, as the engine does with ``config["compile"]`` (only with
+  ``--compile``: each model takes one to three minutes to build on a 2-core CPU).
 
 Every variant is built once; then each round times every variant in turn (the order rotates), for
 ``--seconds`` (at least ``--min-steps`` steps) after ``--warmup`` steps, and the figure is the
@@ -128,8 +129,11 @@ class TextbookDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         from PIL import Image
 
-        img = self.x[i]
-        img = Image.fromarray(img[0], mode="L") if img.shape[0] == 1 else Image.fromarray(img.transpose(1, 2, 0))
+        img = self.x[i]  # (C, H, W) uint8
+        if img.shape[0] == 1:
+            img = Image.fromarray(img[0], mode="L")
+        else:
+            img = Image.fromarray(img.transpose(1, 2, 0))  # (H, W, C)
         return self.transform(img), self.y[i]
 
 
