@@ -144,3 +144,9 @@ def test_killed_run_resumes_to_the_same_weights(sig, tmp_path):
             assert "checkpoint saved" in err
     assert main(train_argv(kind, out, *extra, "--resume", limit=256, epochs=2)) == 0
     assert_same_weights(final_weights(tmp_path / "straight"), final_weights(out))
+
+
+def test_one_cycle_on_a_run_too_short_for_its_phases(tmp_path):
+    """2 steps in all: one-cycle's warm-up and decay phases cannot both exist (was a ZeroDivisionError)."""
+    assert main(train_argv("classifier", tmp_path / "run", limit=64, epochs=1)) == 0
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == 2

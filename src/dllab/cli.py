@@ -226,7 +226,10 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
 
         config, resume, quiet = split_train_config(args)
         summary = train(args.kind, config, resume=resume, quiet=quiet)
-        _print_summary(summary)
+        from dllab.utils import dist_info
+
+        if dist_info()[0] == 0:  # under torchrun, rank 0 speaks for all
+            _print_summary(summary)
         return 0
     if args.command == "datasets":
         from dllab.data import list_datasets
@@ -300,8 +303,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     from dllab.engine import Interrupted, NonFiniteLossError
     from dllab.runs import RunFolderError
 
+    from dllab.data import CorruptDatasetError
+
     try:
         return _dispatch(args, argv)
+    except CorruptDatasetError as e:  # bad data, not bad usage
+        print(f"dllab {args.command}: error: {e}", file=sys.stderr)
+        return 1
     except (UsageError, RunFolderError, ValueError) as e:
         print(f"dllab {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE

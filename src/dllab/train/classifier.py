@@ -99,6 +99,8 @@ def make_scheduler(optimizer, config: dict, steps_per_epoch: int):
     total = int(config["epochs"]) * steps_per_epoch
     warmup = int(round(float(config["warmup_epochs"]) * steps_per_epoch))
     kind = config["schedule"]
+    if kind == "onecycle" and total < 4:  # too short for one-cycle's phases: warm-up + cosine
+        kind = "cosine"
     if kind == "onecycle":
         pct = min(max(warmup / total, 0.01), 0.5) if total > 1 else 0.3
         return torch.optim.lr_scheduler.OneCycleLR(
