@@ -541,10 +541,14 @@ FORBIDDEN = ("conv", "pool", "batch_norm", "im2col", "col2im", "unfold_backward"
 
 
 @pytest.mark.parametrize("autocast", [False, True])
-def test_no_native_conv_pool_or_batchnorm_kernel_runs(autocast):
+@pytest.mark.parametrize("size,channels_last", [(12, False), (32, False), (32, True)])
+def test_no_native_conv_pool_or_batchnorm_kernel_runs(autocast, size, channels_last):
     torch.manual_seed(15)
     net = _small_net(Conv2d, BatchNorm2d, MaxPool2d)
-    x = torch.randn(2, 3, 12, 12, requires_grad=True)
+    x = torch.randn(2, 3, size, size)  # 32x32: the per-image GEMM paths run too
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_(True)
     with _OpRecorder() as rec:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             y = net(x)
