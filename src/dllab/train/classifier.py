@@ -18,7 +18,7 @@ from torch import nn
 
 from dllab.engine import Trainer
 from dllab.models.resnet import ResNet, ResNetConfig
-from dllab.utils import resolve_precision
+from dllab.utils import optimizer_options, resolve_precision
 
 DEFAULTS = {
     "epochs": 15,
@@ -139,9 +139,11 @@ class ClassifierTrainer(Trainer):
         self.model = self.wrap(self.net)
         if c["optimizer"] == "sgd":
             self.optimizer = torch.optim.SGD(param_groups(self.net, c["weight_decay"]), lr=c["lr"],
-                                             momentum=c["momentum"], nesterov=bool(c["nesterov"]))
+                                             momentum=c["momentum"], nesterov=bool(c["nesterov"]),
+                                             **optimizer_options(self.device))
         else:
-            self.optimizer = torch.optim.AdamW(param_groups(self.net, c["weight_decay"]), lr=c["lr"])
+            self.optimizer = torch.optim.AdamW(param_groups(self.net, c["weight_decay"]), lr=c["lr"],
+                                               **optimizer_options(self.device))
         steps = len(self.loader("train", shuffle=True, augment=False, drop_last=True))
         self.scheduler = make_scheduler(self.optimizer, c, max(1, steps))
         self.ema = None

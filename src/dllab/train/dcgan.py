@@ -17,7 +17,7 @@ import torch
 from dllab.engine import Trainer
 from dllab.models.dcgan import (DCGANConfig, Discriminator, Generator, check_budget, ema_update,
                                 make_ema)
-from dllab.utils import resolve_precision
+from dllab.utils import optimizer_options, resolve_precision
 
 DEFAULTS = {
     "epochs": 20,
@@ -186,8 +186,10 @@ class DCGANTrainer(Trainer):
         self.disc = Discriminator(cfg).to(self.device)
         self.G, self.D = self.wrap(self.gen), self.wrap(self.disc)
         betas = (float(c["beta1"]), 0.999)
-        self.opt_g = torch.optim.Adam(self.gen.parameters(), lr=float(c["lr"]), betas=betas)
-        self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=float(c["lr_d"] or c["lr"]), betas=betas)
+        fused = optimizer_options(self.device)
+        self.opt_g = torch.optim.Adam(self.gen.parameters(), lr=float(c["lr"]), betas=betas, **fused)
+        self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=float(c["lr_d"] or c["lr"]), betas=betas,
+                                      **fused)
         self.ema = make_ema(self.gen) if c["ema"] > 0 else None
         gen = torch.Generator().manual_seed(int(c["seed"]) + 1)
         self.fixed_noise = self.gen.sample_noise(64, generator=gen, device=self.device)

@@ -15,7 +15,7 @@ import torch
 
 from dllab.engine import Trainer
 from dllab.models.vae import VAE, VAEConfig
-from dllab.utils import resolve_precision
+from dllab.utils import optimizer_options, resolve_precision
 
 DEFAULTS = {
     "epochs": 10,
@@ -85,7 +85,8 @@ class VAETrainer(Trainer):
         self.amp_dtype = resolve_precision(c["precision"], self.device)
         self.net = VAE(model_config(c, self.data)).to(self.device)
         self.model = self.wrap(self.net)
-        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=float(c["lr"]))
+        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=float(c["lr"]),
+                                          **optimizer_options(self.device))
         self.test_loader = self.loader("test", shuffle=False, augment=False, drop_last=False,
                                        batch_size=512)
         # fixed test images for the progress pictures, so epochs compare
