@@ -82,8 +82,10 @@ class Augment:
     """Batch augmentation: zero-pad by ``pad`` pixels, crop back at a random offset, maybe flip.
 
     ``Augment(pad=4, flip=True)`` is the CIFAR-10 recipe of He et al., "Deep Residual Learning for
-    Image Recognition" (CVPR 2016), Sec. 4.2; digits and clothes get ``Augment(pad=2)``: a mirrored
-    digit is not the same digit, so no flips.
+    Image Recognition" (CVPR 2016), Sec. 4.2. Digits get ``Augment(pad=2)``: a mirrored digit is
+    not the same digit, so no flips. Clothes get ``Augment(pad=2, flip=True)``: a mirrored shirt or
+    shoe is still a shirt or shoe, and flips are the usual Fashion-MNIST augmentation (they also
+    make test-time flip averaging, ``--tta``, meaningful).
     """
 
     pad: int = 0
@@ -134,7 +136,7 @@ DATASETS: dict[str, DatasetInfo] = {
         "--download, or place the 4 IDX files (.gz or not) in DATA_DIR/MNIST/raw/"),
     "fashion-mnist": DatasetInfo(
         "fashion-mnist", "Fashion-MNIST clothes (Xiao et al. 2017)", 60000, 10000, (1, 28, 28),
-        (0.2860,), (0.3530,), Augment(pad=2),
+        (0.2860,), (0.3530,), Augment(pad=2, flip=True),
         "apt-get install dataset-fashion-mnist, or --download, or place the 4 IDX files in "
         "DATA_DIR/FashionMNIST/raw/"),
     "cifar10": DatasetInfo(
