@@ -93,6 +93,8 @@ def test_more_epochs_on_resume_replans_the_schedule(tmp_path):
     assert main(train_argv("classifier", tmp_path / "plan", "--log-every", "1", epochs=2)) == 0
     state = load_checkpoint(out / "checkpoints" / "last.pt")
     assert state["epoch"] == 2 and state["config"]["epochs"] == 2
+    saved = json.loads((out / "config.json").read_text())  # config.json tells the run as continued
+    assert saved["epochs"] == 2 and [r["changed"] for r in saved["resumed"]] == [{"epochs": [1, 2]}]
     lrs = [r["lr"] for r in read_metrics(out) if r["split"] == "train"]
     planned = [r["lr"] for r in read_metrics(tmp_path / "plan") if r["split"] == "train"]
     assert len(lrs) == len(planned) == 8
@@ -150,3 +152,69 @@ def test_one_cycle_on_a_run_too_short_for_its_phases(tmp_path):
     """2 steps in all: one-cycle's warm-up and decay phases cannot both exist (was a ZeroDivisionError)."""
     assert main(train_argv("classifier", tmp_path / "run", limit=64, epochs=1)) == 0
     assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == 2
+
+
+def _built_trainer(kind, tmp_path, **settings):
+    """A kind's trainer, built (models, optimisers) as `dllab train` builds it, not yet trained."""
+    from dllab.cli import build_parser, split_train_config
+    from dllab.data import load
+    from dllab.runs import Run
+    from dllab.train import defaults, kind_module
+
+    parsed, _, _ = split_train_config(build_parser().parse_args(train_argv(kind, tmp_path / "run")))
+    config = {**defaults(kind), **parsed, **settings}
+    data = load("mnist5k", limit=64)
+    trainer = kind_module(kind).TRAINER(config, data, Run(tmp_path / "run", config, writer=False),
+                                        torch.device("cpu"), quiet=True)
+    trainer.build()
+    return trainer
+
+
+@pytest.mark.parametrize("kind", ["classifier", "vae", "dcgan"])
+def test_trainers_use_fused_optimisers_where_torch_has_them(kind, tmp_path):
+    from dllab.utils import optimizer_options
+
+    trainer = _built_trainer(kind, tmp_path)
+    expected = optimizer_options(torch.device("cpu")).get("fused") or None
+    assert expected, "torch 2.4+ has fused SGD/Adam/AdamW kernels for the CPU"
+    for name, opt in trainer.optimizers().items():
+        assert opt.defaults.get("fused") is expected, name
+
+
+@pytest.mark.parametrize("kind", ["classifier", "vae", "dcgan"])
+def test_compile_wraps_the_models_but_checkpoints_hold_plain_weights(kind, tmp_path):
+    plain = _built_trainer(kind, tmp_path / "a")
+    compiled = _built_trainer(kind, tmp_path / "b", compile=True)
+    wrapped = [m for m in vars(compiled).values() if isinstance(m, torch._dynamo.eval_frame.OptimizedModule)]
+    assert wrapped, "config['compile'] should torch.compile the trained models"
+    assert not any(isinstance(m, torch._dynamo.eval_frame.OptimizedModule) for m in vars(plain).values())
+    for name, module in compiled.modules().items():
+        keys = list(module.state_dict())
+        assert keys == list(plain.modules()[name].state_dict()), name
+        assert not any("_orig_mod" in k for k in keys), name
+
+
+def test_compile_flag_reaches_the_config_and_may_change_on_resume(tmp_path, monkeypatch):
+    """`--compile` is a speed setting: saved in config.json, and a resumed run may turn it on or off."""
+    import dllab.engine as engine
+
+    compiled_models = []
+    monkeypatch.setattr(engine.torch, "compile", lambda m, **kw: compiled_models.append(m) or m)
+    out = tmp_path / "run"
+    assert main(train_argv("vae", out, "--compile", limit=64, epochs=1)) == 0
+    assert json.loads((out / "config.json").read_text())["compile"] is True
+    assert compiled_models, "the engine should have called torch.compile"
+    compiled_models.clear()
+    assert main(train_argv("vae", out, "--resume", limit=64, epochs=2)) == 0
+    assert json.loads((out / "config.json").read_text())["compile"] is False
+    assert not compiled_models
+
+
+@pytest.mark.slow
+def test_a_compiled_run_trains_and_resumes(tmp_path):
+    """The real torch.compile path end to end (a minute or more of compilation on a 2-core CPU)."""
+    out = tmp_path / "run"
+    assert main(train_argv("vae", out, "--compile", limit=64, epochs=1)) == 0
+    assert main(train_argv("vae", out, "--compile", "--resume", limit=64, epochs=2)) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["epochs"] == 2 and all(map(torch.isfinite, map(torch.as_tensor, [summary["test_elbo"]])))

@@ -114,6 +114,9 @@ def add_common_train_arguments(p: argparse.ArgumentParser, defaults: dict) -> No
                    help="autocast dtype; auto = bf16 on GPUs and on CPUs with AMX/AVX512-BF16, else fp32")
     g.add_argument("--channels-last", action="store_true", default=defaults["channels_last"],
                    help="use the channels_last memory format")
+    g.add_argument("--compile", action="store_true", default=defaults["compile"],
+                   help="torch.compile the model(s): minutes to build, then faster steps for the "
+                        "classifier and DCGAN on this project's CPU (see benchmarks/train_throughput.py)")
     g.add_argument("--sync-bn", action="store_true",
                    help="under torchrun, convert BatchNorm layers to SyncBatchNorm")
     g.add_argument("--max-nonfinite", type=positive_int, default=defaults["max_nonfinite"],

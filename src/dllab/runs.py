@@ -154,6 +154,24 @@ class Run:
             raise RunFolderError(f"{path} is not a dllab run folder (no config.json)")
         return cls(path, read_json(path / "config.json"), writer=False)
 
+    def update_config(self, changes: dict) -> None:
+        """Apply settings changed on resume (e.g. more ``epochs``) to ``config`` and config.json.
+
+        config.json then describes the run as it is continued; each resume that changed something
+        appends ``{"at": time, "changed": {key: [old, new]}}`` to its ``"resumed"`` list.
+        """
+        changed = {k: [self.config.get(k), v] for k, v in changes.items() if self.config.get(k) != v}
+        if not changed:
+            return
+        self.config.update({k: new for k, (_, new) in changed.items()})
+        stamp = _dt.datetime.now().isoformat(timespec="seconds")
+        self.config["resumed"] = [*self.config.get("resumed", []), {"at": stamp, "changed": changed}]
+        if self.writer:
+            try:
+                write_json(self.path / "config.json", self.config)
+            except OSError as e:
+                raise RunFolderError(f"cannot write run folder {self.path}: {e.strerror or e}") from e
+
     def _open_tensorboard(self) -> None:
         try:
             from torch.utils.tensorboard import SummaryWriter

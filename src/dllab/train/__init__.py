@@ -38,13 +38,14 @@ COMMON_DEFAULTS = {
     "checkpoint_every": 0,
     "max_nonfinite": 20,
     "channels_last": False,
+    "compile": False,
     "sync_bn": False,
     "augment": True,
     "verify": True,
 }
 
 #: settings that may change when a run is resumed (the rest must match the saved config)
-RESUMABLE = ("epochs", "device", "data_dir", "log_every", "checkpoint_every", "max_nonfinite")
+RESUMABLE = ("epochs", "device", "data_dir", "log_every", "checkpoint_every", "max_nonfinite", "compile")
 
 
 def kind_module(kind: str) -> ModuleType:
@@ -109,8 +110,8 @@ def train(kind: str, config: dict | None = None, *, resume: bool = False, quiet:
     if hasattr(module, "validate"):
         module.validate(config, data)
     run = create_run(config["out"], config, resume=resume)  # rank 0 writes, the others read
-    if resume:
-        run.config.update({k: config[k] for k in RESUMABLE if k in config})
+    if resume:  # e.g. more epochs: recorded in config.json
+        run.update_config({k: config[k] for k in RESUMABLE if k in config})
     trainer = module.TRAINER(run.config, data, run, device, quiet=quiet)
     summary = trainer.fit(resume=resume)
     summary["run"] = str(run.path)
