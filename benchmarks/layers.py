@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import statistics
 import sys
 import time
@@ -44,6 +43,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+import _procmem  # benchmarks/_procmem.py, next to this script
 from dllab.layers import BatchNorm2d, Conv2d, MaxPool2d
 from dllab.layers.functional import clear_workspace, workspace_bytes
 
@@ -125,30 +125,6 @@ def time_step(layer, x, g, autocast, device) -> float:
 # ------------------------------------------------------------------------------------------------
 # memory
 
-_LIBC = None
-
-
-def _cpu_memory_setup() -> bool:
-    """Make freed blocks >= 64 KiB go back to the OS, so resident memory follows live tensors."""
-    global _LIBC
-    try:
-        _LIBC = ctypes.CDLL("libc.so.6")
-        ok = _LIBC.mallopt(-3, 1 << 16) == 1  # M_MMAP_THRESHOLD
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return ok
-    except OSError:
-        return False
-
-
-def _proc_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def peak_step_memory(layer, x, g, autocast, device, cpu_ok: bool) -> float | None:
     """Peak memory (MiB) one step adds over what is allocated before it; None if not measurable."""
     layer.zero_grad(set_to_none=True)
@@ -162,11 +138,7 @@ def peak_step_memory(layer, x, g, autocast, device, cpu_ok: bool) -> float | Non
         return (torch.cuda.max_memory_allocated(device) - base) / 2**20
     if not cpu_ok:
         return None
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    base = _proc_kb("VmRSS:")
-    step(layer, x, g, autocast, device)
-    return (_proc_kb("VmHWM:") - base) / 1024
+    return _procmem.step_peak_mib(lambda: step(layer, x, g, autocast, device))
 
 
 def saved_bytes(layer, x, autocast, device) -> float:
@@ -290,7 +262,7 @@ def main(argv=None) -> None:
         raise SystemExit(f"--batch and --repeats must be positive, got {batch} and {repeats}")
     memory_format = torch.channels_last if args.memory_format == "channels_last" else torch.contiguous_format
     cases = [c for c in resnet18_cases() if args.only is None or args.only in c.name]
-    cpu_mem_ok = device.type == "cpu" and _cpu_memory_setup()
+    cpu_mem_ok = device.type == "cpu" and _procmem.setup()
     print("command: python benchmarks/layers.py " + " ".join(argv if argv is not None else sys.argv[1:]))
     dtypes = ("fp32", "bf16") if args.dtype == "both" else (args.dtype,)
     for dt in dtypes:

@@ -19,11 +19,13 @@ bundled MNIST-5k digits (1 x 28 x 28) at the same batch size, it times one train
 - ``dllab``: the kind's real ``Trainer.train_step`` as ``dllab train`` runs it (the engine's
   per-step work included), fed by dllab's in-memory ``BatchLoader`` (whole-batch augmentation),
   no host syncs in the loop.
-- ``dllab+fused``: the same with ``fused=True`` optimisers (one kernel per step for all
-  parameters), what ``dllab.utils.optimizer_options`` gives. ``+cl``: channels_last (the
-  classifier's ``--channels-last``). ``+bf16``: bf16 autocast (``--bf16``). ``+compile``:
-  ``torch.compile`` of the models, as the engine does with ``config["compile"]`` (only with
-  ``--compile``: each model takes one to three minutes to build on a 2-core CPU).
+  Its optimisers are fused (one kernel per step for all parameters, what
+  ``dllab.utils.optimizer_options`` gives), as in ``dllab train``.
+- ``dllab-loopopt``: the same with the optimisers' default for-loop kernel, to show what fusing
+  is worth. ``+cl``: channels_last (the classifier's ``--channels-last``). ``+bf16``: bf16
+  autocast (``--bf16``). ``+compile``: ``torch.compile`` of the models, as ``dllab train
+  --compile`` does (only with ``--compile``: each model takes one to three minutes to build on a
+  2-core CPU).
 
 Every variant is built once; then each round times every variant in turn (the order rotates), for
 ``--seconds`` (at least ``--min-steps`` steps) after ``--warmup`` steps, and the figure is the
@@ -40,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import functools
 import json
 import statistics
@@ -53,6 +54,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import _procmem  # benchmarks/_procmem.py, next to this script
+
 KINDS = ("classifier", "vae", "dcgan")
 BATCH = {"classifier": 32, "vae": 128, "dcgan": 64}  # CPU defaults; dllab's own for VAE and DCGAN
 
@@ -63,25 +66,6 @@ def sync(device: torch.device) -> None:
 
 
 # ---- memory --------------------------------------------------------------------------------------
-def _cpu_memory_setup() -> bool:
-    """Return freed blocks >= 64 KiB to the OS and check that VmHWM can be reset (Linux only)."""
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _proc_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def step_memory(runner, device: torch.device, cpu_ok: bool) -> float | None:
     """MiB one step adds at its peak over what is allocated before it; None if not measurable."""
     if device.type == "cuda":
@@ -93,11 +77,7 @@ def step_memory(runner, device: torch.device, cpu_ok: bool) -> float | None:
         return (torch.cuda.max_memory_allocated(device) - base) / 2**20
     if not cpu_ok:
         return None
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    base = _proc_kb("VmRSS:")
-    runner.step()
-    return (_proc_kb("VmHWM:") - base) / 1024
+    return _procmem.step_peak_mib(runner.step)
 
 
 def state_mib(modules, optimizers) -> float:
@@ -273,28 +253,29 @@ class Reference:
 
 # ---- dllab's trainers -----------------------------------------------------------------------------
 @contextlib.contextmanager
-def fused_optimizers():
-    """While building a trainer, make ``torch.optim.SGD/Adam/AdamW`` fused (as optimizer_options)."""
-    from dllab.utils import optimizer_options
-
+def loop_optimizers():
+    """While building a trainer, make ``torch.optim.SGD/Adam/AdamW`` ignore ``fused=True`` and use
+    their default for-loop kernel: the trainers ask for fused kernels (``optimizer_options``), and
+    this shows what that is worth."""
     names = ("SGD", "Adam", "AdamW")
     saved = {n: getattr(torch.optim, n) for n in names}
+
+    def unfused(cls):
+        return lambda *args, **kwargs: cls(*args, **{**kwargs, "fused": None})
+
     try:
         for n, cls in saved.items():
-            setattr(torch.optim, n, functools.partial(cls, **optimizer_options(_DEVICE[0])))
+            setattr(torch.optim, n, unfused(cls))
         yield
     finally:
         for n, cls in saved.items():
             setattr(torch.optim, n, cls)
 
 
-_DEVICE = [torch.device("cpu")]
-
-
 class Dllab:
     """A dllab trainer's ``train_step`` driven as ``Trainer.fit`` drives it (no logging I/O)."""
 
-    def __init__(self, kind: str, data, batch: int, device, *, fused=False, channels_last=False,
+    def __init__(self, kind: str, data, batch: int, device, *, fused=True, channels_last=False,
                  compile=False, precision="fp32", seed: int = 0):
         from dllab.runs import Run
         from dllab.train import defaults, kind_module
@@ -306,7 +287,7 @@ class Dllab:
                   "compile": compile, "out": tempfile.gettempdir()}
         run = Run(Path(tempfile.gettempdir()) / "dllab-bench-unused", config, writer=False)
         trainer = kind_module(kind).TRAINER(config, data, run, device, quiet=True)
-        with fused_optimizers() if fused else contextlib.nullcontext():
+        with contextlib.nullcontext() if fused else loop_optimizers():
             trainer.build()
         self.trainer, self.kind, self.batch = trainer, kind, batch
         self.loader = trainer.loader("train", shuffle=True, augment=bool(config["augment"]), drop_last=True)
@@ -368,13 +349,13 @@ def loader_rates(ref: Reference, ours: Dllab, device, n_batches: int) -> tuple[f
 
 
 def variants_for(kind: str, compile: bool, bf16: bool) -> list[tuple[str, dict]]:
-    out = [("dllab", {}), ("dllab+fused", {"fused": True})]
+    out = [("dllab-loopopt", {"fused": False}), ("dllab", {})]
     if kind == "classifier":
-        out.append(("dllab+fused+cl", {"fused": True, "channels_last": True}))
+        out.append(("dllab+cl", {"channels_last": True}))
     if bf16:
-        out.append(("dllab+fused+bf16", {"fused": True, "precision": "bf16"}))
+        out.append(("dllab+bf16", {"precision": "bf16"}))
     if compile:
-        out.append(("dllab+fused+compile", {"fused": True, "compile": True}))
+        out.append(("dllab+compile", {"compile": True}))
     return out
 
 
@@ -460,7 +441,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     _DEVICE[0] = device
-    cpu_mem = device.type == "cpu" and _cpu_memory_setup()
+    cpu_mem = device.type == "cpu" and _procmem.setup()
     data = load(args.dataset, data_dir=args.data_dir)
     print(f"# dllab training throughput: torch {torch.__version__}, "
           f"CPU capability {torch.backends.cpu.get_cpu_capability()}, "
