@@ -18,7 +18,7 @@ import io
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -251,9 +251,6 @@ def test_batch_norm_matches_torch_or_both_refuse(n, c, extra, stat_size, trainin
                                                  affine, stats, seed):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn((n, c, *extra), generator=g, dtype=torch.float64) * 3 + 1
-    # known differences, pinned by the xfail tests below (reported to the layers' owner):
-    assume(not (training and eps == 0))  # torch 2.14 refuses eps=0 in training; dllab allows it
-    assume(not (n == 0 and not training and not stats))  # torch: empty output; dllab: ValueError
     rm = torch.randn(stat_size, generator=g, dtype=torch.float64) if stats else None
     rv = torch.rand(stat_size, generator=g, dtype=torch.float64) + 0.5 if stats else None
     weight = torch.randn(c, generator=g, dtype=torch.float64) if affine else None
@@ -348,8 +345,6 @@ def test_batchnorm2d_module_matches_torch_or_both_refuse(features, eps, momentum
         torch.testing.assert_close(ours.state_dict()[key], value, rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.xfail(strict=True, reason="dllab.layers.functional.batch_norm accepts eps=0 in "
-                   "training, where torch >= 2.14 raises ValueError")
 def test_batch_norm_refuses_zero_eps_in_training_like_torch():
     x = torch.randn(4, 2, dtype=torch.float64)
     with pytest.raises(ValueError, match="eps"):
@@ -358,8 +353,6 @@ def test_batch_norm_refuses_zero_eps_in_training_like_torch():
         DF.batch_norm(x, None, None, training=True, eps=0.0)
 
 
-@pytest.mark.xfail(strict=True, reason="on an empty batch in evaluation mode without running "
-                   "statistics torch returns an empty tensor; dllab raises ValueError")
 def test_batch_norm_on_an_empty_eval_batch_without_statistics_like_torch():
     x = torch.randn(0, 2, dtype=torch.float64)
     assert F.batch_norm(x, None, None, training=False).shape == (0, 2)

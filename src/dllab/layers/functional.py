@@ -221,7 +221,13 @@ def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_v
         raise ValueError(f"batch_norm needs a floating-point input, got {input.dtype}")
     if eps < 0:
         raise ValueError(f"eps must be non-negative, got eps={eps}")
+    if training and eps == 0:  # a constant channel would divide by zero (torch refuses it too)
+        raise ValueError(f"batch_norm eps must be positive during training, got eps={eps}")
     shape = (1, c) + (1,) * (input.dim() - 2)
+    if input.numel() == 0:  # an empty batch: empty output, running statistics untouched (as torch)
+        one = torch.ones((), dtype=input.dtype, device=input.device)
+        scale = one if weight is None else weight.view(shape)
+        return input * scale + (0 if bias is None else bias.view(shape))
     if not training:
         if running_mean is None or running_var is None:
             raise ValueError("running_mean and running_var must be given in evaluation mode (training=False)")
@@ -233,10 +239,6 @@ def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_v
     n = input.numel() // c if c else 0
     if n == 1:
         raise ValueError(f"expected more than 1 value per channel when training, got input of size {list(input.shape)}")
-    if n == 0:  # an empty batch: empty output, running statistics untouched (as torch)
-        one = torch.ones((), dtype=input.dtype, device=input.device)
-        scale = one if weight is None else weight.view(shape)
-        return input * scale + (0 if bias is None else bias.view(shape))
     if momentum is None:  # the module turns momentum=None into 1/num_batches_tracked before calling
         raise ValueError("momentum must be a number in training mode, got momentum=None")
     y, mean, var = BatchNormTrainFunction.apply(input, weight, bias, eps)
