@@ -271,6 +271,11 @@ POOL_GRID = [
     (7, 9, 3, 3, 1, 1, True),
     (5, 5, 5, 1, 2, 1, False),
     (4, 4, 1, 1, 0, 1, False),
+    # column strides whose taps fall on different column phases (the NCHW path splits by phase)
+    (12, 13, 3, (1, 3), 1, (1, 2), True),
+    (10, 11, (2, 4), (2, 3), (1, 2), 1, False),
+    (9, 20, 3, (2, 4), 1, 3, False),
+    (20, 20, 17, 1, 8, 1, False),  # 289 taps
 ]
 
 
@@ -300,6 +305,18 @@ def test_max_pool2d_ties_route_to_first_maximum(stride):
     ia = LF.max_pool2d(x, 3, stride, 1, return_indices=True)[1]
     ib = F.max_pool2d(x, 3, stride, 1, return_indices=True)[1]
     assert torch.equal(ia, ib)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_max_pool2d_half_precision_like_torch(dtype, channels_last):
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 5, 13, 12, generator=gen).to(dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    ya, ia = LF.max_pool2d(x, 3, 2, 1, return_indices=True)
+    yb, ib = F.max_pool2d(x, 3, 2, 1, return_indices=True)
+    assert ya.dtype == dtype and torch.equal(ya, yb) and torch.equal(ia, ib)
 
 
 def test_max_pool2d_infinities_and_nan():
