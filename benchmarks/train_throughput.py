@@ -440,7 +440,6 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    _DEVICE[0] = device
     cpu_mem = device.type == "cpu" and _procmem.setup()
     data = load(args.dataset, data_dir=args.data_dir)
     print(f"# dllab training throughput: torch {torch.__version__}, "
