@@ -73,12 +73,25 @@ def reduce_dims(x: torch.Tensor) -> tuple[int, ...]:
     return (0,) + tuple(range(2, x.dim()))
 
 
+def channel_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, out: torch.Tensor | None = None):
+    """``x * scale + shift`` with per-channel ``scale``/``shift`` already shaped (1, C, 1, ...).
+
+    For NCHW inputs a multiply followed by an in-place add is 2-4x faster on the CPU than one
+    ``addcmul`` whose first operand is the broadcast shift (0.13 against 0.5 ms for a
+    64x512x4x4 tensor here); for channels-last inputs ``addcmul`` is the faster one.
+    """
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.addcmul(shift, x, scale, out=out) if out is not None else torch.addcmul(shift, x, scale)
+    y = torch.mul(x, scale, out=out) if out is not None else torch.mul(x, scale)
+    return y.add_(shift)
+
+
 def scale_shift(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
     """``x * scale + shift`` per channel, computed in scale's dtype, returned in x's dtype."""
     shape = channel_shape(x)
     shift = torch.zeros_like(scale) if shift is None else shift
     if scale.dtype == x.dtype:
-        return torch.addcmul(shift.view(shape), x, scale.view(shape))
+        return channel_affine(x, scale.view(shape), shift.view(shape))
     if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad or shift.requires_grad):
         return torch.addcmul(shift.view(shape), x, scale.view(shape)).to(x.dtype)  # autograd can't use out=
     out = torch.empty_like(x)  # computed in scale's dtype, rounded once into x's
@@ -134,7 +147,7 @@ class BatchNormTrainFunction(torch.autograd.Function):
             if bias is None:
                 torch.mul(xc, scale.view(shape), out=y)
             else:
-                torch.addcmul(bias.to(acc).view(shape), xc, scale.view(shape), out=y)
+                channel_affine(xc, scale.view(shape), bias.to(acc).view(shape), out=y)
         ctx.save_for_backward(z, weight, mean, invstd)
         ctx.shifted = shifted  # z = x - mean (True) or z = x (False)
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -168,7 +181,7 @@ class BatchNormTrainFunction(torch.autograd.Function):
             c = -a * sum_g / n - b * k
             grad_x = torch.empty_like(ctx.saved_tensors[0])  # x's dtype and layout
             if grad_x.dtype == acc:
-                torch.addcmul(c.view(shape), z, b.view(shape), out=grad_x).addcmul_(g, a.view(shape))
+                channel_affine(z, b.view(shape), c.view(shape), out=grad_x).addcmul_(g, a.view(shape))
             else:
                 tmp = workspace.buffer_like("bn_tmp", z, acc)
                 torch.addcmul(torch.addcmul(c.view(shape), z, b.view(shape), out=tmp), g, a.view(shape), out=grad_x)
