@@ -1,6 +1,7 @@
 """End-to-end training through the CLI on tiny real data: run folders, resume, kill, faults."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -217,4 +218,4 @@ def test_a_compiled_run_trains_and_resumes(tmp_path):
     assert main(train_argv("vae", out, "--compile", limit=64, epochs=1)) == 0
     assert main(train_argv("vae", out, "--compile", "--resume", limit=64, epochs=2)) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["epochs"] == 2 and all(map(torch.isfinite, map(torch.as_tensor, [summary["test_elbo"]])))
+    assert summary["epochs"] == 2 and math.isfinite(summary["test_elbo"])

@@ -41,13 +41,16 @@ from dllab.layers import _workspace as workspace
 from dllab.layers._conv import suggest_memory_format
 
 
-def padded_input(x: torch.Tensor, padding, size: tuple[int, int], channels_last: bool) -> torch.Tensor:
-    """x (N, C, H, W) inside a -inf (or dtype-minimum) border, ``size`` = (Hp, Wp); x itself if no border."""
+def padded_input(x: torch.Tensor, kernel, stride, padding, dilation, out_hw, channels_last: bool) -> torch.Tensor:
+    """x (N, C, H, W) inside a -inf (or dtype-minimum) border wide enough for every window of the
+    (Ho, Wo) output; x itself if no border is needed."""
     n, c, h, w = x.shape
-    hp, wp = size
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw), (ho, wo) = kernel, stride, padding, dilation, out_hw
+    # ceil_mode may let the last window run past the right/bottom padding
+    hp = max(h + 2 * ph, sh * (ho - 1) + dh * (kh - 1) + 1)
+    wp = max(w + 2 * pw, sw * (wo - 1) + dw * (kw - 1) + 1)
     if (hp, wp) == (h, w):
         return x
-    ph, pw = padding
     low = -torch.inf if x.is_floating_point() else torch.iinfo(x.dtype).min
     border = (ph, hp - h - ph, pw, wp - w - pw)
     if channels_last:
@@ -73,9 +76,8 @@ def max_pool2d_forward(x: torch.Tensor, kernel, stride, padding, dilation, out_h
     if not x.is_floating_point() or x.numel() == 0 or n * c * ho * wo == 0:
         return _forward_windows(x, kernel, stride, padding, dilation, out_hw)
     channels_last = suggest_memory_format(x) == torch.channels_last
-    hp = max(h + 2 * ph, sh * (ho - 1) + dh * (kh - 1) + 1)
-    wp = max(w + 2 * pw, sw * (wo - 1) + dw * (kw - 1) + 1)
-    xp = padded_input(x, padding, (hp, wp), channels_last)
+    xp = padded_input(x, kernel, stride, padding, dilation, out_hw, channels_last)
+    hp, wp = xp.shape[2:]
     if channels_last or sw == 1:
         def tap_view(i: int, j: int) -> torch.Tensor:  # tap (i, j) of every window, (N, C, Ho, Wo)
             return xp[:, :, i * dh:i * dh + sh * (ho - 1) + 1:sh, j * dw:j * dw + sw * (wo - 1) + 1:sw]
@@ -121,10 +123,7 @@ def _forward_windows(x: torch.Tensor, kernel, stride, padding, dilation, out_hw)
     n, c, h, w = x.shape
     (kh, kw), (sh, sw), (ph, pw), (dh, dw), (ho, wo) = kernel, stride, padding, dilation, out_hw
     channels_last = suggest_memory_format(x) == torch.channels_last
-    # ceil_mode may let the last window run past the right/bottom padding
-    hp = max(h + 2 * ph, sh * (ho - 1) + dh * (kh - 1) + 1)
-    wp = max(w + 2 * pw, sw * (wo - 1) + dw * (kw - 1) + 1)
-    xp = padded_input(x, padding, (hp, wp), channels_last)
+    xp = padded_input(x, kernel, stride, padding, dilation, out_hw, channels_last)
     s_n, s_c, s_h, s_w = xp.stride()
     taps = xp.as_strided((kh, kw, n, c, ho, wo), (dh * s_h, dw * s_w, s_n, s_c, sh * s_h, sw * s_w),
                          xp.storage_offset())
