@@ -98,16 +98,49 @@ def scale_shift(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None
     return torch.addcmul(shift.view(shape), x, scale.view(shape), out=out)
 
 
+def channel_sum(x: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """sum(x) per channel, in ``acc``.
+
+    A contiguous (N, C, *) tensor is summed as its (N, C, L) view in two steps, which on the CPU
+    here is up to 3x faster than one reduction over (0, 2, 3): planes of 64 values or more are
+    summed first along their contiguous length L, then over N; smaller planes over N first (a
+    reduction across the outer dimension, vectorised along the C*L contiguous values), then over L.
+    """
+    if x.dim() > 2 and x.is_contiguous():
+        x3 = x.view(x.shape[0], x.shape[1], -1)
+        if x3.shape[2] >= 64:
+            return x3.sum(2, dtype=acc).sum(0)
+        return x3.sum(0, dtype=acc).sum(1)
+    return x.sum(reduce_dims(x), dtype=acc)
+
+
+def channel_sumsq(x: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """sum(x^2) per channel, in ``acc``, without a tensor-sized temporary where that is faster.
+
+    torch's CPU norm kernel is fast along a contiguous dimension but not vectorised across an
+    outer one (reducing a channels-last tensor over (0, 2, 3) took 20x as long as summing it).
+    Contiguous (N, C, *): the 2-norm of each (image, channel) plane, squared and summed over N.
+    Channels-last (and 2-D (N, C)) on the CPU: x*x into a workspace buffer, then a channel sum.
+    """
+    if x.dim() > 2 and x.is_contiguous():
+        return torch.linalg.vector_norm(x.view(x.shape[0], x.shape[1], -1), 2, 2, dtype=acc).square_().sum(0)
+    if x.device.type == "cpu":
+        return channel_dot(x, x, acc)
+    return torch.linalg.vector_norm(x, 2, reduce_dims(x), dtype=acc).square_()
+
+
 def channel_dot(g: torch.Tensor, z: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
-    """sum(g * z) per channel, in ``acc``: one batched dot product for contiguous (N, C, L >= 64) inputs."""
-    n, c = z.shape[0], z.shape[1]
-    plane = z.numel() // max(n * c, 1)
-    if g.dtype == z.dtype == acc and g.is_contiguous() and z.is_contiguous() and n * c > 0 and plane >= 64:
-        # (N*C, 1, L) @ (N*C, L, 1): the dot of every (image, channel) plane, no temporary tensor
-        per_plane = torch.bmm(g.reshape(n * c, 1, -1), z.reshape(n * c, -1, 1))
-        return per_plane.view(n, c).sum(0)
+    """sum(g * z) per channel, in ``acc``: the product in a workspace buffer (z's layout), then a channel sum.
+
+    The product is taken in ``acc`` (a bfloat16 z is widened first), so no product is rounded to
+    half precision.
+    """
     tmp = workspace.buffer_like("bn_tmp", z, acc)
-    return torch.mul(g, z, out=tmp).sum(reduce_dims(z))
+    if z.dtype == acc:
+        torch.mul(g, z, out=tmp)
+    else:
+        tmp.copy_(z).mul_(g)
+    return channel_sum(tmp, acc)
 
 
 class BatchNormTrainFunction(torch.autograd.Function):
@@ -121,12 +154,12 @@ class BatchNormTrainFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps):
         acc = acc_dtype(x.dtype)
-        dims, shape = reduce_dims(x), channel_shape(x)
+        shape = channel_shape(x)
         n = x.numel() // x.shape[1]
-        mean = x.sum(dims, dtype=acc) / n  # (C,)
+        mean = channel_sum(x, acc) / n  # (C,)
         z, shifted = x, False
         if x.device.type == "cpu" and acc != torch.float64:
-            sq = torch.linalg.vector_norm(x, 2, dims, dtype=acc).square_() / n  # mean of x^2
+            sq = channel_sumsq(x, acc) / n  # mean of x^2
             var = (sq - mean * mean).clamp_(min=0)
             if bool((mean * mean > ONE_PASS_MAX_RATIO * var).any()):
                 var = None  # ill-conditioned: fall back to two passes
@@ -136,7 +169,7 @@ class BatchNormTrainFunction(torch.autograd.Function):
         if var is None:
             keep = x.dtype == acc  # xc is kept for backward only at full precision
             xc = torch.sub(x, mean.view(shape), out=None if keep else workspace.buffer_like("bn_xc", x, acc))
-            var = torch.linalg.vector_norm(xc, 2, dims).square_() / n
+            var = channel_sumsq(xc, acc) / n
             z, shifted = (xc, True) if keep else (x, False)
         invstd = torch.rsqrt(var + eps)
         scale = invstd if weight is None else invstd * weight.to(acc)
@@ -163,14 +196,14 @@ class BatchNormTrainFunction(torch.autograd.Function):
         z, weight, mean, invstd = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         acc = mean.dtype
-        dims, shape = reduce_dims(z), channel_shape(z)
+        shape = channel_shape(z)
         n = z.numel() // z.shape[1]
         if z.dtype != acc:  # half precision: work on a float32 copy of x
             z = torch.empty_like(z, dtype=acc) if z.device.type != "cpu" else workspace.buffer_like("bn_xc", z, acc)
             z.copy_(ctx.saved_tensors[0])
         k = torch.zeros_like(mean) if ctx.shifted else mean  # x - mean = z - k
         g = grad_y
-        sum_g = g.sum(dims, dtype=acc)  # (C,)  = dL/dbeta
+        sum_g = channel_sum(g, acc)  # (C,)  = dL/dbeta
         sum_g_xc = channel_dot(g, z, acc) - k * sum_g  # sum(g * (x - mean))
         sum_g_xhat = sum_g_xc * invstd  # (C,)  = dL/dgamma
         grad_x = grad_w = grad_b = None
