@@ -5,11 +5,18 @@ largest allocation ever made rather than what is live. :func:`setup` makes glibc
 64 KiB or more to the system on free (``mallopt(M_MMAP_THRESHOLD)``), and :func:`step_peak_mib`
 resets the process's peak resident size (``VmHWM``, through ``/proc/self/clear_refs``) before a
 step, so ``VmHWM - VmRSS before`` is what that step added at its peak.
+
+That setting cannot be undone, and it slows a process down: every large tensor then comes from a
+fresh mapping whose pages fault in one by one when first written (about 1.5 ms per 4 MiB here,
+several times the arithmetic of a batch-norm step on it). So the timings must not run under it:
+:func:`in_child` runs the memory measurements in a separate (spawned) process, which calls
+:func:`setup` itself, while the benchmark times in its own process with glibc's defaults.
 """
 
 from __future__ import annotations
 
 import ctypes
+import multiprocessing
 from typing import Callable
 
 _M_MMAP_THRESHOLD = -3
@@ -45,3 +52,13 @@ def step_peak_mib(step: Callable[[], object]) -> float:
     base = proc_kb("VmRSS:")
     step()
     return (proc_kb("VmHWM:") - base) / 1024
+
+
+def in_child(fn: Callable, *args):
+    """``fn(*args)`` run in a fresh spawned Python process; its return value (picklable) comes back.
+
+    ``fn`` must be a module-level function of an importable module (the benchmark script itself
+    is fine: spawn re-imports it without running its ``__main__`` block).
+    """
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)

@@ -24,11 +24,14 @@ Memory: on CUDA, the peak of ``torch.cuda.max_memory_allocated`` during one step
 allocated before it. On CPU, the growth of the process's peak resident memory (Linux VmHWM,
 reset through /proc/self/clear_refs) during one step, with glibc told to return every block of
 64 KiB or more to the system on free (mallopt M_MMAP_THRESHOLD), so that the figure follows
-the tensors alive; it includes the step's output, gradients and temporary buffers; the scratch layers' CPU workspace is emptied
-before that step, so the buffers it allocates are counted, and ``ws`` is what the workspace holds
-after it (kept for the next call, see ``dllab/layers/_workspace.py``). ``saved`` is
-the memory autograd keeps between forward and backward (distinct storages reached by
-saved-tensor hooks), measured on any device.
+the tensors alive; it includes the step's output, gradients and temporary buffers. That glibc
+setting makes every large allocation fault its pages in afresh, which would slow the timed steps
+(both implementations, by up to 2x for batch norm), so the CPU memory figures come from a
+separate process (``_procmem.in_child``) and the timings from this one, with glibc's defaults.
+The scratch layers' CPU workspace is emptied before the measured step, so the buffers it allocates
+are counted, and ``ws`` is what the workspace holds after it (kept for the next call, see
+``dllab/layers/_workspace.py``). ``saved`` is the memory autograd keeps between forward and
+backward (distinct storages reached by saved-tensor hooks), measured on any device.
 """
 
 from __future__ import annotations
@@ -125,8 +128,8 @@ def time_step(layer, x, g, autocast, device) -> float:
 # ------------------------------------------------------------------------------------------------
 # memory
 
-def peak_step_memory(layer, x, g, autocast, device, cpu_ok: bool) -> float | None:
-    """Peak memory (MiB) one step adds over what is allocated before it; None if not measurable."""
+def peak_step_memory(layer, x, g, autocast, device) -> float:
+    """Peak memory (MiB) one step adds over what is allocated before it (on CPU: after ``_procmem.setup()``)."""
     layer.zero_grad(set_to_none=True)
     x.grad = None
     if device.type == "cuda":
@@ -136,9 +139,35 @@ def peak_step_memory(layer, x, g, autocast, device, cpu_ok: bool) -> float | Non
         step(layer, x, g, autocast, device)
         sync(device)
         return (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    if not cpu_ok:
-        return None
     return _procmem.step_peak_mib(lambda: step(layer, x, g, autocast, device))
+
+
+def memory_rows(device_name: str, dtype: str, batch: int, channels_last: bool, names: list[str],
+                threads: int) -> dict[str, tuple[float, float, float]] | None:
+    """{row name: (scratch peak MiB, workspace MiB after it, torch peak MiB)} for the named rows.
+
+    On CPU this runs in a child process (see ``main``), since it needs ``_procmem.setup()``; it
+    returns None where that is unavailable (not Linux).
+    """
+    device = torch.device(device_name)
+    torch.set_num_threads(threads)
+    if device.type == "cpu" and not _procmem.setup():
+        return None
+    autocast = dtype == "bf16"
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    out = {}
+    for case in (c for c in resnet18_cases() if c.name in names):
+        torch.manual_seed(0)
+        ours, ref = build(case, device)
+        x = torch.randn(batch, *case.chw, device=device).contiguous(memory_format=memory_format)
+        x.requires_grad_(case.input_grad)
+        g = step(ours, x, None, autocast, device)  # warm-up
+        step(ref, x, g, autocast, device)
+        clear_workspace()  # the step below allocates the workspace it needs: counted in the peak
+        m_s = peak_step_memory(ours, x, g, autocast, device)
+        ws = workspace_bytes() / 2**20
+        out[case.name] = (m_s, ws, peak_step_memory(ref, x, g, autocast, device))
+    return out
 
 
 def saved_bytes(layer, x, autocast, device) -> float:
@@ -164,8 +193,12 @@ def saved_bytes(layer, x, autocast, device) -> float:
 # ------------------------------------------------------------------------------------------------
 
 def run(device: torch.device, dtype: str, batch: int, repeats: int, memory_format, cases: list[Case],
-        cpu_mem_ok: bool, out=sys.stdout) -> dict:
+        out=sys.stdout) -> dict:
     autocast = dtype == "bf16"
+    args = (str(device), dtype, batch, memory_format == torch.channels_last, [c.name for c in cases],
+            torch.get_num_threads())
+    # CPU: in a child process, so that this one times with glibc's default allocator (_procmem)
+    memory = _procmem.in_child(memory_rows, *args) if device.type == "cpu" else memory_rows(*args)
     print(f"\n== {dtype}{' autocast' if autocast else ''}, batch {batch}, {memory_format}, {device}, "
           f"{repeats} repeats, torch {torch.__version__}, {torch.get_num_threads()} threads ==", file=out)
     head = (f"{'layer':<28}{'n':>3}{'scratch ms':>12}{'torch ms':>10}{'ratio':>7}{'min':>6}"
@@ -184,17 +217,15 @@ def run(device: torch.device, dtype: str, batch: int, repeats: int, memory_forma
             pair = [(ours, t_s), (ref, t_t)]
             for layer, acc in (pair if r % 2 == 0 else pair[::-1]):
                 acc.append(time_step(layer, x, g, autocast, device))
-        clear_workspace()  # the step below allocates the workspace it needs: counted in the peak
-        m_s = peak_step_memory(ours, x, g, autocast, device, cpu_mem_ok)
-        ws = workspace_bytes() / 2**20
-        m_t = peak_step_memory(ref, x, g, autocast, device, cpu_mem_ok)
         sv_s, sv_t = saved_bytes(ours, x, autocast, device), saved_bytes(ref, x, autocast, device)
         ms, mt = statistics.median(t_s) * 1e3, statistics.median(t_t) * 1e3
         rows.append((case, ms, mt))
+        m_s, ws, m_t = memory[case.name] if memory else (None, None, None)
         peak = "n/a" if m_s is None else f"{m_s:.0f}/{m_t:.0f}"
+        ws = "n/a" if ws is None else f"{ws:.0f}"
         best = min(t_s) / min(t_t)
         print(f"{case.name:<28}{case.count:>3}{ms:>12.2f}{mt:>10.2f}{ms / mt:>7.2f}{best:>6.2f}{peak:>15}"
-              f"{f'{sv_s:.0f}/{sv_t:.0f}':>15}{ws:>8.0f}", file=out, flush=True)
+              f"{f'{sv_s:.0f}/{sv_t:.0f}':>15}{ws:>8}", file=out, flush=True)
     weighted_s = sum(c.count * s for c, s, _ in rows)
     weighted_t = sum(c.count * t for c, _, t in rows)
     overall = weighted_s / weighted_t if weighted_t else float("nan")
@@ -263,12 +294,11 @@ def main(argv=None) -> None:
         raise SystemExit(f"--batch and --repeats must be positive, got {batch} and {repeats}")
     memory_format = torch.channels_last if args.memory_format == "channels_last" else torch.contiguous_format
     cases = [c for c in resnet18_cases() if args.only is None or args.only in c.name]
-    cpu_mem_ok = device.type == "cpu" and _procmem.setup()
     print("command: python benchmarks/layers.py " + " ".join(argv if argv is not None else sys.argv[1:]))
     dtypes = ("fp32", "bf16") if args.dtype == "both" else (args.dtype,)
     for dt in dtypes:
         if cases:
-            run(device, dt, batch, repeats, memory_format, cases, cpu_mem_ok)
+            run(device, dt, batch, repeats, memory_format, cases)
         if args.resnet:
             resnet_step_ratio(device, dt, batch, repeats, memory_format)
 
