@@ -33,8 +33,9 @@ median of the rounds, so the load of a shared machine hits all alike. ``ratio`` 
 the reference's. ``step MiB``: the peak memory one step adds over what is allocated before it
 (CUDA: ``max_memory_allocated``; CPU: growth of the process's peak resident memory, Linux VmHWM
 reset through /proc/self/clear_refs, with glibc returning blocks of 64 KiB or more to the system on
-free); it includes the batch, activations, gradients, optimiser temporaries and, for the
-reference, its DataLoader. ``state MiB``: parameters + optimiser state. The loader table times
+free; measured in a separate process, since that glibc setting slows every large allocation and
+must not touch the timings); it includes the batch, activations, gradients, optimiser
+temporaries and, for the reference, its DataLoader. ``state MiB``: parameters + optimiser state. The loader table times
 each data pipeline alone (no model) against the step rate it has to feed.
 """
 
@@ -65,8 +66,8 @@ def sync(device: torch.device) -> None:
 
 
 # ---- memory --------------------------------------------------------------------------------------
-def step_memory(runner, device: torch.device, cpu_ok: bool) -> float | None:
-    """MiB one step adds at its peak over what is allocated before it; None if not measurable."""
+def step_memory(runner, device: torch.device) -> float:
+    """MiB one step adds at its peak over what is allocated before it (on CPU: after ``_procmem.setup()``)."""
     if device.type == "cuda":
         sync(device)
         base = torch.cuda.memory_allocated(device)
@@ -74,9 +75,35 @@ def step_memory(runner, device: torch.device, cpu_ok: bool) -> float | None:
         runner.step()
         sync(device)
         return (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    if not cpu_ok:
-        return None
     return _procmem.step_peak_mib(runner.step)
+
+
+def build_runners(kind: str, data, batch: int, device, args) -> dict[str, object]:
+    """The reference loop and every dllab variant of ``kind``, built (not yet run)."""
+    runners: dict[str, object] = {"reference": Reference(kind, data, batch, device, args.workers)}
+    for name, opts in variants_for(kind, args.compile, args.bf16):
+        runners[name] = Dllab(kind, data, batch, device, **opts)
+    return runners
+
+
+def memory_for_kind(kind: str, batch: int, args) -> dict[str, float] | None:
+    """{variant: step MiB} for ``kind``, measured in a child process on CPU (see ``bench_kind``).
+
+    Needs ``_procmem.setup()``, whose allocator setting would slow any timing run after it in the
+    same process; returns None where it is unavailable (not Linux).
+    """
+    from dllab.data import load
+    from dllab.utils import resolve_device
+
+    torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    if device.type == "cpu" and not _procmem.setup():
+        return None
+    runners = build_runners(kind, load(args.dataset, data_dir=args.data_dir), batch, device, args)
+    for r in runners.values():  # warm-up (and compilation), as in the timed process
+        for _ in range(args.warmup):
+            r.step()
+    return {name: step_memory(r, device) for name, r in runners.items()}
 
 
 def state_mib(modules, optimizers) -> float:
@@ -358,16 +385,13 @@ def variants_for(kind: str, compile: bool, bf16: bool) -> list[tuple[str, dict]]
     return out
 
 
-def bench_kind(kind: str, data, args, device, cpu_mem: bool) -> dict:
+def bench_kind(kind: str, data, args, device) -> dict:
     batch = args.batch_size or BATCH[kind]
     print(f"\n## {kind}  (batch {batch}, {data.name} {tuple(data.train_x.shape[1:])}, "
           f"{torch.get_num_threads()} thread(s), {device})", flush=True)
-    runners: dict[str, object] = {"reference": Reference(kind, data, batch, device, args.workers)}
-    build_s = {"reference": 0.0}
-    for name, opts in variants_for(kind, args.compile, args.bf16):
-        t = time.perf_counter()
-        runners[name] = Dllab(kind, data, batch, device, **opts)
-        build_s[name] = time.perf_counter() - t
+    # CPU memory first, in a child process: its allocator setting must not slow the timings here
+    memory = _procmem.in_child(memory_for_kind, kind, batch, args) if device.type == "cpu" else None
+    runners = build_runners(kind, data, batch, device, args)
     warm_s = {}
     for name, r in runners.items():  # warm-up (and compilation)
         t = time.perf_counter()
@@ -381,14 +405,15 @@ def bench_kind(kind: str, data, args, device, cpu_mem: bool) -> dict:
         order = names[rnd % len(names):] + names[:rnd % len(names)]
         for name in order:
             rates[name].append(images_per_second(runners[name], device, args.seconds, args.min_steps))
-    memory = {n: step_memory(r, device, cpu_mem) for n, r in runners.items()}
+    if device.type != "cpu":
+        memory = {n: step_memory(r, device) for n, r in runners.items()}
     ref_loader, our_loader = loader_rates(runners["reference"], runners["dllab"], device, args.loader_batches)
     rows = []
     base = statistics.median(rates["reference"])
     for name in names:
         med = statistics.median(rates[name])
         rows.append({"variant": name, "images_per_s": med, "ratio": med / base,
-                     "spread": (min(rates[name]), max(rates[name])), "step_mib": memory[name],
+                     "spread": (min(rates[name]), max(rates[name])), "step_mib": memory[name] if memory else None,
                      "state_mib": runners[name].state_mib(), "warmup_s": warm_s[name]})
     print(f"| variant | images/s | ratio | min-max img/s | step MiB | state MiB | warm-up s |")
     print("|---|---:|---:|---:|---:|---:|---:|")
@@ -439,13 +464,12 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    cpu_mem = device.type == "cpu" and _procmem.setup()
     data = load(args.dataset, data_dir=args.data_dir)
     print(f"# dllab training throughput: torch {torch.__version__}, "
           f"CPU capability {torch.backends.cpu.get_cpu_capability()}, "
           f"{'GPU ' + torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}")
     t0 = time.perf_counter()
-    results = [bench_kind(kind, data, args, device, cpu_mem) for kind in args.kinds]
+    results = [bench_kind(kind, data, args, device) for kind in args.kinds]
     print(f"\n(total {time.perf_counter() - t0:.0f} s)")
     if args.json:
         Path(args.json).write_text(json.dumps({"argv": sys.argv[1:], "torch": torch.__version__,
