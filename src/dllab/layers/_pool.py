@@ -7,9 +7,10 @@ padding is at most half the kernel guarantees every window holds a real cell). T
     xp[:, :, i*dh : i*dh + sh*(Ho-1) + 1 : sh,  j*dw : j*dw + sw*(Wo-1) + 1 : sw]    # (N, C, Ho, Wo)
 
 A running maximum visits the kh*kw taps in row-major order, ``t = i*kw + j``: the output
-starts as tap 0, and tap t replaces it wherever it is strictly greater, recording t as the
-window's chosen tap. Every step is a few elementwise kernels over output-sized views; nothing of
-the size of all the windows is materialised. (In NCHW with a column stride the columns are first
+starts as tap 0, and tap t replaces it wherever it is strictly greater, recording the window's
+choice (as that cell's offset ``i*dh*W + j*dw`` from the window's first cell). Every step is a
+few elementwise kernels over output-sized views; nothing of the size of all the windows is
+materialised. (In NCHW with a column stride the columns are first
 split by phase, so that every view reads unit-stride rows.)
 
 Ties. Replacing only on ``>`` keeps the *first* maximal tap, which is what torch's max-pool
@@ -66,7 +67,7 @@ def max_pool2d_forward(x: torch.Tensor, kernel, stride, padding, dilation, out_h
 
     A running maximum over the kh*kw taps: ``values`` starts as tap 0 and each later tap replaces
     it where it is strictly greater (so the first maximal tap wins, as in torch), recording that
-    tap's number. Each step streams over output-sized strided views (in channels-last their
+    tap's cell offset. Each step streams over output-sized strided views (in channels-last their
     innermost dimension is the contiguous channel one), so nothing of the size of all the
     windows is copied. When the output holds a NaN or -inf, where torch's choices differ from a
     plain comparison, those inputs go through :func:`_forward_windows` instead.
@@ -85,7 +86,9 @@ def max_pool2d_forward(x: torch.Tensor, kernel, stride, padding, dilation, out_h
         # NCHW with a column stride: those views would step through memory sw elements at a time,
         # which elementwise kernels do not vectorise. Split the columns by phase (column % sw)
         # once, so that every tap reads unit-stride rows: tap (i, j) starts at column j*dw, i.e.
-        # phase (j*dw) % sw, position (j*dw) // sw within it.
+        # phase (j*dw) % sw, position (j*dw) // sw within it. (In channels-last a column step
+        # skips C contiguous values, which vectorise; a phase split there saved about what its
+        # copy cost.)
         phases = {}
         for j in range(kw):
             p = (j * dw) % sw
@@ -101,20 +104,31 @@ def max_pool2d_forward(x: torch.Tensor, kernel, stride, padding, dilation, out_h
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     values = torch.empty((n, c, ho, wo), dtype=x.dtype, device=x.device, memory_format=fmt)
     values.copy_(tap_view(0, 0))
-    # Tap numbers as float32 (exact up to 2**24): comparisons written as 1.0/0.0 floats and
-    # maxima of floats are vectorised kernels, where masked_fill_ and bool outputs are not
-    # (5-7 ms against 0.1-0.2 ms per tap for a 64x64x16x16 output on this project's CPU).
-    # Since t grows, "tap = t where v > values" is tap = max(tap, t * (v > values)).
-    tap = torch.zeros_like(values, dtype=torch.float32)
+    # What is tracked is not the tap number but the chosen cell's offset from the window's base
+    # cell, i*dh*W + j*dw, so that the flat index is one addition away. It is kept in float32
+    # (exact below 2**24): comparisons written as 1.0/0.0 floats and lerp are vectorised kernels,
+    # where masked_fill_ and bool outputs are not (5-7 ms against 0.1-0.2 ms per tap for a
+    # 64x64x16x16 output on this project's CPU). offset = lerp(offset, tap's offset, v > values).
+    if kh * dh * w + kw * dw >= 2**24:  # float32 offsets would not be exact (a gigantic window)
+        return _forward_windows(x, kernel, stride, padding, dilation, out_hw)
+    offset = workspace.buffer_like("pool_off", values, torch.float32).zero_()
     greater = workspace.buffer_like("pool_gt", values, torch.float32)
     for t in range(1, kh * kw):
-        v = tap_view(t // kw, t % kw)
+        i, j = divmod(t, kw)
+        v = tap_view(i, j)
         torch.gt(v, values, out=greater)
         torch.maximum(values, v, out=values)
-        torch.maximum(tap, greater.mul_(t), out=tap)
+        offset.lerp_(offset.new_tensor(float(i * dh * w + j * dw)), greater)
     if not bool(torch.isfinite(values.sum())):  # NaN or -inf maxima: torch's choices, see docstring
         return _forward_windows(x, kernel, stride, padding, dilation, out_hw)
-    return values, _flat_indices(tap, values, w, kernel, stride, padding, dilation)
+    idx = torch.empty_like(values, dtype=torch.int64)
+    exact = (h + 2 * ph) * (w + 2 * pw) < 2**24  # the base cells' numbers too, in float32
+    rows = torch.arange(ho, device=x.device, dtype=torch.float32 if exact else torch.int64) * sh - ph
+    cols = torch.arange(wo, device=x.device, dtype=rows.dtype) * sw - pw
+    base = rows.view(ho, 1) * w + cols.view(1, wo)  # each window's base cell, (Ho, Wo)
+    if exact:
+        return values, idx.copy_(offset.add_(base))
+    return values, idx.copy_(offset).add_(base)
 
 
 def _forward_windows(x: torch.Tensor, kernel, stride, padding, dilation, out_hw):
@@ -198,6 +212,11 @@ class MaxPool2dFunction(torch.autograd.Function):
             return None, None, None, None, None, None
         (idx,) = ctx.saved_tensors
         n, c, h, w = ctx.x_shape
-        grad_x = torch.empty(ctx.x_shape, dtype=grad_y.dtype, device=grad_y.device, memory_format=ctx.fmt).zero_()
+        if ctx.fmt == torch.channels_last:  # scatter along the pixels of (N, H*W, C): C stays contiguous
+            grad_x = torch.zeros((n, h * w, c), dtype=grad_y.dtype, device=grad_y.device)
+            grad_x.scatter_add_(1, idx.permute(0, 2, 3, 1).reshape(n, -1, c),
+                                grad_y.permute(0, 2, 3, 1).reshape(n, -1, c))  # 2x faster than along dim 2 of (N, C, H*W)
+            return grad_x.view(n, h, w, c).permute(0, 3, 1, 2), None, None, None, None, None
+        grad_x = torch.zeros(ctx.x_shape, dtype=grad_y.dtype, device=grad_y.device)
         grad_x.view(n, c, h * w).scatter_add_(2, idx.reshape(n, c, -1), grad_y.reshape(n, c, -1))
         return grad_x, None, None, None, None, None
