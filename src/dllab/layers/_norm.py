@@ -106,12 +106,13 @@ def channel_sum(x: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
     summed first along their contiguous length L, then over N; smaller planes over N first (a
     reduction across the outer dimension, vectorised along the C*L contiguous values), then over L.
     """
+    dtype = None if x.dtype == acc else acc  # (passing dtype= costs a little even when it is x's)
     if x.dim() > 2 and x.is_contiguous():
         x3 = x.view(x.shape[0], x.shape[1], -1)
         if x3.shape[2] >= 64:
-            return x3.sum(2, dtype=acc).sum(0)
-        return x3.sum(0, dtype=acc).sum(1)
-    return x.sum(reduce_dims(x), dtype=acc)
+            return x3.sum(2, dtype=dtype).sum(0)
+        return x3.sum(0, dtype=dtype).sum(1)
+    return x.sum(reduce_dims(x), dtype=dtype)
 
 
 def channel_sumsq(x: torch.Tensor, acc: torch.dtype) -> torch.Tensor:

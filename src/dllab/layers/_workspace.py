@@ -15,6 +15,7 @@ there ``buffer`` is just ``torch.empty``. ``workspace_bytes()`` reports what the
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 
@@ -26,24 +27,43 @@ MAX_PADDED = 16  # zero-bordered buffers kept per thread (least recently used dr
 
 class _Slots(threading.local):
     def __init__(self) -> None:
-        self.buffers: dict[str, torch.Tensor] = {}
+        self.buffers: dict[str, torch.Tensor] = {}  # slot -> uint8 buffer (a multiple of 64 bytes)
+        self.typed: dict[tuple, torch.Tensor] = {}  # (slot, dtype) -> that buffer viewed as dtype
         self.padded: dict[tuple, torch.Tensor] = {}  # insertion order = recency
 
 
 _SLOTS = _Slots()
 
 
+@functools.lru_cache(maxsize=1024)
+def _contiguous_strides(shape: tuple) -> tuple:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
+
+
 def buffer(slot: str, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """An uninitialised tensor of ``shape`` and ``dtype``; on the CPU a view of slot ``slot``."""
+    """An uninitialised tensor of ``shape`` and ``dtype``; on the CPU a view of slot ``slot``.
+
+    The view is one ``as_strided`` of a cached typed view of the slot: small layers call this
+    several times a step, and each Python-level tensor operation costs microseconds.
+    """
     if device.type != "cpu":
         return torch.empty(shape, dtype=dtype, device=device)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    nbytes = math.prod(shape) * itemsize
+    shape = tuple(shape)
+    nbytes = math.prod(shape) * dtype.itemsize
     buf = _SLOTS.buffers.get(slot)
     if buf is None or buf.numel() < nbytes:
-        buf = torch.empty(max(nbytes, 64), dtype=torch.uint8)
+        buf = torch.empty(max(-(-nbytes // 64) * 64, 64), dtype=torch.uint8)
         _SLOTS.buffers[slot] = buf
-    return buf[:nbytes].view(dtype).view(shape)
+        for key in [k for k in _SLOTS.typed if k[0] == slot]:
+            del _SLOTS.typed[key]
+    typed = _SLOTS.typed.get((slot, dtype))
+    if typed is None:
+        typed = _SLOTS.typed[(slot, dtype)] = buf.view(dtype)
+    return typed.as_strided(shape, _contiguous_strides(shape))
 
 
 def buffer_like(slot: str, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -83,4 +103,5 @@ def workspace_bytes() -> int:
 def clear_workspace() -> None:
     """Free this thread's CPU workspace (it is rebuilt on the next call that needs it)."""
     _SLOTS.buffers.clear()
+    _SLOTS.typed.clear()
     _SLOTS.padded.clear()
