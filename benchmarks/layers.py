@@ -48,7 +48,7 @@ import torch.nn as nn
 
 import _procmem  # benchmarks/_procmem.py, next to this script
 from dllab.layers import BatchNorm2d, Conv2d, MaxPool2d
-from dllab.layers.functional import clear_workspace, workspace_bytes
+from dllab.layers.functional import clear_workspace, set_workspace_limit, workspace_bytes, workspace_limit
 
 
 @dataclass
@@ -143,7 +143,7 @@ def peak_step_memory(layer, x, g, autocast, device) -> float:
 
 
 def memory_rows(device_name: str, dtype: str, batch: int, channels_last: bool, names: list[str],
-                threads: int) -> dict[str, tuple[float, float, float]] | None:
+                threads: int, workspace_limit: int | None) -> dict[str, tuple[float, float, float]] | None:
     """{row name: (scratch peak MiB, workspace MiB after it, torch peak MiB)} for the named rows.
 
     On CPU this runs in a child process (see ``main``), since it needs ``_procmem.setup()``; it
@@ -151,6 +151,7 @@ def memory_rows(device_name: str, dtype: str, batch: int, channels_last: bool, n
     """
     device = torch.device(device_name)
     torch.set_num_threads(threads)
+    set_workspace_limit(workspace_limit)
     if device.type == "cpu" and not _procmem.setup():
         return None
     autocast = dtype == "bf16"
@@ -196,11 +197,13 @@ def run(device: torch.device, dtype: str, batch: int, repeats: int, memory_forma
         out=sys.stdout) -> dict:
     autocast = dtype == "bf16"
     args = (str(device), dtype, batch, memory_format == torch.channels_last, [c.name for c in cases],
-            torch.get_num_threads())
+            torch.get_num_threads(), workspace_limit())
     # CPU: in a child process, so that this one times with glibc's default allocator (_procmem)
     memory = _procmem.in_child(memory_rows, *args) if device.type == "cpu" else memory_rows(*args)
+    cap = workspace_limit()
     print(f"\n== {dtype}{' autocast' if autocast else ''}, batch {batch}, {memory_format}, {device}, "
-          f"{repeats} repeats, torch {torch.__version__}, {torch.get_num_threads()} threads ==", file=out)
+          f"{repeats} repeats, torch {torch.__version__}, {torch.get_num_threads()} threads"
+          f"{'' if cap is None else f', workspace limit {cap / 2**20:g} MiB'} ==", file=out)
     head = (f"{'layer':<28}{'n':>3}{'scratch ms':>12}{'torch ms':>10}{'ratio':>7}{'min':>6}"
             f"{'peak MiB s/t':>15}{'saved MiB s/t':>15}{'ws MiB':>8}")
     print(head, file=out)
@@ -282,6 +285,8 @@ def main(argv=None) -> None:
                         help="layout of the inputs (default contiguous NCHW)")
     parser.add_argument("--only", default=None, help="run only rows whose name contains this text")
     parser.add_argument("--quick", action="store_true", help="batch 16 and 3 repeats")
+    parser.add_argument("--workspace-limit-mb", type=float, default=None,
+                        help="cap the scratch layers' CPU workspace (dllab.layers.functional.set_workspace_limit)")
     parser.add_argument("--resnet", action="store_true",
                         help="also time a whole ResNet-18 forward+backward, layers='scratch' vs 'torch'")
     args = parser.parse_args(argv)
@@ -293,6 +298,10 @@ def main(argv=None) -> None:
     if batch < 1 or repeats < 1:
         raise SystemExit(f"--batch and --repeats must be positive, got {batch} and {repeats}")
     memory_format = torch.channels_last if args.memory_format == "channels_last" else torch.contiguous_format
+    if args.workspace_limit_mb is not None:
+        if args.workspace_limit_mb < 0:
+            raise SystemExit(f"--workspace-limit-mb must be >= 0, got {args.workspace_limit_mb}")
+        set_workspace_limit(int(args.workspace_limit_mb * 2**20))
     cases = [c for c in resnet18_cases() if args.only is None or args.only in c.name]
     print("command: python benchmarks/layers.py " + " ".join(argv if argv is not None else sys.argv[1:]))
     dtypes = ("fp32", "bf16") if args.dtype == "both" else (args.dtype,)

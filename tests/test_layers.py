@@ -652,3 +652,52 @@ def test_pad2d_and_helpers_errors():
         LF.conv2d(torch.ones(1, 1, 3, 3, dtype=torch.long), torch.ones(1, 1, 1, 1, dtype=torch.long))
     with pytest.raises(ValueError, match="momentum"):
         LF.batch_norm(torch.randn(4, 2), torch.zeros(2), torch.ones(2), training=True, momentum=None)
+
+
+def _net_step(x):
+    """Outputs and gradients of a conv -> batch norm -> max-pool step (float32, CPU workspace paths)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(Conv2d(8, 16, 3, padding=1), BatchNorm2d(16), MaxPool2d(3, 2, 1), Conv2d(16, 4, 3, stride=2))
+    x = x.detach().clone().requires_grad_()
+    y = net(x)
+    y.backward(torch.ones_like(y))
+    return [y.detach(), x.grad] + [p.grad for p in net.parameters()]
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_workspace_limit_caps_what_is_kept_and_changes_no_result(channels_last):
+    x = torch.randn(4, 8, 12, 12)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    assert LF.workspace_limit() is None  # the default: no cap
+    LF.clear_workspace()
+    free = _net_step(x)
+    assert LF.workspace_bytes() > 100_000  # the col matrices and padded copies are kept
+    try:
+        for cap in (0, 20_000):
+            LF.set_workspace_limit(cap)
+            assert LF.workspace_bytes() <= cap  # what was held above the cap is freed at once
+            capped = _net_step(x)
+            assert LF.workspace_bytes() <= cap
+            for a, b in zip(capped, free):
+                assert torch.equal(a, b)  # the same arithmetic on fresh buffers
+    finally:
+        LF.set_workspace_limit(None)
+    _net_step(x)
+    assert LF.workspace_bytes() > 100_000
+
+
+def test_workspace_limit_arguments_and_environment(monkeypatch):
+    from dllab.layers import _workspace
+
+    for bad in (-1, 1.5, True, "64"):
+        with pytest.raises(ValueError, match="max_bytes"):
+            LF.set_workspace_limit(bad)
+    assert LF.workspace_limit() is None
+    monkeypatch.setenv("DLLAB_WORKSPACE_LIMIT_MB", "64")
+    assert _workspace._limit_from_env() == 64 * 2**20
+    monkeypatch.setenv("DLLAB_WORKSPACE_LIMIT_MB", "lots")
+    with pytest.raises(ValueError, match="DLLAB_WORKSPACE_LIMIT_MB"):
+        _workspace._limit_from_env()
+    monkeypatch.setenv("DLLAB_WORKSPACE_LIMIT_MB", "")
+    assert _workspace._limit_from_env() is None

@@ -11,18 +11,65 @@ never a tensor saved for backward.
 CUDA (and any other device) needs none of this: its caching allocator already reuses memory, so
 there ``buffer`` is just ``torch.empty``. ``workspace_bytes()`` reports what the slots hold and
 ``clear_workspace()`` frees it.
+
+The workspace trades memory for speed: in a ResNet-18 step at batch 64 it keeps about 170 MiB (the
+largest ``col`` matrix) between calls. ``set_workspace_limit(max_bytes)`` caps what each thread
+keeps: a request that would take the workspace past the cap gets a fresh tensor, freed after use
+(slower, as above, but the memory goes back); ``0`` turns the reuse off, ``None`` (the default)
+removes the cap. The environment variable ``DLLAB_WORKSPACE_LIMIT_MB`` sets the cap at import.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import os
 import threading
 
 import torch
 
 
 MAX_PADDED = 16  # zero-bordered buffers kept per thread (least recently used dropped first)
+
+
+def _limit_from_env() -> int | None:
+    text = os.environ.get("DLLAB_WORKSPACE_LIMIT_MB", "").strip()
+    if not text:
+        return None
+    try:
+        mb = float(text)
+    except ValueError:
+        raise ValueError(f"DLLAB_WORKSPACE_LIMIT_MB must be a number of MiB, got {text!r}") from None
+    if mb < 0:
+        raise ValueError(f"DLLAB_WORKSPACE_LIMIT_MB must be >= 0, got {text!r}")
+    return int(mb * 2**20)
+
+
+_LIMIT: list[int | None] = [_limit_from_env()]  # bytes each thread's workspace may keep; None: no cap
+
+
+def set_workspace_limit(max_bytes: int | None) -> None:
+    """Cap the bytes each thread's CPU workspace keeps between calls (None: no cap; 0: keep nothing).
+
+    Requests that do not fit get fresh tensors instead; what is already held above the new cap is
+    freed now.
+    """
+    if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0):
+        raise ValueError(f"max_bytes must be a non-negative int or None, got {max_bytes!r}")
+    _LIMIT[0] = max_bytes
+    if max_bytes is not None and workspace_bytes() > max_bytes:
+        clear_workspace()
+
+
+def workspace_limit() -> int | None:
+    """The cap set by :func:`set_workspace_limit` (or ``DLLAB_WORKSPACE_LIMIT_MB``), in bytes."""
+    return _LIMIT[0]
+
+
+def _fits(nbytes: int, replacing: int = 0) -> bool:
+    """Whether the workspace may keep ``nbytes`` more, after freeing ``replacing`` bytes it holds."""
+    limit = _LIMIT[0]
+    return limit is None or workspace_bytes() - replacing + nbytes <= limit
 
 
 class _Slots(threading.local):
@@ -56,7 +103,10 @@ def buffer(slot: str, shape, dtype: torch.dtype, device: torch.device) -> torch.
     nbytes = math.prod(shape) * dtype.itemsize
     buf = _SLOTS.buffers.get(slot)
     if buf is None or buf.numel() < nbytes:
-        buf = torch.empty(max(-(-nbytes // 64) * 64, 64), dtype=torch.uint8)
+        size = max(-(-nbytes // 64) * 64, 64)
+        if not _fits(size, 0 if buf is None else buf.numel()):
+            return torch.empty(shape, dtype=dtype)  # over the cap: a temporary freed after use
+        buf = torch.empty(size, dtype=torch.uint8)
         _SLOTS.buffers[slot] = buf
         for key in [k for k in _SLOTS.typed if k[0] == slot]:
             del _SLOTS.typed[key]
@@ -88,6 +138,8 @@ def bordered(slot: str, shape, border: tuple, dtype: torch.dtype, device: torch.
     buf = _SLOTS.padded.pop(key, None)
     if buf is None:
         buf = torch.full(shape, fill, dtype=dtype)
+        if not _fits(buf.numel() * buf.element_size()):
+            return buf  # over the cap: not kept
         if len(_SLOTS.padded) >= MAX_PADDED:
             _SLOTS.padded.pop(next(iter(_SLOTS.padded)))
     _SLOTS.padded[key] = buf  # most recently used last

@@ -10,8 +10,8 @@ explained in the docstrings of ``_conv.py``, ``_pool.py`` and ``_norm.py``.
 Bad arguments raise ``ValueError`` naming the offending value, under the conditions on which
 torch raises its errors. ``pad2d`` (reflect / replicate / circular / zero padding by indexing)
 serves ``Conv2d``'s ``padding_mode``. On the CPU the layers keep their large temporaries in a
-reusable per-thread workspace (``workspace_bytes()`` says how much, ``clear_workspace()`` frees it;
-see ``_workspace.py`` for why).
+reusable per-thread workspace (``workspace_bytes()`` says how much, ``clear_workspace()`` frees it,
+``set_workspace_limit()`` caps it; see ``_workspace.py`` for why).
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ import torch
 from dllab.layers._conv import Conv2dFunction, suggest_memory_format
 from dllab.layers._norm import BatchNormTrainFunction, scale_shift
 from dllab.layers._pool import MaxPool2dFunction
-from dllab.layers._workspace import clear_workspace, workspace_bytes
+from dllab.layers._workspace import clear_workspace, set_workspace_limit, workspace_bytes, workspace_limit
 
 __all__ = ["conv2d", "max_pool2d", "batch_norm", "pad2d", "conv_output_size", "pool_output_size",
-           "same_padding", "workspace_bytes", "clear_workspace"]
+           "same_padding", "workspace_bytes", "clear_workspace", "set_workspace_limit", "workspace_limit"]
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
