@@ -1,0 +1,44 @@
+"""The benchmark scripts run end to end (tiny settings) and print complete tables.
+
+Their figures are not checked here (timings belong to benchmarks, not tests); what is checked is
+that the scripts still work with the package as it is, including the CPU memory columns, which
+come from a child process.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(script: str, *args: str) -> str:
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True,
+                          text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_layers_benchmark_prints_ratios_and_memory():
+    out = _run("layers.py", "--dtype", "fp32", "--batch", "2", "--repeats", "1", "--only", "512",
+               "--workspace-limit-mb", "4")
+    assert "workspace limit 4 MiB" in out
+    rows = [line for line in out.splitlines() if line.startswith(("conv", "bn", "maxpool", "stem"))]
+    assert len(rows) == 4, out  # the 3x3 and 1x1 convolutions 256->512 s2, conv3x3 512 @4, bn 512 @4
+    for row in rows:
+        # ... scratch ms, torch ms, ratio, min, peak s/t, saved s/t, ws: all numbers (memory from the child)
+        assert re.search(r"\s[\d.]+\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+\d+/\d+\s+\d+/\d+\s+\d+$", row), row
+    assert re.search(r"overall \(ResNet-18 weighted\): [\d.]+", out)
+
+
+def test_train_throughput_benchmark_runs():
+    out = _run("train_throughput.py", "--kinds", "vae", "--rounds", "1", "--seconds", "0.2", "--min-steps", "1",
+               "--warmup", "1", "--loader-batches", "2", "--batch-size", "16")
+    rows = [line for line in out.splitlines() if line.startswith(("| reference", "| dllab"))]
+    assert [r.split("|")[1].strip() for r in rows] == ["reference", "dllab-loopopt", "dllab"], out
+    for row in rows:
+        step_mib = row.split("|")[5].strip()
+        assert re.fullmatch(r"\d+", step_mib), row  # measured in the child process
