@@ -79,7 +79,12 @@ CONV_GRID = [
 
 @pytest.mark.parametrize("case", CONV_GRID, ids=[str(i) for i in range(len(CONV_GRID))])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_conv2d_matches_torch(case, channels_last):
+@pytest.mark.parametrize("im2col", ["auto", "nhwc"])
+def test_conv2d_matches_torch(case, channels_last, im2col, monkeypatch):
+    from dllab.layers import _conv
+
+    if im2col == "nhwc":  # the grid's few-channel inputs take the planar im2col by default: test both
+        monkeypatch.setattr(_conv, "PLANAR_MAX_CHANNELS", 0)
     n, c, h, w, c_out, k, s, p, d, g, has_bias = case
     kh, kw = (k, k) if isinstance(k, int) else k
     gen = torch.Generator().manual_seed(hash(case) % 2**31)
