@@ -113,12 +113,13 @@ def max_pool2d_forward(x: torch.Tensor, kernel, stride, padding, dilation, out_h
         return _forward_windows(x, kernel, stride, padding, dilation, out_hw)
     offset = workspace.buffer_like("pool_off", values, torch.float32).zero_()
     greater = workspace.buffer_like("pool_gt", values, torch.float32)
+    tap_offsets = torch.tensor([float(i * dh * w + j * dw) for i in range(kh) for j in range(kw)],
+                               device=x.device)  # one transfer; tap_offsets[t] is a 0-d view
     for t in range(1, kh * kw):
-        i, j = divmod(t, kw)
-        v = tap_view(i, j)
+        v = tap_view(t // kw, t % kw)
         torch.gt(v, values, out=greater)
         torch.maximum(values, v, out=values)
-        offset.lerp_(offset.new_tensor(float(i * dh * w + j * dw)), greater)
+        offset.lerp_(tap_offsets[t], greater)
     if not bool(torch.isfinite(values.sum())):  # NaN or -inf maxima: torch's choices, see docstring
         return _forward_windows(x, kernel, stride, padding, dilation, out_hw)
     idx = torch.empty_like(values, dtype=torch.int64)
