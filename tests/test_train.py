@@ -219,3 +219,50 @@ def test_a_compiled_run_trains_and_resumes(tmp_path):
     assert main(train_argv("vae", out, "--compile", "--resume", limit=64, epochs=2)) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["epochs"] == 2 and math.isfinite(summary["test_elbo"])
+
+
+def _table_rows(path):
+    """Data rows of a Markdown table written by dllab (header and rule dropped), split into cells."""
+    lines = [line for line in path.read_text().splitlines() if line.startswith("|")]
+    return [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+
+
+def test_sweep_trains_every_combination_and_resumes_without_retraining(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    argv = ["sweep", "classifier", "--dataset", "mnist5k", "--limit", "64", "--epochs", "1", "--quiet",
+            "--device", "cpu", "--width", "4", "--batch-size", "32", "--lr", "0.05", "0.1", "--sweep-out", str(out)]
+    assert main(argv) == 0
+    rows = _table_rows(out / "sweep.md")
+    assert sorted(r[0] for r in rows) == ["lr=0.05", "lr=0.1"]
+    assert (out / "sweep.csv").exists() and (out / "sweep_test_acc.png").exists()
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("*/summary.json")}
+    assert len(stamps) == 2
+    assert main(argv) == 0  # finished runs are read back, not trained again
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/summary.json")} == stamps
+
+
+def test_ablate_with_seeds_reports_mean_and_spread(tmp_path, capsys):
+    out = tmp_path / "ablate"
+    argv = ["ablate", "classifier", "--dataset", "mnist5k", "--limit", "64", "--epochs", "1", "--quiet",
+            "--device", "cpu", "--width", "4", "--batch-size", "32", "--seeds", "0", "1", "--ablate-out", str(out)]
+    assert main(argv) == 0
+    runs = _table_rows(out / "ablation.md")
+    assert len(runs) == 8  # 4 variants x 2 seeds
+    assert {r[0] for r in runs} == {f"{v}-seed{s}" for v in ("bn+pool", "bn", "pool", "none") for s in (0, 1)}
+    summary = _table_rows(out / "ablation_summary.md")
+    assert len(summary) == 4 and all(r[2] == "2" for r in summary)  # batch_norm, max_pool, seeds, ...
+    # the mean and sample std of test_acc for BN on, pool on, from the two runs' own summaries
+    accs = [json.loads((out / f"bn+pool-seed{s}" / "summary.json").read_text())["test_acc"] for s in (0, 1)]
+    row = next(r for r in summary if r[:2] == ["True", "True"])
+    mean, std = (float(v) for v in row[3].split("+-"))
+    assert math.isclose(mean, sum(accs) / 2, rel_tol=1e-3)
+    assert math.isclose(std, abs(accs[0] - accs[1]) / math.sqrt(2), rel_tol=0.05, abs_tol=1e-4)
+    configs = [json.loads((out / f"none-seed{s}" / "config.json").read_text()) for s in (0, 1)]
+    assert [c["seed"] for c in configs] == [0, 1]
+
+
+def test_ablate_refuses_seed_with_seeds(tmp_path, capsys):
+    argv = ["ablate", "classifier", "--seed", "3", "--seeds", "0", "1", "--ablate-out", str(tmp_path / "a")]
+    assert main(argv) == 2
+    assert "either --seed or --seeds" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()

@@ -194,6 +194,9 @@ def build_parser() -> Parser:
     ab.add_argument("--ablate-out", default=None, help="folder for the runs and the table")
     ab.add_argument("--both-layers", action="store_true",
                     help="also train each variant with the from-scratch layers")
+    ab.add_argument("--seeds", type=nonnegative_int, nargs="+", default=None, metavar="SEED",
+                    help="train every variant once per seed and add a mean +- std table over the seeds "
+                    "(default: one run per variant with the train --seed)")
 
     dm = sub.add_parser("demo", help="the main job: train a classifier, a VAE and a DCGAN on bundled "
                         "data and write one report")

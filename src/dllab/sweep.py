@@ -164,54 +164,118 @@ ABLATIONS = {
 
 
 def ablate_main(args, argv: list[str]) -> int:
-    """``dllab ablate classifier [train flags]``: {BN on/off} x {max-pool on/off}."""
+    """``dllab ablate classifier [train flags]``: {BN on/off} x {max-pool on/off}.
+
+    With ``--seeds S1 S2 ...`` every variant is trained once per seed (runs ``VARIANT-seedS``),
+    and ``ablation_summary.md`` gives each variant's mean and standard deviation over the seeds,
+    so that a difference between variants can be read against the spread between seeds.
+    """
     tokens = argv[argv.index(args.kind) + 1:]
     tokens = _drop_option(tokens, "--ablate-out")
+    tokens = _drop_option(tokens, "--seeds", values=len(args.seeds or []))
     tokens = [t for t in tokens if t != "--both-layers"]
     groups = split_flags(tokens)
     for flag, _ in groups:
         if flag in ("--no-norm", "--maxpool", "--out", "--resume", "--layers"):
             raise ValueError(f"{flag} is set by the ablation itself")
+        if flag == "--seed" and args.seeds:
+            raise ValueError("give either --seed or --seeds, not both")
+    if args.seeds and len(set(args.seeds)) != len(args.seeds):
+        raise ValueError(f"--seeds repeats a seed: {args.seeds}")
     base = [tok for flag, values in groups for tok in [flag, *values]]
     layer_sets = ["torch", "scratch"] if args.both_layers else [None]
     from dllab.cli import build_parser
 
     parser = build_parser()
     combos = []
-    for layers in layer_sets:
-        for name, extra in ABLATIONS.items():
-            argv_i = ["train", "classifier", *base, *[t for f, v in extra for t in (f, v) if t is not None]]
-            if layers:
-                argv_i += ["--layers", layers]
-                name = f"{name}-{layers}"
-            parser.parse_args(argv_i)
-            chosen = {"batch_norm": "--no-norm" not in argv_i,
-                      "max_pool": dict(extra).get("--maxpool") == "on"}
-            if layers:
-                chosen["layers"] = layers
-            combos.append((name, argv_i, chosen))
+    for seed in args.seeds or [None]:
+        for layers in layer_sets:
+            for name, extra in ABLATIONS.items():
+                argv_i = ["train", "classifier", *base, *[t for f, v in extra for t in (f, v) if t is not None]]
+                if layers:
+                    argv_i += ["--layers", layers]
+                    name = f"{name}-{layers}"
+                if seed is not None:
+                    argv_i += ["--seed", str(seed)]
+                    name = f"{name}-seed{seed}"
+                parser.parse_args(argv_i)
+                chosen = {"batch_norm": "--no-norm" not in argv_i,
+                          "max_pool": dict(extra).get("--maxpool") == "on"}
+                if layers:
+                    chosen["layers"] = layers
+                if seed is not None:
+                    chosen["seed"] = seed
+                combos.append((name, argv_i, chosen))
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(args.ablate_out or f"runs/ablate-classifier-{stamp}")
     out.mkdir(parents=True, exist_ok=True)
     quiet = any(flag == "--quiet" for flag, _ in groups)
     rows = run_all("classifier", combos, out, quiet)
     keys = ["batch_norm", "max_pool"] + (["layers"] if args.both_layers else [])
-    md, csv_path = write_table(rows, keys, "classifier", out, "ablation")
+    md, csv_path = write_table(rows, keys + (["seed"] if args.seeds else []), "classifier", out, "ablation")
     plot_overlaid(rows, "classifier", out, "ablation")
     print(md.read_text(), end="")
     print(f"table: {md}\ncsv: {csv_path}")
+    if args.seeds:
+        summary = write_seed_summary(rows, keys, "classifier", out, "ablation_summary")
+        print(summary.read_text(), end="")
+        print(f"summary over seeds {args.seeds}: {summary}")
     return 0
 
 
-def _drop_option(tokens: list[str], option: str) -> list[str]:
-    """Remove ``option VALUE`` (or ``option=VALUE``) from a token list."""
-    out, skip = [], False
+SUMMARY_COLUMNS = {"classifier": ["test_acc", "test_loss", "ece", "train_seconds"]}
+
+
+def seed_summary(rows: list[dict], keys: list[str], kind: str) -> list[dict]:
+    """One entry per variant (the values of ``keys``): n, and (mean, std) of each summary column.
+
+    The standard deviation is the sample one (n - 1); with one seed it is None.
+    """
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r.get(k) for k in keys), []).append(r)
+    out = []
+    for variant, members in groups.items():
+        entry = {**dict(zip(keys, variant)), "n": len(members)}
+        for col in SUMMARY_COLUMNS.get(kind, COLUMNS.get(kind, [])):
+            values = [float(m[col]) for m in members if isinstance(m.get(col), (int, float))]
+            if not values:
+                continue
+            mean = sum(values) / len(values)
+            std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else None
+            entry[col] = (mean, std)
+        out.append(entry)
+    return out
+
+
+def write_seed_summary(rows: list[dict], keys: list[str], kind: str, out: Path, stem: str) -> Path:
+    """``stem.md``: one row per variant, each metric as ``mean +- std`` over its seeds."""
+    from dllab.checkpoint import atomic_write_bytes
+
+    entries = seed_summary(rows, keys, kind)
+    cols = [c for c in SUMMARY_COLUMNS.get(kind, COLUMNS.get(kind, [])) if any(c in e for e in entries)]
+
+    def fmt(v):
+        if isinstance(v, tuple):
+            mean, std = v
+            return f"{mean:.4g}" if std is None else f"{mean:.4g} +- {std:.2g}"
+        return "" if v is None else str(v)
+
+    md = ["| " + " | ".join([*keys, "seeds", *cols]) + " |", "|" + "|".join("---" for _ in [*keys, 0, *cols]) + "|"]
+    md += ["| " + " | ".join([*(fmt(e.get(k)) for k in keys), str(e["n"]), *(fmt(e.get(c)) for c in cols)]) + " |"
+           for e in entries]
+    return atomic_write_bytes(out / f"{stem}.md", lambda f: f.write(("\n".join(md) + "\n").encode()))
+
+
+def _drop_option(tokens: list[str], option: str, values: int = 1) -> list[str]:
+    """Remove ``option`` with its ``values`` following tokens (or ``option=VALUE``) from a token list."""
+    out, skip = [], 0
     for tok in tokens:
         if skip:
-            skip = False
+            skip -= 1
             continue
         if tok == option:
-            skip = True
+            skip = values
             continue
         if tok.startswith(option + "="):
             continue
