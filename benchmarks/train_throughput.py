@@ -34,9 +34,10 @@ the reference's. ``step MiB``: the peak memory one step adds over what is alloca
 (CUDA: ``max_memory_allocated``; CPU: growth of the process's peak resident memory, Linux VmHWM
 reset through /proc/self/clear_refs, with glibc returning blocks of 64 KiB or more to the system on
 free; measured in a separate process, since that glibc setting slows every large allocation and
-must not touch the timings); it includes the batch, activations, gradients, optimiser
-temporaries and, for the reference, its DataLoader. ``state MiB``: parameters + optimiser state. The loader table times
-each data pipeline alone (no model) against the step rate it has to feed.
+must not touch the timings, so ``--compile`` builds its models twice); it includes the batch,
+activations, gradients, optimiser temporaries and, for the reference, its DataLoader.
+``state MiB``: parameters + optimiser state. The loader table times each data pipeline alone
+(no model) against the step rate it has to feed.
 """
 
 from __future__ import annotations
