@@ -227,10 +227,14 @@ def _table_rows(path):
     return [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
 
 
+# a tiny classifier run for the many-run commands
+TINY_RUN = ["--dataset", "mnist5k", "--limit", "64", "--epochs", "1", "--quiet", "--device", "cpu",
+            "--width", "4", "--batch-size", "32"]
+
+
 def test_sweep_trains_every_combination_and_resumes_without_retraining(tmp_path, capsys):
     out = tmp_path / "sweep"
-    argv = ["sweep", "classifier", "--dataset", "mnist5k", "--limit", "64", "--epochs", "1", "--quiet",
-            "--device", "cpu", "--width", "4", "--batch-size", "32", "--lr", "0.05", "0.1", "--sweep-out", str(out)]
+    argv = ["sweep", "classifier", *TINY_RUN, "--lr", "0.05", "0.1", "--sweep-out", str(out)]
     assert main(argv) == 0
     rows = _table_rows(out / "sweep.md")
     assert sorted(r[0] for r in rows) == ["lr=0.05", "lr=0.1"]
@@ -243,8 +247,7 @@ def test_sweep_trains_every_combination_and_resumes_without_retraining(tmp_path,
 
 def test_ablate_with_seeds_reports_mean_and_spread(tmp_path, capsys):
     out = tmp_path / "ablate"
-    argv = ["ablate", "classifier", "--dataset", "mnist5k", "--limit", "64", "--epochs", "1", "--quiet",
-            "--device", "cpu", "--width", "4", "--batch-size", "32", "--seeds", "0", "1", "--ablate-out", str(out)]
+    argv = ["ablate", "classifier", *TINY_RUN, "--seeds", "0", "1", "--ablate-out", str(out)]
     assert main(argv) == 0
     runs = _table_rows(out / "ablation.md")
     assert len(runs) == 8  # 4 variants x 2 seeds
