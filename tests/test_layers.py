@@ -706,3 +706,20 @@ def test_workspace_limit_arguments_and_environment(monkeypatch):
         _workspace._limit_from_env()
     monkeypatch.setenv("DLLAB_WORKSPACE_LIMIT_MB", "")
     assert _workspace._limit_from_env() is None
+
+
+def test_workspace_grown_during_inference_mode_still_serves_training():
+    """An evaluation under torch.inference_mode() with a larger batch grows the workspace there;
+    the training steps after it must still be able to write into it (inference tensors may not be
+    written outside inference mode)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(Conv2d(1, 8, 3, padding=1), BatchNorm2d(8), MaxPool2d(2), Conv2d(8, 8, 3, padding=1))
+    LF.clear_workspace()
+    net(torch.randn(2, 1, 12, 12)).sum().backward()  # the workspace made in training
+    with torch.inference_mode():
+        net.eval()
+        net(torch.randn(16, 1, 12, 12))  # bigger batch: buffers regrown in inference mode
+        net.train()
+    x = torch.randn(2, 1, 12, 12, requires_grad=True)
+    net(x).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()

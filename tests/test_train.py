@@ -269,3 +269,20 @@ def test_ablate_refuses_seed_with_seeds(tmp_path, capsys):
     assert main(argv) == 2
     assert "either --seed or --seeds" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()
+
+
+def test_scratch_layers_train_evaluate_and_train_on_like_torch_layers(tmp_path):
+    """--layers scratch through the whole loop: training steps, an evaluation (inference mode, a
+    larger batch) between epochs, more training; same seed and data as the torch layers give
+    nearly the same numbers (the arithmetic differs only in rounding)."""
+    runs = {}
+    for layers in ("torch", "scratch"):
+        out = tmp_path / layers
+        assert main(train_argv("classifier", out, "--layers", layers, limit=128, epochs=2)) == 0
+        runs[layers] = [r for r in read_metrics(out) if r["split"] in ("train", "test")]
+    assert [r["split"] for r in runs["torch"]] == [r["split"] for r in runs["scratch"]]
+    first = [r for r in runs["torch"] if r["split"] == "train"][0]
+    first_s = [r for r in runs["scratch"] if r["split"] == "train"][0]
+    assert math.isclose(first["loss"], first_s["loss"], rel_tol=1e-4)
+    for a, b in zip(runs["torch"], runs["scratch"]):
+        assert math.isclose(a["loss"], b["loss"], rel_tol=0.05), (a, b)

@@ -75,7 +75,7 @@ def _fits(nbytes: int, replacing: int = 0) -> bool:
 class _Slots(threading.local):
     def __init__(self) -> None:
         self.buffers: dict[str, torch.Tensor] = {}  # slot -> uint8 buffer (a multiple of 64 bytes)
-        self.typed: dict[tuple, torch.Tensor] = {}  # (slot, dtype) -> that buffer viewed as dtype
+        self.typed: dict[tuple, torch.Tensor] = {}  # (slot, dtype, inference mode) -> buffer as dtype
         self.padded: dict[tuple, torch.Tensor] = {}  # insertion order = recency
 
 
@@ -110,9 +110,12 @@ def buffer(slot: str, shape, dtype: torch.dtype, device: torch.device) -> torch.
         _SLOTS.buffers[slot] = buf
         for key in [k for k in _SLOTS.typed if k[0] == slot]:
             del _SLOTS.typed[key]
-    typed = _SLOTS.typed.get((slot, dtype))
+    # A view made under torch.inference_mode() is an inference tensor, which may not be written
+    # outside it (a training step after an evaluation), so each mode has its own typed view.
+    key = (slot, dtype, torch.is_inference_mode_enabled())
+    typed = _SLOTS.typed.get(key)
     if typed is None:
-        typed = _SLOTS.typed[(slot, dtype)] = buf.view(dtype)
+        typed = _SLOTS.typed[key] = buf.view(dtype)
     return typed.as_strided(shape, _contiguous_strides(shape))
 
 
