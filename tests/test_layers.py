@@ -111,10 +111,10 @@ def test_conv2d_matches_torch(case, channels_last, im2col, monkeypatch):
 def test_conv2d_wide_layers_all_gemm_paths(channels_last, hw, k, s, p, g, c_out):
     """16 input channels and images up to 17x17, so the per-image GEMM paths and the NHWC col2im run."""
     gen = torch.Generator().manual_seed(hw * 100 + k * 10 + s)
-    x = torch.randn(2, 16, hw, hw, dtype=DT, generator=gen)
+    x = torch.randn(2, 24, hw, hw, dtype=DT, generator=gen)  # wide enough for the NHWC im2col
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
-    w = torch.randn(c_out, 16 // g, k, k, dtype=DT, generator=gen)
+    w = torch.randn(c_out, 24 // g, k, k, dtype=DT, generator=gen)
     b = torch.randn(c_out, dtype=DT, generator=gen)
     _compare_fn(lambda *t: LF.conv2d(*t, stride=s, padding=p, groups=g),
                 lambda *t: F.conv2d(*t, stride=s, padding=p, groups=g), [x, w, b])
