@@ -50,11 +50,10 @@ not the kh*kw-times larger ``col``; ``col`` is rebuilt when it is needed):
 Few input channels (an RGB or grey-scale stem, or the first stage of a narrow network: C <= 16).
 An NHWC ``col`` row then holds kh*kw runs of only C values, and copying it streams C floats at a
 time (2 ms for a batch of 64 CIFAR images at C = 3 here). Such inputs use the *planar* im2col
-instead: the padded NCHW input viewed as
-(N, C, kh, kw, Ho, Wo), copied into ``col`` of shape (N, C*kh*kw, Ho*Wo), every copied run an
-image row (10x faster). Its rows are ordered (c, i, j), which is ``w.reshape(C_out, C*kh*kw)``
-as it is, and ``y[n] = w_2d @ col[n]`` (NCHW) or ``col[n]^T @ w_2d^T`` (channels-last), and
-``grad_w = sum_n grad_y[n] @ col[n]^T``.
+instead: the padded NCHW input viewed as (N, C, kh, kw, Ho, Wo), copied into ``col`` of shape
+(N, C*kh*kw, Ho*Wo), every copied run an image row (10x faster). Its rows are ordered (c, i, j),
+which is ``w.reshape(C_out, C*kh*kw)`` as it is, and ``y[n] = w_2d @ col[n]`` (NCHW) or
+``col[n]^T @ w_2d^T`` (channels-last), and ``grad_w = sum_n grad_y[n] @ col[n]^T``.
 
 Memory. The CPU temporaries (padded copies, ``col``) live in a per-thread workspace that is
 reused from call to call (``_workspace.py``): a fresh 150 MB buffer per call costs more in page
@@ -348,7 +347,8 @@ class Conv2dFunction(torch.autograd.Function):
             rows = gy_nhwc.is_contiguous() and grad_y.dtype == dtype
             nchw = (not rows and grad_y.is_contiguous() and grad_y.dtype == dtype and g == 1
                     and ho * wo >= NCHW_GEMM_MIN_PIXELS)
-            if not rows and not nchw:
+            planar = uses_planar(x, g)  # its weight gradient reads grad_y as it is
+            if not rows and not nchw and (need_x or (need_w and not planar)):
                 gy_nhwc = pad_nhwc(gy_nhwc, (0, 0, 0, 0), dtype, slot="grad_y")
                 rows = True
             if need_b and has_bias:
@@ -356,7 +356,7 @@ class Conv2dFunction(torch.autograd.Function):
             if need_x:
                 grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
                 conv_input_grad(gy_nhwc, w, stride, pads, dilation, g, dtype, grad_x)
-            if need_w and uses_planar(x, g):
+            if need_w and planar:
                 col = im2col_planar(x, (kh, kw), stride, pads, dilation, dtype)
                 grad_w = planar_weight_grad(col, grad_y, dtype).reshape(w.shape).to(w.dtype)
             elif need_w:
