@@ -115,6 +115,17 @@ def step(layer: nn.Module, x: torch.Tensor, g: torch.Tensor | None, autocast: bo
     return g
 
 
+def prepare(case: Case, device: torch.device, batch: int, memory_format, autocast: bool):
+    """(scratch layer, torch layer, input, upstream gradient) for a row, both layers warmed up."""
+    torch.manual_seed(0)
+    ours, ref = build(case, device)
+    x = torch.randn(batch, *case.chw, device=device).contiguous(memory_format=memory_format)
+    x.requires_grad_(case.input_grad)
+    g = step(ours, x, None, autocast, device)  # warm-up (and the upstream gradient)
+    step(ref, x, g, autocast, device)
+    return ours, ref, x, g
+
+
 def time_step(layer, x, g, autocast, device) -> float:
     layer.zero_grad(set_to_none=True)
     x.grad = None
@@ -158,12 +169,7 @@ def memory_rows(device_name: str, dtype: str, batch: int, channels_last: bool, n
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     out = {}
     for case in (c for c in resnet18_cases() if c.name in names):
-        torch.manual_seed(0)
-        ours, ref = build(case, device)
-        x = torch.randn(batch, *case.chw, device=device).contiguous(memory_format=memory_format)
-        x.requires_grad_(case.input_grad)
-        g = step(ours, x, None, autocast, device)  # warm-up
-        step(ref, x, g, autocast, device)
+        ours, ref, x, g = prepare(case, device, batch, memory_format, autocast)
         clear_workspace()  # the step below allocates the workspace it needs: counted in the peak
         m_s = peak_step_memory(ours, x, g, autocast, device)
         ws = workspace_bytes() / 2**20
@@ -209,12 +215,7 @@ def run(device: torch.device, dtype: str, batch: int, repeats: int, memory_forma
     print(head, file=out)
     rows = []
     for case in cases:
-        torch.manual_seed(0)
-        ours, ref = build(case, device)
-        x = torch.randn(batch, *case.chw, device=device).contiguous(memory_format=memory_format)
-        x.requires_grad_(case.input_grad)
-        g = step(ours, x, None, autocast, device)  # warm-up (and the upstream gradient)
-        step(ref, x, g, autocast, device)
+        ours, ref, x, g = prepare(case, device, batch, memory_format, autocast)
         t_s, t_t = [], []
         for r in range(repeats):
             pair = [(ours, t_s), (ref, t_t)]
