@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -42,3 +44,12 @@ def test_train_throughput_benchmark_runs():
     for row in rows:
         step_mib = row.split("|")[5].strip()
         assert re.fullmatch(r"\d+", step_mib), row  # measured in the child process
+
+
+@pytest.mark.slow  # compiles five functions with TorchInductor (a C++ compiler; ~30 s)
+def test_fused_probe_prints_every_row():
+    out = _run("fused_probe.py")
+    rows = [line for line in out.splitlines() if line.startswith(("bn ", "maxpool"))]
+    assert len(rows) == 5, out
+    for row in rows:
+        assert re.search(r"\s[\d.]+\s+[\d.]+\s+[\d.]+\s+[\d.]+$", row), row
