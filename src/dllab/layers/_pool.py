@@ -123,13 +123,9 @@ def max_pool2d_forward(x: torch.Tensor, kernel, stride, padding, dilation, out_h
     if not bool(torch.isfinite(values.sum())):  # NaN or -inf maxima: torch's choices, see docstring
         return _forward_windows(x, kernel, stride, padding, dilation, out_hw)
     idx = torch.empty_like(values, dtype=torch.int64)
-    exact = (h + 2 * ph) * (w + 2 * pw) < 2**24  # the base cells' numbers too, in float32
-    rows = torch.arange(ho, device=x.device, dtype=torch.float32 if exact else torch.int64) * sh - ph
-    cols = torch.arange(wo, device=x.device, dtype=rows.dtype) * sw - pw
-    base = rows.view(ho, 1) * w + cols.view(1, wo)  # each window's base cell, (Ho, Wo)
-    if exact:
-        return values, idx.copy_(offset.add_(base))
-    return values, idx.copy_(offset).add_(base)
+    if (h + 2 * ph) * (w + 2 * pw) < 2**24:  # the base cells' numbers are exact in float32 too
+        return values, idx.copy_(offset.add_(_window_base(out_hw, w, stride, padding, x.device, torch.float32)))
+    return values, idx.copy_(offset).add_(_window_base(out_hw, w, stride, padding, x.device, torch.int64))
 
 
 def _forward_windows(x: torch.Tensor, kernel, stride, padding, dilation, out_hw):
@@ -167,30 +163,26 @@ def _forward_windows(x: torch.Tensor, kernel, stride, padding, dilation, out_hw)
     return values, _flat_indices(tap, values, w, kernel, stride, padding, dilation)
 
 
-def _flat_indices(tap, values, w, kernel, stride, padding, dilation):
-    """Flat index ``h*W + w`` of each window's chosen cell, from its tap number ``tap``.
+def _window_base(out_hw, w: int, stride, padding, device, dtype) -> torch.Tensor:
+    """(Ho, Wo) flat index ``h*W + w`` of each window's first cell: row ``p*sh - ph``, column ``q*sw - pw``."""
+    (ho, wo), (sh, sw), (ph, pw) = out_hw, stride, padding
+    rows = torch.arange(ho, device=device, dtype=dtype) * sh - ph
+    cols = torch.arange(wo, device=device, dtype=dtype) * sw - pw
+    return rows.view(ho, 1) * w + cols.view(1, wo)
 
-    Window (p, q) starts at row ``p*sh - ph`` and column ``q*sw - pw`` (the base) and tap
-    ``t = i*kw + j`` lies ``i*dh`` rows and ``j*dw`` columns further on, so the index is
-    ``base + i*dh*W + j*dw`` with ``i = t // kw``, ``j = t - i*kw``, evaluated as elementwise
-    arithmetic (a table lookup by ``tap`` was 10x slower on the CPU).
+
+def _flat_indices(tap, values, w, kernel, stride, padding, dilation):
+    """Flat index ``h*W + w`` of each window's chosen cell, from its int64 tap number ``tap``.
+
+    Tap ``t = i*kw + j`` lies ``i*dh`` rows and ``j*dw`` columns from the window's first cell (its
+    base), so the index is ``base + i*dh*W + j*dw`` with ``i = t // kw``, ``j = t - i*kw``,
+    evaluated as elementwise arithmetic (a table lookup by ``tap`` was 10x slower on the CPU).
     """
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
-    ho, wo = values.shape[2:]
-    device = values.device
-    rows = torch.arange(ho, device=device) * sh - ph
-    cols = torch.arange(wo, device=device) * sw - pw
-    base = rows.view(ho, 1) * w + cols.view(1, wo)  # (Ho, Wo)
+    kw, (dh, dw) = kernel[1], dilation
+    i = torch.div(tap, kw, rounding_mode="floor")
     idx = torch.empty_like(values, dtype=torch.int64)
-    if tap.dtype == torch.float32 and kh * dh * w + kw * dw < 2**24:  # float32 holds these exactly
-        # i = floor((t + 1/2) / kw): at least 1/(2 kw) from an integer, so rounding cannot move it
-        i = torch.add(tap, 0.5).mul_(1.0 / kw).floor_()
-        idx.copy_(i.mul_(dh * w - kw * dw).add_(tap, alpha=dw))  # i*dh*W + (t - i*kw)*dw
-    else:
-        t = tap.to(torch.int64)
-        i = torch.div(t, kw, rounding_mode="floor")
-        idx.copy_(i.mul_(dh * w - kw * dw).add_(t, alpha=dw))
-    return idx.add_(base)
+    idx.copy_(i.mul_(dh * w - kw * dw).add_(tap, alpha=dw))  # i*dh*W + (t - i*kw)*dw
+    return idx.add_(_window_base(values.shape[2:], w, stride, padding, values.device, torch.int64))
 
 
 class MaxPool2dFunction(torch.autograd.Function):
