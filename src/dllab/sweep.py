@@ -188,24 +188,17 @@ def ablate_main(args, argv: list[str]) -> int:
 
     parser = build_parser()
     combos = []
-    for seed in args.seeds or [None]:
-        for layers in layer_sets:
-            for name, extra in ABLATIONS.items():
-                argv_i = ["train", "classifier", *base, *[t for f, v in extra for t in (f, v) if t is not None]]
-                if layers:
-                    argv_i += ["--layers", layers]
-                    name = f"{name}-{layers}"
-                if seed is not None:
-                    argv_i += ["--seed", str(seed)]
-                    name = f"{name}-seed{seed}"
-                parser.parse_args(argv_i)
-                chosen = {"batch_norm": "--no-norm" not in argv_i,
-                          "max_pool": dict(extra).get("--maxpool") == "on"}
-                if layers:
-                    chosen["layers"] = layers
-                if seed is not None:
-                    chosen["seed"] = seed
-                combos.append((name, argv_i, chosen))
+    for seed, layers, (name, extra) in itertools.product(args.seeds or [None], layer_sets, ABLATIONS.items()):
+        argv_i = ["train", "classifier", *base, *[t for f, v in extra for t in (f, v) if t is not None]]
+        chosen = {"batch_norm": "--no-norm" not in argv_i, "max_pool": dict(extra).get("--maxpool") == "on"}
+        if layers:
+            argv_i += ["--layers", layers]
+            name, chosen["layers"] = f"{name}-{layers}", layers
+        if seed is not None:
+            argv_i += ["--seed", str(seed)]
+            name, chosen["seed"] = f"{name}-seed{seed}", seed
+        parser.parse_args(argv_i)
+        combos.append((name, argv_i, chosen))
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(args.ablate_out or f"runs/ablate-classifier-{stamp}")
     out.mkdir(parents=True, exist_ok=True)
