@@ -50,6 +50,8 @@ bfloat16/float16 inputs (like torch's kernels), and the output has the input's d
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -57,6 +59,7 @@ from dllab.layers import _workspace as workspace
 from dllab.layers._conv import suggest_memory_format
 
 ONE_PASS_MAX_RATIO = 1e3  # mean^2 / var above which the one-pass variance is not trusted
+NORM_MIN_PLANE = 128  # CPU sums of squares: per-plane norms for planes this large, else x*x and a sum
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -120,10 +123,12 @@ def channel_sumsq(x: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
 
     torch's CPU norm kernel is fast along a contiguous dimension but not vectorised across an
     outer one (reducing a channels-last tensor over (0, 2, 3) took 20x as long as summing it).
-    Contiguous (N, C, *): the 2-norm of each (image, channel) plane, squared and summed over N.
-    Channels-last (and 2-D (N, C)) on the CPU: x*x into a workspace buffer, then a channel sum.
+    Contiguous (N, C, *) with planes of ``NORM_MIN_PLANE`` values or more: the 2-norm of each
+    (image, channel) plane, squared and summed over N. Smaller planes (the per-plane norms are
+    then many tiny reductions: 0.33 ms against 0.15 ms for 64x512x4x4 here), channels-last and
+    2-D (N, C) inputs on the CPU: x*x into a workspace buffer, then a channel sum.
     """
-    if x.dim() > 2 and x.is_contiguous():
+    if x.dim() > 2 and x.is_contiguous() and (math.prod(x.shape[2:]) >= NORM_MIN_PLANE or x.device.type != "cpu"):
         return torch.linalg.vector_norm(x.view(x.shape[0], x.shape[1], -1), 2, 2, dtype=acc).square_().sum(0)
     if x.device.type == "cpu":
         return channel_dot(x, x, acc)
