@@ -16,9 +16,25 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dllab.layers import BatchNorm2d, Conv2d, MaxPool2d
+from dllab.layers import _workspace
 from dllab.layers import functional as LF
 
 DT = torch.float64
+
+
+@pytest.fixture(params=["cpu", "cuda-paths"])
+def device_paths(request, monkeypatch):
+    """Run a test twice: as the CPU runs it, and through the paths a CUDA tensor takes.
+
+    The layers ask ``_workspace.uses_cpu_paths`` before every CPU-only choice (the workspace,
+    the one-pass variance, batch norm's sums of squares, emulated bf16 GEMMs). Answering False
+    sends CPU tensors down the branches CUDA takes, so those are checked against torch on a
+    machine without a GPU. (What only a GPU can show, kernels and streams, needs one:
+    ``test_cuda_matches_torch``.)
+    """
+    if request.param == "cuda-paths":
+        monkeypatch.setattr(_workspace, "uses_cpu_paths", lambda device: False)
+    return request.param
 
 
 def _leaves(*tensors):
@@ -77,6 +93,7 @@ CONV_GRID = [
 ]
 
 
+@pytest.mark.usefixtures("device_paths")
 @pytest.mark.parametrize("case", CONV_GRID, ids=[str(i) for i in range(len(CONV_GRID))])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("im2col", ["auto", "nhwc"])
@@ -99,6 +116,7 @@ def test_conv2d_matches_torch(case, channels_last, im2col, monkeypatch):
     assert ya.is_contiguous() == yb.is_contiguous()
 
 
+@pytest.mark.usefixtures("device_paths")
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("hw,k,s,p,g,c_out", [
     (16, 3, 1, 1, 1, 24),  # stride 1: input gradient as a convolution; per-image NCHW / row GEMMs
@@ -120,6 +138,7 @@ def test_conv2d_wide_layers_all_gemm_paths(channels_last, hw, k, s, p, g, c_out)
                 lambda *t: F.conv2d(*t, stride=s, padding=p, groups=g), [x, w, b])
 
 
+@pytest.mark.usefixtures("device_paths")
 def test_conv2d_broad_grid():
     """Every combination of kernel, stride, padding, dilation, groups and bias on a small input."""
     gen = torch.Generator().manual_seed(1)
@@ -137,6 +156,7 @@ def test_conv2d_broad_grid():
     assert count == 180
 
 
+@pytest.mark.usefixtures("device_paths")
 def test_conv2d_unbatched_and_empty_batch():
     gen = torch.Generator().manual_seed(2)
     w = torch.randn(5, 3, 3, 3, dtype=DT, generator=gen)
@@ -151,6 +171,7 @@ def test_conv2d_unbatched_and_empty_batch():
     assert ya.shape == (0, 5, 2, 2)
 
 
+@pytest.mark.usefixtures("device_paths")
 def test_conv2d_float32_and_gradcheck():
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(4, 8, 10, 10, generator=gen)
@@ -201,6 +222,7 @@ def test_conv2d_dtype_mismatch_raises():
 # ----------------------------------------------------------------------------------------------
 # Conv2d module
 
+@pytest.mark.usefixtures("device_paths")
 @pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "replicate", "circular"])
 @pytest.mark.parametrize("padding", [1, (2, 1), "same"])
 def test_conv2d_module_padding_modes(padding_mode, padding):
@@ -284,6 +306,7 @@ POOL_GRID = [
 ]
 
 
+@pytest.mark.usefixtures("device_paths")
 @pytest.mark.parametrize("case", POOL_GRID, ids=[str(i) for i in range(len(POOL_GRID))])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_max_pool2d_matches_torch(case, channels_last):
@@ -300,6 +323,7 @@ def test_max_pool2d_matches_torch(case, channels_last):
     assert ya.is_contiguous(memory_format=torch.channels_last) == yb.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.usefixtures("device_paths")
 @pytest.mark.parametrize("stride", [1, 2])
 def test_max_pool2d_ties_route_to_first_maximum(stride):
     """Integer-valued inputs with many equal maxima: same indices and gradients as torch."""
@@ -312,6 +336,7 @@ def test_max_pool2d_ties_route_to_first_maximum(stride):
     assert torch.equal(ia, ib)
 
 
+@pytest.mark.usefixtures("device_paths")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_max_pool2d_half_precision_like_torch(dtype, channels_last):
@@ -324,6 +349,7 @@ def test_max_pool2d_half_precision_like_torch(dtype, channels_last):
     assert ya.dtype == dtype and torch.equal(ya, yb) and torch.equal(ia, ib)
 
 
+@pytest.mark.usefixtures("device_paths")
 def test_max_pool2d_infinities_and_nan():
     x = torch.full((1, 1, 4, 4), -math.inf, dtype=DT)
     x[0, 0, 3, 3] = 2.0
@@ -336,6 +362,7 @@ def test_max_pool2d_infinities_and_nan():
         assert torch.equal(ia, ib)
 
 
+@pytest.mark.usefixtures("device_paths")
 def test_max_pool2d_unbatched_empty_float32_and_gradcheck():
     gen = torch.Generator().manual_seed(9)
     x = torch.randn(3, 7, 7, dtype=DT, generator=gen)
@@ -379,6 +406,7 @@ def test_max_pool2d_module():
 # ----------------------------------------------------------------------------------------------
 # batch_norm
 
+@pytest.mark.usefixtures("device_paths")
 @pytest.mark.parametrize("shape", [(8, 3), (4, 3, 5), (4, 3, 5, 6), (2, 3, 3, 4, 2)])
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("momentum", [0.1, 0.7])
@@ -397,6 +425,7 @@ def test_batch_norm_training_matches_torch(shape, affine, momentum):
     _close(rv[0], rv[1])
 
 
+@pytest.mark.usefixtures("device_paths")
 def test_batch_norm_eval_and_no_running_stats():
     gen = torch.Generator().manual_seed(11)
     x = torch.randn(4, 3, 5, 5, dtype=DT, generator=gen)
@@ -414,6 +443,7 @@ def test_batch_norm_eval_and_no_running_stats():
     assert torch.autograd.gradcheck(lambda *t: LF.batch_norm(t[0], rm, rv, t[1], t[2], False), (xd, wd, bd))
 
 
+@pytest.mark.usefixtures("device_paths")
 @pytest.mark.parametrize("offset", [0.0, 3e3, 1e5])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_batch_norm_float32_ill_conditioned_and_layouts(offset, channels_last):
@@ -431,6 +461,7 @@ def test_batch_norm_float32_ill_conditioned_and_layouts(offset, channels_last):
     torch.testing.assert_close(rm[0], rm[1], rtol=1e-6, atol=1e-5)
 
 
+@pytest.mark.usefixtures("device_paths")
 def test_batch_norm_bfloat16_input():
     gen = torch.Generator().manual_seed(19)
     x = (torch.randn(8, 4, 6, 6, generator=gen) * 2 + 1).bfloat16()
@@ -447,6 +478,7 @@ def test_batch_norm_bfloat16_input():
         torch.testing.assert_close(ta.grad.float(), tb.grad.float(), rtol=0.03, atol=0.03)
 
 
+@pytest.mark.usefixtures("device_paths")
 def test_batch_norm_empty_batch_and_errors():
     rm, rv = torch.zeros(4), torch.ones(4)
     y = LF.batch_norm(torch.randn(0, 4, 5, 5), rm, rv, training=True)
@@ -461,6 +493,7 @@ def test_batch_norm_empty_batch_and_errors():
         LF.batch_norm(torch.randn(4), None, None, training=True)
 
 
+@pytest.mark.usefixtures("device_paths")
 @pytest.mark.parametrize("momentum", [0.1, None])
 @pytest.mark.parametrize("affine,track", [(True, True), (False, True), (True, False)])
 def test_batch_norm_module_train_eval(momentum, affine, track):
@@ -504,6 +537,7 @@ def _small_net(conv, bn, pool):
                          conv(8, 16, 3, stride=2, padding=1), bn(16), nn.ReLU(), conv(16, 16, 1))
 
 
+@pytest.mark.usefixtures("device_paths")
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_network_state_dict_round_trip_train_and_eval(channels_last):
     torch.manual_seed(13)
@@ -523,6 +557,7 @@ def test_network_state_dict_round_trip_train_and_eval(channels_last):
         torch.testing.assert_close(ours.state_dict()[key], value, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.usefixtures("device_paths")
 def test_autocast_bf16_cpu_dtypes_and_values():
     torch.manual_seed(14)
     ours = _small_net(Conv2d, BatchNorm2d, MaxPool2d)
@@ -562,6 +597,7 @@ class _OpRecorder(TorchDispatchMode):
 FORBIDDEN = ("conv", "pool", "batch_norm", "im2col", "col2im", "unfold_backward")
 
 
+@pytest.mark.usefixtures("device_paths")
 @pytest.mark.parametrize("autocast", [False, True])
 @pytest.mark.parametrize("size,channels_last", [(12, False), (32, False), (32, True)])
 def test_no_native_conv_pool_or_batchnorm_kernel_runs(autocast, size, channels_last):
@@ -604,6 +640,7 @@ def test_cuda_matches_torch():
         torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.usefixtures("device_paths")
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_outputs_allow_in_place_ops(channels_last):
     """Outputs are fresh tensors, not views, so ReLU(inplace=True) after any layer works."""
@@ -723,3 +760,18 @@ def test_workspace_grown_during_inference_mode_still_serves_training():
     x = torch.randn(2, 1, 12, 12, requires_grad=True)
     net(x).sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_device_paths_fixture_takes_the_other_branches(monkeypatch):
+    """The switch ``device_paths`` relies on does change the paths: no workspace, native-dtype GEMMs."""
+    from dllab.layers._conv import gemm_dtype
+
+    x, w = torch.randn(2, 3, 8, 8), torch.randn(4, 3, 3, 3)
+    LF.clear_workspace()
+    monkeypatch.setattr(_workspace, "uses_cpu_paths", lambda device: False)
+    LF.max_pool2d(LF.conv2d(x, w, padding=1), 2)
+    assert LF.workspace_bytes() == 0
+    assert gemm_dtype(torch.bfloat16, x.device) == torch.bfloat16
+    monkeypatch.undo()
+    LF.max_pool2d(LF.conv2d(x, w, padding=1), 2)
+    assert LF.workspace_bytes() > 0

@@ -94,7 +94,7 @@ def _cpu_has_native(dtype: torch.dtype) -> bool:
 
 def gemm_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """The dtype the GEMMs of a ``dtype`` convolution run in on ``device`` (see module docstring)."""
-    if dtype in (torch.float16, torch.bfloat16) and device.type == "cpu" and not _cpu_has_native(dtype):
+    if dtype in (torch.float16, torch.bfloat16) and workspace.uses_cpu_paths(device) and not _cpu_has_native(dtype):
         return torch.float32
     return dtype
 

@@ -32,6 +32,17 @@ import torch
 MAX_PADDED = 16  # zero-bordered buffers kept per thread (least recently used dropped first)
 
 
+def uses_cpu_paths(device: torch.device) -> bool:
+    """Whether the layers take their CPU-specific paths for tensors on ``device``.
+
+    Some choices are made for the CPU only: this workspace, the one-pass variance and the
+    sums-of-squares formulation in batch norm, bf16 GEMMs emulated in float32. Every such choice
+    asks this function, so that tests can make it answer False and run the paths that CUDA takes
+    on CPU tensors (tests/test_layers.py, ``device_paths``), on a machine with no GPU.
+    """
+    return device.type == "cpu"
+
+
 def _limit_from_env() -> int | None:
     text = os.environ.get("DLLAB_WORKSPACE_LIMIT_MB", "").strip()
     if not text:
@@ -97,7 +108,7 @@ def buffer(slot: str, shape, dtype: torch.dtype, device: torch.device) -> torch.
     The view is one ``as_strided`` of a cached typed view of the slot: small layers call this
     several times a step, and each Python-level tensor operation costs microseconds.
     """
-    if device.type != "cpu":
+    if not uses_cpu_paths(device):
         return torch.empty(shape, dtype=dtype, device=device)
     shape = tuple(shape)
     nbytes = math.prod(shape) * dtype.itemsize
@@ -135,7 +146,7 @@ def bordered(slot: str, shape, border: tuple, dtype: torch.dtype, device: torch.
     border and padding costs no fill on later calls. One buffer per (slot, shape, border, dtype,
     fill), at most ``MAX_PADDED`` per thread. Elsewhere than on the CPU: a fresh filled tensor.
     """
-    if device.type != "cpu":
+    if not uses_cpu_paths(device):
         return torch.full(shape, fill, dtype=dtype, device=device)
     key = (slot, tuple(shape), tuple(border), dtype, fill)
     buf = _SLOTS.padded.pop(key, None)
