@@ -100,8 +100,9 @@ CONV_GRID = [
 def test_conv2d_matches_torch(case, channels_last, im2col, monkeypatch):
     from dllab.layers import _conv
 
-    if im2col == "nhwc":  # the grid's few-channel inputs take the planar im2col by default: test both
+    if im2col == "nhwc":  # few-channel inputs and NCHW 1x1 kernels take the planar im2col by default: test both
         monkeypatch.setattr(_conv, "PLANAR_MAX_CHANNELS", 0)
+        monkeypatch.setattr(_conv, "PLANAR_1X1", False)
     n, c, h, w, c_out, k, s, p, d, g, has_bias = case
     kh, kw = (k, k) if isinstance(k, int) else k
     gen = torch.Generator().manual_seed(hash(case) % 2**31)
@@ -121,13 +122,16 @@ def test_conv2d_matches_torch(case, channels_last, im2col, monkeypatch):
 @pytest.mark.parametrize("hw,k,s,p,g,c_out", [
     (16, 3, 1, 1, 1, 24),  # stride 1: input gradient as a convolution; per-image NCHW / row GEMMs
     (16, 3, 2, 1, 1, 24),  # stride 2: NHWC col2im
-    (16, 1, 2, 0, 1, 24),  # 1x1 shortcut
+    (16, 1, 2, 0, 1, 24),  # 1x1 shortcut: planar (NCHW, 8x8 output) or NHWC (channels-last)
+    (16, 1, 1, 0, 1, 24),  # 1x1 stride 1: the planar col is x itself
+    (16, 1, 1, 1, 1, 24),  # 1x1 with padding: planar, input gradient cut out of a padded buffer
+    (8, 1, 2, 0, 1, 24),  # 1x1 shortcut with a 4x4 output: NHWC in both layouts
     (8, 3, 1, 1, 1, 16),  # 8x8: one GEMM for NCHW, per-image rows for channels-last
     (16, 3, 1, 1, 4, 16),  # groups
     (17, 3, 1, 2, 1, 16),  # padding beyond the kernel extent: col2im at stride 1
 ])
 def test_conv2d_wide_layers_all_gemm_paths(channels_last, hw, k, s, p, g, c_out):
-    """16 input channels and images up to 17x17, so the per-image GEMM paths and the NHWC col2im run."""
+    """24 input channels and images up to 17x17, so the per-image GEMM paths and the NHWC col2im run."""
     gen = torch.Generator().manual_seed(hw * 100 + k * 10 + s)
     x = torch.randn(2, 24, hw, hw, dtype=DT, generator=gen)  # wide enough for the NHWC im2col
     if channels_last:
