@@ -103,6 +103,7 @@ def test_conv2d_matches_torch(case, channels_last, im2col, monkeypatch):
     if im2col == "nhwc":  # few-channel inputs and NCHW 1x1 kernels take the planar im2col by default: test both
         monkeypatch.setattr(_conv, "PLANAR_MAX_CHANNELS", 0)
         monkeypatch.setattr(_conv, "PLANAR_1X1", False)
+        monkeypatch.setattr(_conv, "PLANAR_WEIGHT_GRAD", False)
     n, c, h, w, c_out, k, s, p, d, g, has_bias = case
     kh, kw = (k, k) if isinstance(k, int) else k
     gen = torch.Generator().manual_seed(hash(case) % 2**31)
