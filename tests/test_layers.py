@@ -100,10 +100,9 @@ CONV_GRID = [
 def test_conv2d_matches_torch(case, channels_last, im2col, monkeypatch):
     from dllab.layers import _conv
 
-    if im2col == "nhwc":  # few-channel inputs and NCHW 1x1 kernels take the planar im2col by default: test both
+    if im2col == "nhwc":  # few-channel inputs and some NCHW ones take the planar im2col by default: test both
         monkeypatch.setattr(_conv, "PLANAR_MAX_CHANNELS", 0)
-        monkeypatch.setattr(_conv, "PLANAR_1X1", False)
-        monkeypatch.setattr(_conv, "PLANAR_WEIGHT_GRAD", False)
+        monkeypatch.setattr(_conv, "PLANAR_NCHW", False)
     n, c, h, w, c_out, k, s, p, d, g, has_bias = case
     kh, kw = (k, k) if isinstance(k, int) else k
     gen = torch.Generator().manual_seed(hash(case) % 2**31)
@@ -131,8 +130,13 @@ def test_conv2d_matches_torch(case, channels_last, im2col, monkeypatch):
     (16, 3, 1, 1, 4, 16),  # groups
     (17, 3, 1, 2, 1, 16),  # padding beyond the kernel extent: col2im at stride 1
 ])
-def test_conv2d_wide_layers_all_gemm_paths(channels_last, hw, k, s, p, g, c_out):
-    """24 input channels and images up to 17x17, so the per-image GEMM paths and the NHWC col2im run."""
+@pytest.mark.parametrize("planar_nchw", [True, False])
+def test_conv2d_wide_layers_all_gemm_paths(channels_last, hw, k, s, p, g, c_out, planar_nchw, monkeypatch):
+    """24 input channels and images up to 17x17, so the per-image GEMM paths and the NHWC col2im run
+    (NCHW inputs with large images through the planar route and, with it switched off, through NHWC)."""
+    from dllab.layers import _conv
+
+    monkeypatch.setattr(_conv, "PLANAR_NCHW", planar_nchw)
     gen = torch.Generator().manual_seed(hw * 100 + k * 10 + s)
     x = torch.randn(2, 24, hw, hw, dtype=DT, generator=gen)  # wide enough for the NHWC im2col
     if channels_last:

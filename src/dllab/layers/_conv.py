@@ -55,11 +55,12 @@ instead: the padded NCHW input viewed as (N, C, kh, kw, Ho, Wo), copied into ``c
 which is ``w.reshape(C_out, C*kh*kw)`` as it is, and ``y[n] = w_2d @ col[n]`` (NCHW) or
 ``col[n]^T @ w_2d^T`` (channels-last), and ``grad_w = sum_n grad_y[n] @ col[n]^T``.
 
-1x1 kernels on NCHW tensors (ResNet shortcuts, bottleneck projections) take the planar route too,
-at any channel count, when each output image has at least 64 pixels: their planar ``col`` is the
-input subsampled by the stride (x itself at stride 1), so the NCHW tensors x, grad_y and grad_x
-are never transposed to NHWC and back. Their input gradient is ``w_2d^T @ grad_y[n]`` placed at
-every stride-th pixel of a zeroed grad_x.
+Contiguous NCHW inputs take the planar route at any channel count when each output image has at
+least 256 pixels (64 for 1x1 kernels), so x is not transposed to NHWC (``planar_nchw`` has the
+measurements). For 1x1 kernels (ResNet shortcuts, bottleneck projections) the planar ``col`` is
+the input subsampled by the stride (x itself at stride 1), and the input gradient
+``w_2d^T @ grad_y[n]`` is placed at every stride-th pixel of a zeroed grad_x, so neither grad_y
+nor grad_x is transposed either.
 
 Memory. The CPU temporaries (padded copies, ``col``) live in a per-thread workspace that is
 reused from call to call (``_workspace.py``): a fresh 150 MB buffer per call costs more in page
@@ -162,36 +163,43 @@ def im2col(xp: torch.Tensor, kernel, stride, dilation, groups: int, slot: str = 
 # and 8- or 16-channel layers of narrow networks (a width-8 / width-16 ResNet-18 step on 28x28
 # images ran 7% / 5% faster with 16 here than with 4; from 32 channels on it made no difference).
 PLANAR_MAX_CHANNELS = 16
-PLANAR_1X1 = True  # 1x1 kernels on contiguous NCHW inputs take the planar route too (``planar_1x1``)
+# Contiguous NCHW inputs of any width use it too when each output image has at least
+# PLANAR_NCHW_MIN_PIXELS pixels (PLANAR_1X1_MIN_PIXELS for 1x1 kernels): see ``planar_nchw``.
+PLANAR_NCHW = True
+PLANAR_NCHW_MIN_PIXELS = 256
 PLANAR_1X1_MIN_PIXELS = 64
-# NCHW x and grad_y with 256+ output pixels per image: weight gradient from the planar col (x is
-# then not transposed to NHWC; 64x32x32 3x3: 9.7 against 7.5 + 8.6 ms for the copies here)
-PLANAR_WEIGHT_GRAD = True
 
 
-def planar_1x1(kernel, contiguous: bool, out_pixels: int) -> bool:
-    """A 1x1 convolution of a contiguous NCHW tensor with images of ``PLANAR_1X1_MIN_PIXELS`` output
-    pixels or more: its planar ``col`` is the input itself, subsampled by the stride, so this route
-    makes no transposing copy of x, grad_y or grad_x. Measured on the ResNet-18 shortcuts, step
-    times scratch NHWC / scratch planar / torch: 37 / 22 / 26 ms for 64->128 at 32x32, 19 / 14 /
-    16 ms for 128->256 at 16x16, but 11 / 29 / 12 ms for 256->512 at 8x8, whose 4x4 outputs make
-    the per-image GEMMs too thin."""
-    return PLANAR_1X1 and tuple(kernel) == (1, 1) and contiguous and out_pixels >= PLANAR_1X1_MIN_PIXELS
+def planar_nchw(kernel, contiguous: bool, out_pixels: int) -> bool:
+    """Whether a convolution of a contiguous NCHW tensor takes the planar route at any width.
+
+    The planar ``col`` is copied from NCHW image rows, so x is never transposed to NHWC (nor, for
+    1x1 kernels, grad_y and grad_x: their planar ``col`` is x subsampled by the stride). It pays
+    where each image's GEMMs are large enough. Step times (forward and backward) measured here,
+    NHWC route / planar route / torch: 3x3 at 64x32x32 174 / 165 / 136 ms (and 186 / 169 with only
+    the weight gradient planar), at 128x16x16 133 / 129 / 103, but 67 / 80 / 69 for the stride-2
+    3x3 128->256 (8x8 outputs) and 122 / 139 / 114 at 256x8x8; 1x1 stride-2 shortcuts 37 / 22 / 26
+    ms for 64->128 at 32x32, 19 / 14 / 16 for 128->256 at 16x16 (8x8 outputs), but 11 / 29 / 12
+    for 256->512 at 8x8 (4x4 outputs).
+    """
+    if not (PLANAR_NCHW and contiguous):
+        return False
+    return out_pixels >= (PLANAR_1X1_MIN_PIXELS if tuple(kernel) == (1, 1) else PLANAR_NCHW_MIN_PIXELS)
 
 
 def uses_planar(x: torch.Tensor, kernel, groups: int, out_pixels: int) -> bool:
     """Whether the planar im2col serves this convolution: inputs with few channels (any layout),
-    and 1x1 kernels on NCHW inputs (``planar_1x1``)."""
+    and NCHW inputs with large enough output images (``planar_nchw``)."""
     if groups != 1:
         return False
-    return x.shape[1] <= PLANAR_MAX_CHANNELS or planar_1x1(kernel, x.is_contiguous(), out_pixels)
+    return x.shape[1] <= PLANAR_MAX_CHANNELS or planar_nchw(kernel, x.is_contiguous(), out_pixels)
 
 
 def input_grad_in_nchw(c: int, kernel, groups: int, grad_x_contiguous: bool, out_pixels: int) -> bool:
     """Whether ``conv_input_grad`` assembles dL/dx in NCHW order: the planar counterpart of col2im."""
     if groups != 1:
         return False
-    return c < NARROW_INPUT_CHANNELS or planar_1x1(kernel, grad_x_contiguous, out_pixels)
+    return c < NARROW_INPUT_CHANNELS or (tuple(kernel) == (1, 1) and planar_nchw(kernel, grad_x_contiguous, out_pixels))
 
 
 def im2col_planar(x: torch.Tensor, kernel, stride, pads, dilation, dtype: torch.dtype) -> torch.Tensor:
@@ -392,8 +400,7 @@ class Conv2dFunction(torch.autograd.Function):
             if need_x:
                 grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
                 conv_input_grad(gy_nhwc, w, stride, pads, dilation, g, dtype, grad_x)
-            # NCHW x and grad_y: the weight gradient from the planar col needs no transposed copy of x
-            if need_w and (planar or (PLANAR_WEIGHT_GRAD and nchw and x.is_contiguous())):
+            if need_w and planar:
                 col = im2col_planar(x, (kh, kw), stride, pads, dilation, dtype)
                 grad_w = planar_weight_grad(col, grad_y, dtype).reshape(w.shape).to(w.dtype)
             elif need_w:
