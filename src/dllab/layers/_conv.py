@@ -168,6 +168,7 @@ PLANAR_MAX_CHANNELS = 16
 PLANAR_NCHW = True
 PLANAR_NCHW_MIN_PIXELS = 256
 PLANAR_1X1_MIN_PIXELS = 64
+PLANAR_INPUT_GRAD = True  # the stride-1 input gradient (itself a convolution) too, by the same rule
 
 
 def planar_nchw(kernel, contiguous: bool, out_pixels: int) -> bool:
@@ -453,6 +454,12 @@ def conv_input_grad(gy: torch.Tensor, w: torch.Tensor, stride, pads, dilation, g
         # spatial axes and in/out channels swapped (per group):
         # grad_xp[r] = sum_i w[i] grad_y[r - i*d] = sum_i' w[k-1-i'] grad_y_padded[r + i'*d]
         w_t = w.reshape(g, c_out // g, cg, kh, kw).transpose(1, 2).reshape(c, c_out // g, kh, kw).flip(2, 3)
+        gy_nchw = gy.permute(0, 3, 1, 2)
+        if PLANAR_INPUT_GRAD and g == 1 and planar_nchw((kh, kw), gy_nchw.is_contiguous() and out_nchw.is_contiguous(), h * wd):
+            # NCHW grad_y and grad_x: the same convolution by the planar route, nothing transposed
+            col = im2col_planar(gy_nchw, (kh, kw), (1, 1), (eh - top, eh - bottom, ew - left, ew - right), (dh, dw), dtype)
+            planar_gemm_into(col, w_t, None, out_nchw)
+            return
         gp = pad_nhwc(gy, (eh - top, eh - bottom, ew - left, ew - right), dtype)
         col = im2col(gp, (kh, kw), (1, 1), (dh, dw), g)
         gemm_into(col, weight_matrix(w_t, g, dtype), None, out_nchw)
