@@ -57,7 +57,7 @@ which is ``w.reshape(C_out, C*kh*kw)`` as it is, and ``y[n] = w_2d @ col[n]`` (N
 
 Contiguous NCHW inputs take the planar route at any channel count when each output image has at
 least 256 pixels (64 for 1x1 kernels), so x is not transposed to NHWC (``planar_nchw`` has the
-measurements). For 1x1 kernels (ResNet shortcuts, bottleneck projections) the planar ``col`` is
+measurements); so does the stride-1 input gradient, a convolution of the NCHW grad_y. For 1x1 kernels (ResNet shortcuts, bottleneck projections) the planar ``col`` is
 the input subsampled by the stride (x itself at stride 1), and the input gradient
 ``w_2d^T @ grad_y[n]`` is placed at every stride-th pixel of a zeroed grad_x, so neither grad_y
 nor grad_x is transposed either.
