@@ -177,9 +177,10 @@ def planar_nchw(kernel, contiguous: bool, out_pixels: int) -> bool:
     The planar ``col`` is copied from NCHW image rows, so x is never transposed to NHWC (nor, for
     1x1 kernels, grad_y and grad_x: their planar ``col`` is x subsampled by the stride). It pays
     where each image's GEMMs are large enough. Step times (forward and backward) measured here,
-    NHWC route / planar route / torch: 3x3 at 64x32x32 174 / 165 / 136 ms (and 186 / 169 with only
-    the weight gradient planar), at 128x16x16 133 / 129 / 103, but 67 / 80 / 69 for the stride-2
-    3x3 128->256 (8x8 outputs) and 122 / 139 / 114 at 256x8x8; 1x1 stride-2 shortcuts 37 / 22 / 26
+    NHWC route / planar route / torch: 3x3 at 64x32x32 176-182 / 158-162 / 127-162 ms, stride-2
+    64->128 at 32x32 97-99 / 90-93 / 83-87, at 128x16x16 130-132 / 128-132 / 122-124; but planar
+    was slower with smaller output images: 67 / 80 / 69 for the stride-2 3x3 128->256 (8x8
+    outputs) and 122 / 139 / 114 at 256x8x8; 1x1 stride-2 shortcuts 37 / 22 / 26
     ms for 64->128 at 32x32, 19 / 14 / 16 for 128->256 at 16x16 (8x8 outputs), but 11 / 29 / 12
     for 256->512 at 8x8 (4x4 outputs).
     """
