@@ -315,7 +315,18 @@ POOL_GRID = [
 ]
 
 
-@pytest.mark.usefixtures("device_paths")
+@pytest.fixture(params=["whole-batch", "per-image"])
+def pool_chunks(request, monkeypatch):
+    """The running maximum over the whole batch at once, or one image at a time (how the CPU
+    splits large batches, ``_pool.POOL_CHUNK_BYTES``)."""
+    from dllab.layers import _pool
+
+    if request.param == "per-image":
+        monkeypatch.setattr(_pool, "POOL_CHUNK_BYTES", 1)
+    return request.param
+
+
+@pytest.mark.usefixtures("device_paths", "pool_chunks")
 @pytest.mark.parametrize("case", POOL_GRID, ids=[str(i) for i in range(len(POOL_GRID))])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_max_pool2d_matches_torch(case, channels_last):
@@ -358,12 +369,13 @@ def test_max_pool2d_half_precision_like_torch(dtype, channels_last):
     assert ya.dtype == dtype and torch.equal(ya, yb) and torch.equal(ia, ib)
 
 
-@pytest.mark.usefixtures("device_paths")
+@pytest.mark.usefixtures("device_paths", "pool_chunks")
 def test_max_pool2d_infinities_and_nan():
-    x = torch.full((1, 1, 4, 4), -math.inf, dtype=DT)
-    x[0, 0, 3, 3] = 2.0
-    x[0, 0, 0, 3] = math.nan
-    x[0, 0, 1, 2] = math.nan
+    x = torch.full((2, 1, 4, 4), -math.inf, dtype=DT)
+    x[0] = torch.randn(1, 4, 4, dtype=DT, generator=torch.Generator().manual_seed(9))  # finite image first
+    x[1, 0, 3, 3] = 2.0
+    x[1, 0, 0, 3] = math.nan
+    x[1, 0, 1, 2] = math.nan
     for p in (0, 1):
         ya, ia = LF.max_pool2d(x, 2, 2, p, return_indices=True)
         yb, ib = F.max_pool2d(x, 2, 2, p, return_indices=True)
