@@ -141,19 +141,23 @@ def max_pool2d_forward(x: torch.Tensor, kernel, stride, padding, dilation, out_h
     per_image = c * ho * wo * values.element_size()
     chunk = max(1, POOL_CHUNK_BYTES // per_image) if workspace.uses_cpu_paths(x.device) else n
     sums = torch.empty(-(-n // chunk), dtype=torch.float32, device=x.device)
+    # per tap: (its offset, its view of x, and the output rectangle's views of values, offset,
+    # greater), made once, so that a chunk is one slice of each (small layers feel every op)
+    steps = [(tap_offsets[t], view, values[:, :, rows, cols], offset[:, :, rows, cols], greater[:, :, rows, cols])
+             for t, (rows, cols), view in (taps[1:] if covers else taps)]
     for k, b0 in enumerate(range(0, n, chunk)):
         b = slice(b0, b0 + chunk)
-        vals, off, gt = values[b], offset[b], greater[b]
+        vals, off = values[b], offset[b]
         off.zero_()
         if covers:  # start from tap 0
             vals.copy_(taps[0][2][b])
         else:  # start from padding: every real cell beats it
             vals.fill_(-torch.inf)
-        for t, (rows, cols), view in taps[1:] if covers else taps:
-            v, cur, chosen, mask = view[b], vals[:, :, rows, cols], off[:, :, rows, cols], gt[:, :, rows, cols]
+        for tap_offset, view, cur, chosen, mask in steps:
+            v, cur, chosen, mask = view[b], cur[b], chosen[b], mask[b]
             torch.gt(v, cur, out=mask)
             torch.maximum(cur, v, out=cur)
-            chosen.lerp_(tap_offsets[t], mask)
+            chosen.lerp_(tap_offset, mask)
         torch.sum(vals, (0, 1, 2, 3), dtype=torch.float32, out=sums[k])
         if exact:
             idx[b].copy_(off.add_(base))
