@@ -57,10 +57,10 @@ which is ``w.reshape(C_out, C*kh*kw)`` as it is, and ``y[n] = w_2d @ col[n]`` (N
 
 Contiguous NCHW inputs take the planar route at any channel count when each output image has at
 least 256 pixels (64 for 1x1 kernels), so x is not transposed to NHWC (``planar_nchw`` has the
-measurements); so does the stride-1 input gradient, a convolution of the NCHW grad_y. For 1x1 kernels (ResNet shortcuts, bottleneck projections) the planar ``col`` is
-the input subsampled by the stride (x itself at stride 1), and the input gradient
-``w_2d^T @ grad_y[n]`` is placed at every stride-th pixel of a zeroed grad_x, so neither grad_y
-nor grad_x is transposed either.
+measurements); so does the stride-1 input gradient, a convolution of the NCHW grad_y. For 1x1
+kernels (ResNet shortcuts, bottleneck projections) the planar ``col`` is the input subsampled by
+the stride (x itself at stride 1), and the input gradient ``w_2d^T @ grad_y[n]`` is placed at
+every stride-th pixel of a zeroed grad_x, so neither grad_y nor grad_x is transposed either.
 
 Memory. The CPU temporaries (padded copies, ``col``) live in a per-thread workspace that is
 reused from call to call (``_workspace.py``): a fresh 150 MB buffer per call costs more in page
@@ -455,13 +455,13 @@ def conv_input_grad(gy: torch.Tensor, w: torch.Tensor, stride, pads, dilation, g
         # spatial axes and in/out channels swapped (per group):
         # grad_xp[r] = sum_i w[i] grad_y[r - i*d] = sum_i' w[k-1-i'] grad_y_padded[r + i'*d]
         w_t = w.reshape(g, c_out // g, cg, kh, kw).transpose(1, 2).reshape(c, c_out // g, kh, kw).flip(2, 3)
-        gy_nchw = gy.permute(0, 3, 1, 2)
-        if PLANAR_INPUT_GRAD and g == 1 and planar_nchw((kh, kw), gy_nchw.is_contiguous() and out_nchw.is_contiguous(), h * wd):
+        gy_nchw, gy_pads = gy.permute(0, 3, 1, 2), (eh - top, eh - bottom, ew - left, ew - right)
+        nchw = gy_nchw.is_contiguous() and out_nchw.is_contiguous()
+        if PLANAR_INPUT_GRAD and g == 1 and planar_nchw((kh, kw), nchw, h * wd):
             # NCHW grad_y and grad_x: the same convolution by the planar route, nothing transposed
-            col = im2col_planar(gy_nchw, (kh, kw), (1, 1), (eh - top, eh - bottom, ew - left, ew - right), (dh, dw), dtype)
-            planar_gemm_into(col, w_t, None, out_nchw)
+            planar_gemm_into(im2col_planar(gy_nchw, (kh, kw), (1, 1), gy_pads, (dh, dw), dtype), w_t, None, out_nchw)
             return
-        gp = pad_nhwc(gy, (eh - top, eh - bottom, ew - left, ew - right), dtype)
+        gp = pad_nhwc(gy, gy_pads, dtype)
         col = im2col(gp, (kh, kw), (1, 1), (dh, dw), g)
         gemm_into(col, weight_matrix(w_t, g, dtype), None, out_nchw)
         return

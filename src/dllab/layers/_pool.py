@@ -140,7 +140,8 @@ def max_pool2d_forward(x: torch.Tensor, kernel, stride, padding, dilation, out_h
     # 64x64x16x16 output here); on other devices the whole batch is one chunk.
     per_image = c * ho * wo * values.element_size()
     chunk = max(1, POOL_CHUNK_BYTES // per_image) if workspace.uses_cpu_paths(x.device) else n
-    sums = torch.empty(-(-n // chunk), dtype=torch.float32, device=x.device)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    sums = torch.empty(-(-n // chunk), dtype=acc, device=x.device)  # per chunk: finite unless NaN or -inf
     # per tap: (its offset, its view of x, and the output rectangle's views of values, offset,
     # greater), made once, so that a chunk is one slice of each (small layers feel every op)
     steps = [(tap_offsets[t], view, values[:, :, rows, cols], offset[:, :, rows, cols], greater[:, :, rows, cols])
@@ -158,7 +159,7 @@ def max_pool2d_forward(x: torch.Tensor, kernel, stride, padding, dilation, out_h
             torch.gt(v, cur, out=mask)
             torch.maximum(cur, v, out=cur)
             chosen.lerp_(tap_offset, mask)
-        torch.sum(vals, (0, 1, 2, 3), dtype=torch.float32, out=sums[k])
+        torch.sum(vals, (0, 1, 2, 3), dtype=acc, out=sums[k])
         if exact:
             idx[b].copy_(off.add_(base))
     if not bool(torch.isfinite(sums).all()):  # NaN or -inf maxima: torch's choices, see docstring

@@ -43,6 +43,25 @@ def uses_cpu_paths(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
+_SCALARS: dict[tuple, torch.Tensor] = {}
+
+
+def scalar(value: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A 0-d tensor holding ``value``, cached (never written to).
+
+    An operation with a Python number first wraps it in a tensor and converts that: multiplying
+    512 values in place took 17 us with ``0.5`` and 5.5 us with a 0-d tensor here. Layers of a
+    few hundred thousand values do several such operations per call and feel it.
+    """
+    key = (value, dtype, device, torch.is_inference_mode_enabled())  # see ``buffer`` on inference mode
+    t = _SCALARS.get(key)
+    if t is None:
+        if len(_SCALARS) >= 256:
+            _SCALARS.clear()
+        t = _SCALARS[key] = torch.tensor(value, dtype=dtype, device=device)
+    return t
+
+
 def _limit_from_env() -> int | None:
     text = os.environ.get("DLLAB_WORKSPACE_LIMIT_MB", "").strip()
     if not text:

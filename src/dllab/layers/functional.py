@@ -20,6 +20,7 @@ import contextlib
 
 import torch
 
+from dllab.layers import _workspace
 from dllab.layers._conv import Conv2dFunction, suggest_memory_format
 from dllab.layers._norm import BatchNormTrainFunction, scale_shift
 from dllab.layers._pool import MaxPool2dFunction
@@ -246,7 +247,7 @@ def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_v
         if running_mean is not None:
             running_mean.lerp_(mean.to(running_mean.dtype), momentum)
         if running_var is not None:
-            running_var.lerp_((var * (n / (n - 1))).to(running_var.dtype), momentum)
+            running_var.lerp_((var * _workspace.scalar(n / (n - 1), var.dtype, var.device)).to(running_var.dtype), momentum)
     return y
 
 
