@@ -796,3 +796,25 @@ def test_device_paths_fixture_takes_the_other_branches(monkeypatch):
     monkeypatch.undo()
     LF.max_pool2d(LF.conv2d(x, w, padding=1), 2)
     assert LF.workspace_bytes() > 0
+
+
+def test_cached_scalars_are_per_inference_mode():
+    """A 0-d constant cached while under torch.inference_mode() (batch norm made some there) is an
+    inference tensor, which autograd refuses to save for backward: outside that mode the cache
+    must hand out a normal tensor instead."""
+    from dllab.layers import _workspace
+
+    _workspace._SCALARS.clear()
+    x = torch.randn(4, 3, 5, 5, dtype=DT)
+    with torch.inference_mode():
+        LF.batch_norm(x, None, None, training=True)
+        inner = _workspace.scalar(0.25, DT, x.device)
+    outer = _workspace.scalar(0.25, DT, x.device)
+    assert inner.is_inference() and not outer.is_inference()
+    assert _workspace.scalar(0.25, DT, x.device) is outer  # cached
+    v = torch.randn(3, dtype=DT, requires_grad=True)
+    (v * outer).sum().backward()  # would raise with the inference tensor
+    assert torch.equal(v.grad, torch.full_like(v, 0.25))
+    w = torch.randn(3, dtype=DT)  # and batch norm still matches torch after the inference-mode call
+    _compare_fn(lambda x_, w_: LF.batch_norm(x_, None, None, w_, training=True),
+                lambda x_, w_: F.batch_norm(x_, None, None, w_, training=True), [x, w])
