@@ -168,7 +168,6 @@ PLANAR_MAX_CHANNELS = 16
 PLANAR_NCHW = True
 PLANAR_NCHW_MIN_PIXELS = 256
 PLANAR_1X1_MIN_PIXELS = 64
-PLANAR_INPUT_GRAD = True  # the stride-1 input gradient (itself a convolution) too, by the same rule
 
 
 def planar_nchw(kernel, contiguous: bool, out_pixels: int) -> bool:
@@ -457,7 +456,7 @@ def conv_input_grad(gy: torch.Tensor, w: torch.Tensor, stride, pads, dilation, g
         w_t = w.reshape(g, c_out // g, cg, kh, kw).transpose(1, 2).reshape(c, c_out // g, kh, kw).flip(2, 3)
         gy_nchw, gy_pads = gy.permute(0, 3, 1, 2), (eh - top, eh - bottom, ew - left, ew - right)
         nchw = gy_nchw.is_contiguous() and out_nchw.is_contiguous()
-        if PLANAR_INPUT_GRAD and g == 1 and planar_nchw((kh, kw), nchw, h * wd):
+        if g == 1 and planar_nchw((kh, kw), nchw, h * wd):
             # NCHW grad_y and grad_x: the same convolution by the planar route, nothing transposed
             planar_gemm_into(im2col_planar(gy_nchw, (kh, kw), (1, 1), gy_pads, (dh, dw), dtype), w_t, None, out_nchw)
             return
