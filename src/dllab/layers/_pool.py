@@ -82,6 +82,8 @@ def max_pool2d_forward(x: torch.Tensor, kernel, stride, padding, dilation, out_h
     (kh, kw), (sh, sw), (ph, pw), (dh, dw), (ho, wo) = kernel, stride, padding, dilation, out_hw
     if not x.is_floating_point() or x.numel() == 0 or n * c * ho * wo == 0:
         return _forward_windows(x, kernel, stride, padding, dilation, out_hw)
+    if kh * dh * w + kw * dw >= 2**24:  # float32 offsets (below) would not be exact: a gigantic window
+        return _forward_windows(x, kernel, stride, padding, dilation, out_hw)
     channels_last = suggest_memory_format(x) == torch.channels_last
     everywhere = (slice(None), slice(None))
     if channels_last or sw == 1:
@@ -126,8 +128,6 @@ def max_pool2d_forward(x: torch.Tensor, kernel, stride, padding, dilation, out_h
     # (exact below 2**24): comparisons written as 1.0/0.0 floats and lerp are vectorised kernels,
     # where masked_fill_ and bool outputs are not (5-7 ms against 0.1-0.2 ms per tap for a
     # 64x64x16x16 output on this project's CPU). offset = lerp(offset, tap's offset, v > values).
-    if kh * dh * w + kw * dw >= 2**24:  # float32 offsets would not be exact (a gigantic window)
-        return _forward_windows(x, kernel, stride, padding, dilation, out_hw)
     offset = workspace.buffer_like("pool_off", values, torch.float32)
     greater = workspace.buffer_like("pool_gt", values, torch.float32)
     tap_offsets = torch.tensor([float(i * dh * w + j * dw) for i in range(kh) for j in range(kw)],
