@@ -120,17 +120,28 @@ def pad_nhwc(x_nhwc: torch.Tensor, pads: tuple[int, int, int, int], dtype: torch
     The transpose to NHWC, the cast to ``dtype`` and the padding are one copy; an input that is
     already contiguous NHWC of ``dtype`` and needs no padding is returned as it is.
     """
+    return padded_copy(x_nhwc, pads, dtype, slot, rows_axis=1)
+
+
+def padded_copy(t: torch.Tensor, pads: tuple[int, int, int, int], dtype: torch.dtype, slot: str,
+                rows_axis: int) -> torch.Tensor:
+    """Contiguous copy of the 4-D ``t`` in ``dtype``, zero-padded by (top, bottom, left, right) along
+    axes ``rows_axis`` and ``rows_axis + 1`` (1 for NHWC, 2 for NCHW), in workspace slot ``slot``;
+    ``t`` itself when it is already contiguous, of ``dtype`` and needs no padding."""
     top, bottom, left, right = pads
-    n, h, w, c = x_nhwc.shape
-    if not any(pads) and x_nhwc.is_contiguous() and x_nhwc.dtype == dtype:
-        return x_nhwc
-    hp, wp = h + top + bottom, w + left + right
+    if not any(pads) and t.is_contiguous() and t.dtype == dtype:
+        return t
+    h, w = t.shape[rows_axis], t.shape[rows_axis + 1]
+    shape = list(t.shape)
+    shape[rows_axis], shape[rows_axis + 1] = h + top + bottom, w + left + right
     if not any(pads):
-        xp = workspace.buffer(slot, (n, hp, wp, c), dtype, x_nhwc.device)
+        buf = workspace.buffer(slot, shape, dtype, t.device)
     else:  # its border is zero already and stays so: only the interior is ever written
-        xp = workspace.bordered(slot, (n, hp, wp, c), pads, dtype, x_nhwc.device)
-    xp[:, top:top + h, left:left + w].copy_(x_nhwc)
-    return xp
+        buf = workspace.bordered(slot, shape, pads, dtype, t.device)
+    interior = [slice(None)] * 4
+    interior[rows_axis], interior[rows_axis + 1] = slice(top, top + h), slice(left, left + w)
+    buf[tuple(interior)].copy_(t)
+    return buf
 
 
 def out_size(size: int, kernel: int, stride: int, dilation: int) -> int:
@@ -215,16 +226,9 @@ def im2col_planar(x: torch.Tensor, kernel, stride, pads, dilation, dtype: torch.
     top, bottom, left, right = pads
     hp, wp = h + top + bottom, w + left + right
     ho, wo = out_size(hp, kh, sh, dh), out_size(wp, kw, sw, dw)
-    if kh == kw == sh == sw == 1 and not any(pads) and x.is_contiguous() and x.dtype == dtype:
-        return x.view(n, c, h * w)  # a 1x1 stride-1 convolution: col is x itself
-    if any(pads):  # the border is zero already and stays so: only the interior is written
-        xp = workspace.bordered("pad_planar", (n, c, hp, wp), pads, dtype, x.device)
-        xp[:, :, top:top + h, left:left + w].copy_(x)
-    elif x.is_contiguous() and x.dtype == dtype:
-        xp = x
-    else:
-        xp = workspace.buffer("pad_planar", (n, c, hp, wp), dtype, x.device)
-        xp.copy_(x)
+    xp = padded_copy(x, pads, dtype, "pad_planar", rows_axis=2)
+    if kh == kw == sh == sw == 1:
+        return xp.view(n, c, hp * wp)  # a 1x1 stride-1 convolution: col is the (padded) input itself
     s_n, s_c, s_h, s_w = xp.stride()
     patches = xp.as_strided((n, c, kh, kw, ho, wo), (s_n, s_c, dh * s_h, dw * s_w, sh * s_h, sw * s_w),
                             xp.storage_offset())
@@ -365,7 +369,7 @@ class Conv2dFunction(torch.autograd.Function):
         ho, wo = conv_geometry(x.shape, w.shape, stride, pads, dilation)
         # the output is a fresh tensor (not a view), so in-place ops on it (ReLU(inplace=True)) work
         y = torch.empty((x.shape[0], w.shape[0], ho, wo), dtype=x.dtype, device=x.device, memory_format=fmt)
-        if uses_planar(x, w.shape[2:], groups, ho * wo):  # a stem, or 1x1 in NCHW: see the module docstring
+        if uses_planar(x, w.shape[2:], groups, ho * wo):  # a stem, or NCHW with large images: module docstring
             planar_gemm_into(im2col_planar(x, w.shape[2:], stride, pads, dilation, dtype), w, bias, y)
         else:
             xp = pad_nhwc(x.permute(0, 2, 3, 1), pads, dtype)
@@ -433,7 +437,7 @@ def conv_input_grad(gy: torch.Tensor, w: torch.Tensor, stride, pads, dilation, g
     if input_grad_in_nchw(c, (kh, kw), g, out_nchw.is_contiguous(), ho * wo):
         # col2im in NCHW order, where each tap's addition runs along image rows instead of along
         # C (3 for RGB) channels: grad_col^T[n] (kh*kw*C, Ho*Wo) = wmat (kh*kw*C, C_out) @ grad_y[n].
-        # 1x1 kernels on NCHW tensors come here too: no transposing copies (see ``uses_planar``).
+        # 1x1 kernels on NCHW tensors come here too: no transposing copies (see ``planar_nchw``).
         k = kh * kw * c
         gy_nchw = gy.permute(0, 3, 1, 2)  # (N, C_out, Ho, Wo)
         if not (gy_nchw.is_contiguous() and gy_nchw.dtype == dtype):
