@@ -159,7 +159,8 @@ class BatchNormTrainFunction(torch.autograd.Function):
 
     At the small ResNet shapes (512 x 4 x 4 at batch 64 is 0.5 M values) a step's fixed costs
     rival its passes over the tensor, so the per-channel arithmetic below is written with few,
-    mostly in-place operations and float (not int) scalars, which torch would first convert.
+    mostly in-place operations, and its constants are cached 0-d tensors (``workspace.scalar``):
+    torch wraps and converts a Python number on every operation.
     """
 
     @staticmethod

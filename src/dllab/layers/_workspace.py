@@ -36,7 +36,8 @@ def uses_cpu_paths(device: torch.device) -> bool:
     """Whether the layers take their CPU-specific paths for tensors on ``device``.
 
     Some choices are made for the CPU only: this workspace, the one-pass variance and the
-    sums-of-squares formulation in batch norm, bf16 GEMMs emulated in float32. Every such choice
+    sums-of-squares formulation in batch norm, bf16 GEMMs emulated in float32, max-pool's
+    cache-sized chunks of images. Every such choice
     asks this function, so that tests can make it answer False and run the paths that CUDA takes
     on CPU tensors (tests/test_layers.py, ``device_paths``), on a machine with no GPU.
     """
