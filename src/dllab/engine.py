@@ -219,7 +219,8 @@ class Trainer:
         ``backward``. With ``broadcast_buffers`` (DDP's own flag, on by default) it also re-sends
         rank 0's buffers (batch-norm running statistics) before every forward call; False saves
         that collective for a module called several times per step whose buffers need not agree
-        across ranks (the DCGAN's discriminator, whose statistics are never used, works either way).
+        across ranks (the DCGAN's discriminator, called three times per step, whose statistics are
+        never used).
 
         With ``config["sync_bn"]`` torch's BatchNorm layers become ``SyncBatchNorm``, which
         normalises with the statistics of the global batch (torch implements it for GPUs only).

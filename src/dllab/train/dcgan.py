@@ -184,7 +184,13 @@ class DCGANTrainer(Trainer):
         self.counts = check_budget(cfg, c.get("max_params"))
         self.gen = Generator(cfg).to(self.device)
         self.disc = Discriminator(cfg).to(self.device)
-        self.G, self.D = self.wrap(self.gen), self.wrap(self.disc)
+        # D runs three times per step (real, fake, fake again for G) before its graphs are used.
+        # DDP's per-forward buffer broadcast copies rank 0's batch-norm statistics into D's
+        # buffers; torch 2.4 and 2.11 bump their version counters doing so (2.14 preserves them),
+        # and batch_norm saves running_mean/var for backward, so the real batch's graph failed
+        # ("modified by an inplace operation"). D's running statistics are never used (D only
+        # ever runs in training mode), so D does not broadcast them.
+        self.G, self.D = self.wrap(self.gen), self.wrap(self.disc, broadcast_buffers=False)
         betas = (float(c["beta1"]), 0.999)
         fused = optimizer_options(self.device)
         self.opt_g = torch.optim.Adam(self.gen.parameters(), lr=float(c["lr"]), betas=betas, **fused)
