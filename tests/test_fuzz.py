@@ -256,7 +256,7 @@ def test_batch_norm_matches_torch_or_both_refuse(n, c, extra, stat_size, trainin
     weight = torch.randn(c, generator=g, dtype=torch.float64) if affine else None
     bias = torch.randn(c, generator=g, dtype=torch.float64) if affine else None
 
-    def run(fn):
+    def run(fn, eps=eps):
         def call():
             m, v = (rm.clone(), rv.clone()) if stats else (None, None)
             xx = x.clone().requires_grad_()
@@ -274,6 +274,15 @@ def test_batch_norm_matches_torch_or_both_refuse(n, c, extra, stat_size, trainin
             _close(got[2], expected[2])
             _close(got[3], expected[3])
 
+    if eps == 0.0:  # torch's rule for eps=0 changed between versions; dllab keeps torch 2.14's
+        if training:
+            with pytest.raises(ValueError, match="eps"):
+                run(DF.batch_norm)()
+            return
+        # in evaluation eps=0 is well defined (running_var > 0 here): torch 2.11 refuses it, so the
+        # reference adds an eps too small to change a float64 rsqrt of a variance of at least 0.5
+        _same_outcome(run(DF.batch_norm), run(F.batch_norm, eps=1e-300), compare, degenerate=n == 0)
+        return
     _same_outcome(run(DF.batch_norm), run(F.batch_norm), compare, degenerate=n == 0)
 
 
@@ -345,12 +354,32 @@ def test_batchnorm2d_module_matches_torch_or_both_refuse(features, eps, momentum
         torch.testing.assert_close(ours.state_dict()[key], value, rtol=1e-9, atol=1e-9)
 
 
-def test_batch_norm_refuses_zero_eps_in_training_like_torch():
+def test_batch_norm_refuses_zero_eps_in_training_on_every_torch():
+    """eps=0 in training divides a constant channel by zero. dllab refuses it as torch 2.14 does
+    (torch 2.4 accepts it, 2.11 refuses it in evaluation too); evaluation with eps=0 works."""
     x = torch.randn(4, 2, dtype=torch.float64)
-    with pytest.raises(ValueError, match="eps"):
-        F.batch_norm(x, None, None, training=True, eps=0.0)
-    with pytest.raises(ValueError, match="eps"):
+    with pytest.raises(ValueError, match="eps must be positive during training"):
         DF.batch_norm(x, None, None, training=True, eps=0.0)
+    with pytest.raises(ValueError, match="eps must be positive during training"):
+        DM.BatchNorm2d(2, eps=0.0)(x.view(4, 2, 1, 1))
+    rm, rv = torch.zeros(2, dtype=torch.float64), torch.full((2,), 4.0, dtype=torch.float64)
+    torch.testing.assert_close(DF.batch_norm(x, rm, rv, training=False, eps=0.0), x / 2)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("stats, affine", [(None, None), (3, None), (None, 3), (0, None)])
+def test_batch_norm_on_an_empty_1d_input_like_torch(training, stats, affine):
+    """An input of shape (0,) comes back empty, whatever statistics and affine parameters come
+    with it (PyTorch's OpInfo samples for batch_norm include it)."""
+    x = torch.randn(0, dtype=torch.float64, requires_grad=True)
+    args = [torch.zeros(stats, dtype=torch.float64) if stats is not None else None,
+            torch.ones(stats, dtype=torch.float64) if stats is not None else None,
+            torch.ones(affine, dtype=torch.float64) if affine is not None else None,
+            torch.zeros(affine, dtype=torch.float64) if affine is not None else None]
+    ours, ref = DF.batch_norm(x, *args, training=training), F.batch_norm(x, *args, training=training)
+    assert ours.shape == ref.shape == (0,) and ours.dtype == ref.dtype
+    ours.sum().backward()
+    assert x.grad.shape == (0,)
 
 
 def test_batch_norm_on_an_empty_eval_batch_without_statistics_like_torch():

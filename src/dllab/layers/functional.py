@@ -200,6 +200,13 @@ def max_pool2d(input: torch.Tensor, kernel_size, stride=None, padding=0, dilatio
     return (y, idx) if return_indices else y
 
 
+def _check_eps(eps: float, training: bool) -> None:
+    if eps < 0:
+        raise ValueError(f"eps must be non-negative, got eps={eps}")
+    if training and eps == 0:  # a constant channel would divide by zero (torch 2.14 refuses it too)
+        raise ValueError(f"batch_norm eps must be positive during training, got eps={eps}")
+
+
 def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
                weight: torch.Tensor | None = None, bias: torch.Tensor | None = None, training: bool = False,
                momentum: float = 0.1, eps: float = 1e-5) -> torch.Tensor:
@@ -209,6 +216,11 @@ def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_v
     running_mean/running_var are given update them in place with ``momentum`` (the variance with
     Bessel's correction, see ``_norm.py``). training=False: normalise with the running statistics.
     """
+    if isinstance(input, torch.Tensor) and input.shape == (0,):
+        # as torch: an empty 1-D input has no channel dimension to check anything against, and
+        # comes back empty whatever the statistics, weight and bias (eps is still checked below)
+        _check_eps(eps, training)
+        return input.clone()
     if not isinstance(input, torch.Tensor) or input.dim() < 2:
         shape = list(input.shape) if isinstance(input, torch.Tensor) else type(input).__name__
         raise ValueError(f"expected an (N, C, *) input to batch_norm, got input of size {shape}")
@@ -220,10 +232,7 @@ def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_v
                              f"{list(input.shape)}), not {t.numel()}")
     if not input.is_floating_point():
         raise ValueError(f"batch_norm needs a floating-point input, got {input.dtype}")
-    if eps < 0:
-        raise ValueError(f"eps must be non-negative, got eps={eps}")
-    if training and eps == 0:  # a constant channel would divide by zero (torch refuses it too)
-        raise ValueError(f"batch_norm eps must be positive during training, got eps={eps}")
+    _check_eps(eps, training)
     shape = (1, c) + (1,) * (input.dim() - 2)
     if input.numel() == 0:  # an empty batch: empty output, running statistics untouched (as torch)
         one = torch.ones((), dtype=input.dtype, device=input.device)

@@ -14,6 +14,7 @@ import math
 import torch
 import torch.nn as nn
 from torch.nn import init
+from torch.nn.modules.batchnorm import _NormBase
 
 from dllab.layers import functional as F
 from dllab.layers.functional import PADDING_MODES, _pair
@@ -185,8 +186,12 @@ class BatchNorm2d(nn.Module):
                 init.zeros_(self.bias)
 
     def extra_repr(self) -> str:
-        return ("{num_features}, eps={eps}, momentum={momentum}, affine={affine}, bias={use_bias}, "
-                "track_running_stats={track_running_stats}".format(**self.__dict__, use_bias=self.bias is not None))
+        """The installed torch's own BatchNorm2d text (its format changed between versions: torch
+        2.14 shows ``bias=``), plus ``bias=False`` where that torch's text cannot say it."""
+        text = _NormBase.extra_repr(self)
+        if self.affine and self.bias is None and "bias=" not in text:
+            text = text.replace(", track_running_stats", ", bias=False, track_running_stats")
+        return text
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
