@@ -36,12 +36,15 @@ import torch
 
 HERE = Path(__file__).resolve()
 
+# fp32 pinned: the comparisons below assume float32 rounding, and --precision auto would pick
+# bf16 for the classifier on CPUs with AVX512-BF16/AMX (its own job below runs bf16 on purpose)
 COMMON = ["--dataset", "mnist5k", "--limit", "128", "--epochs", "2", "--seed", "5", "--device",
-          "cpu", "--quiet", "--log-every", "1"]
+          "cpu", "--quiet", "--log-every", "1", "--precision", "fp32"]
 CLASSIFIER = ["--width", "4", "--no-norm", "--lr", "0.02", "--schedule", "constant",
               "--warmup-epochs", "0", "--eval-batch-size", "128"]
 VAE = ["--latent-dim", "4", "--tsne-points", "50"]
 DCGAN = ["--g-width", "8", "--d-width", "8", "--nz", "16", "--epochs", "1"]
+BF16 = ["--precision", "bf16"]
 
 
 def _train_argv(kind, extra, batch, out=None):
@@ -195,7 +198,9 @@ def ddp(tmp_path_factory):
             _train_argv("dcgan", DCGAN, 16, root / "gan_split"),
             [*_train_argv("dcgan", [*DCGAN, "--epochs", "2"], 16, root / "gan_split"), "--resume"],
             # a NaN batch on rank 1 only (step 2): both ranks must skip that step together
-            _train_argv("classifier", [*CLASSIFIER, "--epochs", "1"], 16, root / "nan")]
+            _train_argv("classifier", [*CLASSIFIER, "--epochs", "1"], 16, root / "nan"),
+            # bf16 autocast (explicit, so it runs on every CPU kind: emulated where not native)
+            _train_argv("classifier", [*CLASSIFIER, *BF16], 16, root / "classifier-bf16")]
     spec = root / "jobs.json"
     spec.write_text(json.dumps({"jobs": jobs, "report": str(root / "report.json")}))
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
@@ -203,9 +208,10 @@ def ddp(tmp_path_factory):
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            "--nproc_per_node=2", str(HERE), str(spec)], cwd=root, env=env,
                           capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, (f"torchrun exited with {proc.returncode}\n--- stdout (tail) ---\n"
+                                  f"{proc.stdout[-2000:]}\n--- stderr (tail) ---\n{proc.stderr[-4000:]}")
     report = json.loads((root / "report.json").read_text())
-    weights = [torch.load(root / f"weights_{i}.pt") for i in range(len(jobs))]
+    weights = [torch.load(root / f"weights_{i}.pt", weights_only=True) for i in range(len(jobs))]
     return root, report, weights
 
 
@@ -221,8 +227,10 @@ def single(tmp_path_factory):
     _skip_figures()
     undo = _global_step_noise()
     try:
-        for kind, extra in (("classifier", CLASSIFIER), ("vae", VAE), ("dcgan", DCGAN)):
-            assert main(_train_argv(kind, extra, 32, root / kind)) == 0
+        for name, kind, extra in (("classifier", "classifier", CLASSIFIER), ("vae", "vae", VAE),
+                                  ("dcgan", "dcgan", DCGAN),
+                                  ("classifier-bf16", "classifier", [*CLASSIFIER, *BF16])):
+            assert main(_train_argv(kind, extra, 32, root / name)) == 0
     finally:
         undo()
         for k, (finish, epoch_end) in saved.items():
@@ -242,25 +250,31 @@ def test_all_ranks_agree(ddp):
         assert not job["same_stream"]
 
 
-@pytest.mark.parametrize("kind, job, keys", [("classifier", 0, ("loss", "acc")),
-                                             ("vae", 1, ("loss", "recon", "kl"))])
-def test_two_ranks_match_one_process_with_the_global_batch(ddp, single, kind, job, keys):
+@pytest.mark.parametrize("run, job, keys, weights_tol, log_tol", [
+    ("classifier", 0, ("loss", "acc"), 1e-5, 1e-4),
+    ("vae", 1, ("loss", "recon", "kl"), 1e-5, 1e-4),
+    # bf16 GEMM inputs: each rank's half-batch rounds like the whole batch's rows, but the gradient
+    # sums over a different split (measured 8.5e-5 relative on the weights after 8 steps)
+    ("classifier-bf16", 7, ("loss", "acc"), 1e-3, 1e-2)])
+def test_two_ranks_match_one_process_with_the_global_batch(ddp, single, run, job, keys, weights_tol,
+                                                           log_tol):
     """2 ranks x 16 == 1 process x 32 up to float rounding: final weights and every logged step.
 
     The classifier has no BatchNorm (per-rank batch statistics would differ from the global
     batch's); the VAE's noise is dealt out like the data (see ``_global_step_noise``).
     """
     root, _, weights = ddp
-    ddp_w, one_w = weights[job], _weights_of(single / kind)
-    assert torch.equal(_weights_of(root / kind), ddp_w)  # what rank 0 saved is what it held
-    assert (ddp_w - one_w).norm() <= 1e-5 * one_w.norm(), float((ddp_w - one_w).norm() / one_w.norm())
+    ddp_w, one_w = weights[job], _weights_of(single / run)
+    assert torch.equal(_weights_of(root / run), ddp_w)  # what rank 0 saved is what it held
+    assert (ddp_w - one_w).norm() <= weights_tol * one_w.norm(), float((ddp_w - one_w).norm() / one_w.norm())
     for key in keys:  # logged per-step means over both ranks = the global batch's means
-        a, b = _train_log(root / kind, key), _train_log(single / kind, key)
+        a, b = _train_log(root / run, key), _train_log(single / run, key)
         assert len(a) == len(b) == 8  # 2 epochs x 128 / 32
-        assert a == pytest.approx(b, rel=1e-4, abs=1e-6)
-    assert len(set(_train_log(single / kind, "loss"))) > 1  # it trained
-    summary = json.loads((root / kind / "summary.json").read_text())
+        assert a == pytest.approx(b, rel=log_tol, abs=1e-6)
+    assert len(set(_train_log(single / run, "loss"))) > 1  # it trained
+    summary = json.loads((root / run / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 8
+    assert summary["precision"] == ("bfloat16" if run.endswith("bf16") else "fp32")
 
 
 def test_a_resumed_distributed_run_continues_exactly(ddp):

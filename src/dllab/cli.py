@@ -111,7 +111,8 @@ def add_common_train_arguments(p: argparse.ArgumentParser, defaults: dict) -> No
                    help="random seed (same seed, same numbers on CPU)")
     g.add_argument("--device", choices=DEVICES, default=defaults["device"], help="where to train")
     g.add_argument("--precision", choices=PRECISIONS, default=defaults["precision"],
-                   help="autocast dtype; auto = bf16 on GPUs and on CPUs with AMX/AVX512-BF16, else fp32")
+                   help="autocast dtype; auto = bf16 on GPUs and on CPUs with AMX/AVX512-BF16, else fp32 "
+                        "($DLLAB_AUTO_PRECISION=fp32|bf16 overrides what auto picks)")
     g.add_argument("--channels-last", action="store_true", default=defaults["channels_last"],
                    help="use the channels_last memory format")
     g.add_argument("--compile", action="store_true", default=defaults["compile"],

@@ -65,8 +65,8 @@ def resolve_device(name: str = "auto") -> torch.device:
 def cpu_supports_bf16() -> bool:
     """True where the CPU has native bf16 matrix instructions (AMX-BF16 or AVX512-BF16).
 
-    Only there does bf16 autocast beat fp32 (about 1.7x for a ResNet-18 step on a Sapphire Rapids
-    core); on AVX2-only CPUs bf16 is emulated and usually slower. Reads ``/proc/cpuinfo`` on Linux
+    Only there does bf16 autocast beat fp32 (docs/robustness.md measures it per CPU kind); on
+    AVX2-only CPUs bf16 is emulated and several times slower. Reads ``/proc/cpuinfo`` on Linux
     and torch's reported CPU capability elsewhere.
     """
     try:
@@ -82,11 +82,31 @@ def cpu_supports_bf16() -> bool:
     return "AMX" in capability or "BF16" in capability
 
 
+#: environment variable that overrides what ``--precision auto`` picks, on every device
+AUTO_PRECISION_ENV = "DLLAB_AUTO_PRECISION"
+
+
+def auto_precision_override() -> str | None:
+    """``fp32`` or ``bf16`` when ``$DLLAB_AUTO_PRECISION`` forces what ``auto`` means, else None.
+
+    Unset or empty means "detect". Any other value is refused (ValueError naming it), so a typo
+    cannot silently fall back to detection.
+    """
+    value = os.environ.get(AUTO_PRECISION_ENV, "").strip().lower()
+    if not value:
+        return None
+    if value not in ("fp32", "bf16"):
+        raise ValueError(f"{AUTO_PRECISION_ENV}={value!r} is not one of fp32, bf16 (or unset to detect)")
+    return value
+
+
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for ``auto|fp32|bf16|fp16`` on ``device``; None means plain fp32.
 
-    ``auto`` picks bf16 on CUDA GPUs that support it and on CPUs with AMX/AVX512-BF16 (about 1.7x
-    faster for a ResNet-18 step on this project's CPU), and fp32 elsewhere.
+    ``auto`` picks bf16 on CUDA GPUs that support it and on CPUs with AMX/AVX512-BF16, and fp32
+    elsewhere (MPS and CPUs without native bf16). ``$DLLAB_AUTO_PRECISION`` (``fp32`` or
+    ``bf16``) overrides that detection, on every device: ``bf16`` on a CUDA GPU without bf16
+    support still gives fp32.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
@@ -98,10 +118,13 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
         return torch.float16
     if precision == "bf16":
         return torch.bfloat16
+    forced = auto_precision_override()
+    if forced == "fp32":
+        return None
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
     if device.type == "cpu":
-        return torch.bfloat16 if cpu_supports_bf16() else None
+        return torch.bfloat16 if forced == "bf16" or cpu_supports_bf16() else None
     return None
 
 
