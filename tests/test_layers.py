@@ -31,7 +31,7 @@ def device_paths(request, monkeypatch):
     the one-pass variance, batch norm's sums of squares, emulated bf16 GEMMs). Answering False
     sends CPU tensors down the branches CUDA takes, so those are checked against torch on a
     machine without a GPU. (What only a GPU can show, kernels and streams, needs one:
-    ``test_cuda_matches_torch``.)
+    tests/test_cuda.py.)
     """
     if request.param == "cuda-paths":
         monkeypatch.setattr(_workspace, "uses_cpu_paths", lambda device: False)
@@ -655,23 +655,6 @@ def test_no_native_conv_pool_or_batchnorm_kernel_runs(autocast, size, channels_l
     with _OpRecorder() as rec:
         _small_net(nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d)(x).sum().backward()
     assert any("convolution" in op for op in rec.ops) and any("batch_norm" in op for op in rec.ops)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_matches_torch():
-    torch.manual_seed(16)
-    ours = _small_net(Conv2d, BatchNorm2d, MaxPool2d).cuda()
-    ref = _small_net(nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d).cuda()
-    ref.load_state_dict(ours.state_dict())
-    x = torch.randn(4, 3, 12, 12, device="cuda")
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
-    ya, yb = ours(x), ref(x)
-    torch.testing.assert_close(ya, yb, rtol=1e-4, atol=1e-4)
-    ya.square().sum().backward()
-    yb.square().sum().backward()
-    for pa, pb in zip(ours.parameters(), ref.parameters()):
-        torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.usefixtures("device_paths")
