@@ -216,10 +216,10 @@ def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_v
     running_mean/running_var are given update them in place with ``momentum`` (the variance with
     Bessel's correction, see ``_norm.py``). training=False: normalise with the running statistics.
     """
+    _check_eps(eps, training)
     if isinstance(input, torch.Tensor) and input.shape == (0,):
         # as torch: an empty 1-D input has no channel dimension to check anything against, and
-        # comes back empty whatever the statistics, weight and bias (eps is still checked below)
-        _check_eps(eps, training)
+        # comes back empty whatever the statistics, weight and bias
         return input.clone()
     if not isinstance(input, torch.Tensor) or input.dim() < 2:
         shape = list(input.shape) if isinstance(input, torch.Tensor) else type(input).__name__
@@ -232,7 +232,6 @@ def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_v
                              f"{list(input.shape)}), not {t.numel()}")
     if not input.is_floating_point():
         raise ValueError(f"batch_norm needs a floating-point input, got {input.dtype}")
-    _check_eps(eps, training)
     shape = (1, c) + (1,) * (input.dim() - 2)
     if input.numel() == 0:  # an empty batch: empty output, running statistics untouched (as torch)
         one = torch.ones((), dtype=input.dtype, device=input.device)
