@@ -1,13 +1,18 @@
 # dllab: the two commands of the README, each complete on a fresh machine.
 #   make demo   install into .venv and run the main job on bundled data
-#   make test   install what the tests need and run them (what CI runs)
+#   make test   install what the tests need and run them (what CI runs, with test-oldest)
 PYTHON ?= python3
 VENV ?= .venv
 PIP := $(VENV)/bin/pip
-# the torch pair this project is tested with; any torch>=2.4 in pyproject's range works
+# the torch pair this project is developed with, and the oldest pair pyproject admits (both tested in CI)
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+OLDEST_PINS ?= torch==2.4.1 torchvision==0.19.1
+OLDEST_VENV ?= .venv-oldest
+# make gpu-check runs where the project's venv may not exist (a GPU machine's own torch)
+GPU_PYTHON ?= $(if $(wildcard $(VENV)/bin/python),$(VENV)/bin/python,$(PYTHON))
+SOAK ?= 20
 
-.PHONY: demo test test-all system-deps install install-dev bench clean
+.PHONY: demo test test-all test-oldest test-distributed-soak gpu-check system-deps install install-dev bench clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -15,11 +20,19 @@ $(VENV)/bin/python:
 
 $(VENV)/.installed: $(VENV)/bin/python pyproject.toml
 	$(PIP) install -q $(TORCH_PINS)
-	$(PIP) install -q -e .
+	$(PIP) install -q -e . $(TORCH_PINS)
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q -e '.[dev]' $(TORCH_PINS)
+	touch $@
+
+# the oldest declared torch/torchvision in a venv of its own (the pins stay through the extras)
+$(OLDEST_VENV)/.installed-dev: pyproject.toml
+	$(PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/pip install -q --upgrade pip
+	$(OLDEST_VENV)/bin/pip install -q $(OLDEST_PINS)
+	$(OLDEST_VENV)/bin/pip install -q -e '.[dev]' $(OLDEST_PINS)
 	touch $@
 
 install: $(VENV)/.installed
@@ -42,8 +55,24 @@ test: system-deps install-dev
 test-all: system-deps install-dev
 	$(VENV)/bin/python -m pytest -q -m ""
 
+# the whole default suite against the oldest declared torch (DLLAB_AUTO_PRECISION passes through)
+test-oldest: system-deps $(OLDEST_VENV)/.installed-dev
+	$(OLDEST_VENV)/bin/python -m pytest -q
+
+# the torchrun tests SOAK times in a row; stops at the first failure, which names torchrun's exit code
+test-distributed-soak: install-dev
+	@for i in $$(seq 1 $(SOAK)); do \
+	  $(VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_distributed.py >/tmp/dllab-soak.log 2>&1 \
+	    && echo "soak $$i/$(SOAK): ok ($$(tail -n 1 /tmp/dllab-soak.log))" \
+	    || { cat /tmp/dllab-soak.log; echo "soak $$i/$(SOAK): FAILED"; exit 1; }; \
+	done
+
+# on a machine with a CUDA GPU: cuda-marked tests, layer and trainer benchmarks, three real runs; one table
+gpu-check:
+	$(GPU_PYTHON) benchmarks/gpu_check.py
+
 bench: install
 	$(VENV)/bin/python benchmarks/layers.py
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache
+	rm -rf $(VENV) $(OLDEST_VENV) build src/*.egg-info .pytest_cache

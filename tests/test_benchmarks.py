@@ -53,3 +53,24 @@ def test_fused_probe_prints_every_row():
     assert len(rows) == 5, out
     for row in rows:
         assert re.search(r"\s[\d.]+\s+[\d.]+\s+[\d.]+\s+[\d.]+$", row), row
+
+
+def test_gpu_check_reads_the_figures_of_its_stages(tmp_path, monkeypatch):
+    """benchmarks/gpu_check.py (`make gpu-check`) finds the headline figures in each stage's output,
+    and refuses to start without a GPU (it needs one for every stage)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import gpu_check
+    import torch
+
+    layers = _run("layers.py", "--dtype", "fp32", "--batch", "2", "--repeats", "1", "--only", "bn 512")
+    assert re.match(r"fp32: overall [\d.]+, worst bn 512", gpu_check._figures("layers", layers, tmp_path))
+    pytest_log = "....s\n=========== 40 passed, 1 skipped in 51.20s ===========\n"
+    assert gpu_check._figures("tests", pytest_log, tmp_path) == "40 passed, 1 skipped"
+    run = tmp_path / "classifier"
+    run.mkdir()
+    (run / "summary.json").write_text('{"test_acc": 0.9312, "train_seconds": 12.5, "precision": "bfloat16"}')
+    assert gpu_check._figures("classifier", "", tmp_path) == \
+        "test_acc 0.9312, train_seconds 12.5, precision bfloat16"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpu_check.main(["--out", str(tmp_path / "out")]) == 1
+    assert not (tmp_path / "out").exists()
