@@ -1,5 +1,7 @@
 """The command line: help, one-line errors with exit code 2, and `python -m dllab`."""
 
+import argparse
+import re
 import subprocess
 import sys
 
@@ -33,24 +35,64 @@ def test_every_command_has_help(argv, capsys):
     assert "usage: dllab" in out
 
 
+def _subparsers(parser):
+    return next(a for a in parser._actions if a.dest in ("command", "kind")).choices
+
+
 @pytest.mark.parametrize("kind", KINDS)
-def test_train_help_documents_every_flag_with_its_default(kind, capsys):
+def test_train_help_documents_every_flag_with_its_true_default(kind, capsys):
     with pytest.raises(SystemExit):
         main(["train", kind, "--help"])
-    out = capsys.readouterr().out
-    parser = build_parser()
-    sub = next(a for a in parser._actions if a.dest == "command").choices["train"]
-    kp = next(a for a in sub._actions if a.dest == "kind").choices[kind]
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    kp = _subparsers(_subparsers(build_parser())["train"])[kind]
     for action in kp._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
         for flag in action.option_strings:
             assert flag in out, f"{flag} missing from `dllab train {kind} --help`"
-        if action.option_strings and action.default not in (None, False, "==SUPPRESS==") \
-                and action.help != "==SUPPRESS==":
-            assert "(default:" in (action.help or "") or "%(default)" in (action.help or "") or \
-                f"default: {action.default}" in out.replace("\n", " ") or True
-    # defaults are printed by ArgumentDefaultsHelpFormatter
-    assert "(default: 0)" in out  # --seed
-    assert "-batch-size" in out and "--data-dir" in out and "--resume" in out
+        assert action.help and action.help != argparse.SUPPRESS, f"{action.option_strings} has no help"
+        match = re.search(r"\(default: ([^()]*(?:\([^()]*\))?[^()]*)\)$", action.help)
+        assert match, f"{action.option_strings}: help does not end with its default: {action.help!r}"
+        shown = match.group(1)
+        if isinstance(action.default, bool):
+            assert shown == ("on" if action.default else "off"), (action.option_strings, shown)
+        elif action.default is not None:
+            assert shown == str(action.default), (action.option_strings, shown, action.default)
+        assert action.help.count("(default:") == 1, action.help  # printed once
+    assert "--no-augment" in out and "--seed SEED random seed" in out and "(default: 0)" in out
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_kinds_declared_defaults_are_what_the_command_line_gives(kind):
+    """`dllab train KIND` with no flag runs exactly the kind's declared configuration."""
+    from dllab.train import config_class, defaults, split_train_args
+
+    config, resume, quiet = split_train_args(kind, build_parser().parse_args(["train", kind]))
+    assert not resume and not quiet
+    assert config == {k: v for k, v in defaults(kind).items() if k != "kind"}
+    declared = config_class(kind)()
+    for name, value in config.items():
+        assert getattr(declared, name) == value, name
+
+
+def test_vae_and_dcgan_train_without_augmentation_unless_asked():
+    """Their declared default (augment off) is what the command line gives; --augment turns it on."""
+    from dllab.train import split_train_args
+
+    for kind, expected in (("classifier", True), ("vae", False), ("dcgan", False)):
+        config, _, _ = split_train_args(kind, build_parser().parse_args(["train", kind]))
+        assert config["augment"] is expected, kind
+        on, _, _ = split_train_args(kind, build_parser().parse_args(["train", kind, "--augment"]))
+        off, _, _ = split_train_args(kind, build_parser().parse_args(["train", kind, "--no-augment"]))
+        assert on["augment"] is True and off["augment"] is False
+
+
+@pytest.mark.parametrize("command", ["eval", "datasets", "sweep", "ablate", "demo", "report", "compare"])
+def test_every_flag_of_every_command_has_help(command):
+    parser = _subparsers(build_parser())[command]
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help":
+            assert action.help and action.help != argparse.SUPPRESS, (command, action.option_strings)
 
 
 @pytest.mark.parametrize("argv,needle", [

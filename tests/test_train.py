@@ -157,12 +157,12 @@ def test_one_cycle_on_a_run_too_short_for_its_phases(tmp_path):
 
 def _built_trainer(kind, tmp_path, **settings):
     """A kind's trainer, built (models, optimisers) as `dllab train` builds it, not yet trained."""
-    from dllab.cli import build_parser, split_train_config
+    from dllab.cli import build_parser
     from dllab.data import load
     from dllab.runs import Run
-    from dllab.train import defaults, kind_module
+    from dllab.train import defaults, kind_module, split_train_args
 
-    parsed, _, _ = split_train_config(build_parser().parse_args(train_argv(kind, tmp_path / "run")))
+    parsed, _, _ = split_train_args(kind, build_parser().parse_args(train_argv(kind, tmp_path / "run")))
     config = {**defaults(kind), **parsed, **settings}
     data = load("mnist5k", limit=64)
     trainer = kind_module(kind).TRAINER(config, data, Run(tmp_path / "run", config, writer=False),
@@ -291,3 +291,20 @@ def test_scratch_layers_train_evaluate_and_train_on_like_torch_layers(tmp_path, 
     assert math.isclose(first["loss"], first_s["loss"], rel_tol=first_tol)
     for a, b in zip(runs["torch"], runs["scratch"]):
         assert math.isclose(a["loss"], b["loss"], rel_tol=0.05), (a, b)
+
+
+def test_every_declared_metric_name_is_written_by_a_real_run(tmp_path):
+    """Each kind's METRICS (read by sweep, compare and report) names only keys that a run of that
+    kind writes: headline and cost columns in summary.json, curves in metrics.jsonl's test records."""
+    from dllab.train import KINDS, metric_names
+
+    extra = {"classifier": [], "vae": ["--iw-samples", "4"],
+             "dcgan": ["--classifier-run", str(tmp_path / "classifier"), "--eval-samples", "64"]}
+    for kind in KINDS:  # the classifier first: it scores the DCGAN
+        out = tmp_path / kind
+        assert main(train_argv(kind, out, *extra[kind], limit=64, epochs=1)) == 0
+        summary = json.loads((out / "summary.json").read_text())
+        tested = set().union(*[r for r in read_metrics(out) if r["split"] == "test"])
+        names = metric_names(kind)
+        assert not [n for n in (*names.headline, *names.cost) if n not in summary], kind
+        assert not [n for n in names.curves if n not in tested], kind

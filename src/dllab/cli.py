@@ -12,131 +12,17 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-EXIT_USAGE = 2
+from dllab.config import DEVICES, EXIT_USAGE, Parser, dataset_name, nonnegative_int, positive_int
 
 
 class UsageError(Exception):
     """A bad command-line value found after parsing (exit code 2)."""
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (``dllab train: error: ...``) and defaults in every help line."""
-
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
-        super().__init__(*args, **kwargs)
-
-    def error(self, message: str):  # noqa: D401 - argparse API
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-# ---- value types: each names the offending value ---------------------------------------------
-def _parse(text: str, cast, what: str):
-    """``cast(text)``, or an argparse error naming the text that is not a valid ``what``."""
-    try:
-        return cast(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid {what} {text!r}") from None
-
-
-def positive_int(text: str) -> int:
-    value = _parse(text, int, "integer")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def nonnegative_int(text: str) -> int:
-    value = _parse(text, int, "integer")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = _parse(text, float, "number")
-    if not 0 < value < float("inf"):  # also false for NaN
-        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
-    return value
-
-
-def nonnegative_float(text: str) -> float:
-    value = _parse(text, float, "number")
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
-
-
-def unit_float(text: str) -> float:
-    value = nonnegative_float(text)
-    if value >= 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
-    return value
-
-
-def dataset_name(text: str) -> str:
-    from dllab.data import DATASETS
-
-    if text in DATASETS or (text.startswith("folder:") and len(text) > len("folder:")):
-        return text
-    raise argparse.ArgumentTypeError(
-        f"unknown dataset {text!r}; choose from {', '.join(DATASETS)} or folder:PATH"
-    )
-
-
 # ---- parsers ---------------------------------------------------------------------------------
-def add_common_train_arguments(p: argparse.ArgumentParser, defaults: dict) -> None:
-    """The flags every ``dllab train KIND`` has (defaults from the kind)."""
-    from dllab.utils import DEVICES, PRECISIONS
-
-    g = p.add_argument_group("data")
-    g.add_argument("--dataset", type=dataset_name, default=defaults["dataset"],
-                   help="dataset name (see `dllab datasets`) or folder:PATH for an ImageFolder tree")
-    g.add_argument("--data-dir", default=defaults["data_dir"],
-                   help="where datasets live (default: $DLLAB_DATA or ~/.cache/dllab/data)")
-    g.add_argument("--download", action="store_true", help="download the dataset if it is missing")
-    g.add_argument("--limit", type=positive_int, default=defaults["limit"],
-                   help="use only the first N training and N test examples (smoke runs)")
-    g.add_argument("--no-augment", dest="augment", action="store_false",
-                   help="turn off training-time data augmentation")
-    g.add_argument("--no-verify", dest="verify", action="store_false",
-                   help="skip the md5 check of dataset files (for files you trust that differ from "
-                   "the official ones)")
-    g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=positive_int, default=defaults["epochs"], help="epochs to train")
-    g.add_argument("--batch-size", type=positive_int, default=defaults["batch_size"],
-                   help="batch size per process")
-    g.add_argument("--lr", type=positive_float, default=defaults["lr"], help="peak learning rate")
-    g.add_argument("--seed", type=nonnegative_int, default=defaults["seed"],
-                   help="random seed (same seed, same numbers on CPU)")
-    g.add_argument("--device", choices=DEVICES, default=defaults["device"], help="where to train")
-    g.add_argument("--precision", choices=PRECISIONS, default=defaults["precision"],
-                   help="autocast dtype; auto = bf16 on GPUs and on CPUs with AMX/AVX512-BF16, else fp32 "
-                        "($DLLAB_AUTO_PRECISION=fp32|bf16 overrides what auto picks)")
-    g.add_argument("--channels-last", action="store_true", default=defaults["channels_last"],
-                   help="use the channels_last memory format")
-    g.add_argument("--compile", action="store_true", default=defaults["compile"],
-                   help="torch.compile the model(s): minutes to build, then faster steps for the "
-                        "classifier and DCGAN on this project's CPU (see benchmarks/train_throughput.py)")
-    g.add_argument("--sync-bn", action="store_true",
-                   help="under torchrun, convert BatchNorm layers to SyncBatchNorm")
-    g.add_argument("--max-nonfinite", type=positive_int, default=defaults["max_nonfinite"],
-                   help="stop after this many consecutive NaN/inf losses (each such step is skipped)")
-    g = p.add_argument_group("run folder")
-    g.add_argument("--out", default=defaults["out"],
-                   help="run folder (default: runs/KIND-DATASET-TIMESTAMP)")
-    g.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from checkpoints/last.pt")
-    g.add_argument("--log-every", type=positive_int, default=defaults["log_every"],
-                   help="log training metrics every N steps")
-    g.add_argument("--checkpoint-every", type=nonnegative_int, default=defaults["checkpoint_every"],
-                   help="also save last.pt every N steps (0: only at the end of each epoch)")
-    g.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
 def build_parser() -> Parser:
     from dllab import __version__
-    from dllab.train import KINDS, defaults, kind_module
+    from dllab.train import KINDS, add_train_arguments, kind_module
 
     parser = Parser(prog="dllab", description="Deep learning on images: from-scratch layers, "
                     "ResNet-18, VAE and DCGAN, with run folders, reports and one CLI.")
@@ -150,10 +36,10 @@ def build_parser() -> Parser:
     train_kinds.required = True
     for kind in KINDS:
         module = kind_module(kind)
+        # every help line of a train flag already ends with its true default (dllab.config)
         kp = train_kinds.add_parser(kind, help=module.__doc__.strip().splitlines()[0],
-                                    description=module.__doc__)
-        add_common_train_arguments(kp, defaults(kind))
-        module.add_arguments(kp.add_argument_group(f"{kind} options"))
+                                    description=module.__doc__, formatter_class=argparse.HelpFormatter)
+        add_train_arguments(kp, kind)
 
     ev = sub.add_parser("eval", help="evaluate a run from its checkpoint",
                         description="Recompute a run's test metrics and figures from a checkpoint; "
@@ -161,9 +47,9 @@ def build_parser() -> Parser:
     ev.add_argument("run", help="run folder")
     ev.add_argument("--checkpoint", choices=("best", "last"), default="best",
                     help="which checkpoint to evaluate")
-    ev.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
+    ev.add_argument("--device", choices=DEVICES, default="auto", help="where to evaluate")
     ev.add_argument("--data-dir", default=None, help="where datasets live (default: as trained)")
-    ev.add_argument("--batch-size", type=positive_int, default=256)
+    ev.add_argument("--batch-size", type=positive_int, default=256, help="evaluation batch size")
     ev.add_argument("--tta", action="store_true", help="classifier: test-time horizontal-flip averaging")
     ev.add_argument("--iw-samples", type=nonnegative_int, default=0,
                     help="vae: importance samples for the log-likelihood estimate (e.g. 5000; 0: skip)")
@@ -174,7 +60,7 @@ def build_parser() -> Parser:
                     help="dcgan: local path of pt_inception-2015-12-05-6726825d.pth for real FID/IS")
     ev.add_argument("--num-samples", type=positive_int, default=5000,
                     help="dcgan: generated samples for the quality metrics")
-    ev.add_argument("--quiet", action="store_true")
+    ev.add_argument("--quiet", action="store_true", help="no progress bars")
 
     ds = sub.add_parser("datasets", help="list datasets and whether each is available here")
     ds.add_argument("--data-dir", default=None, help="where datasets live")
@@ -201,13 +87,15 @@ def build_parser() -> Parser:
 
     dm = sub.add_parser("demo", help="the main job: train a classifier, a VAE and a DCGAN on bundled "
                         "data and write one report")
-    dm.add_argument("--dataset", type=dataset_name, default="mnist5k")
+    dm.add_argument("--dataset", type=dataset_name, default="mnist5k",
+                    help="dataset of the three runs (see `dllab datasets`)")
     dm.add_argument("--epochs", type=positive_int, default=None, help="epochs per model (default: per model)")
     dm.add_argument("--full", action="store_true", help="full-size models and longer training")
     dm.add_argument("--out", default="runs/demo", help="folder for the runs and the report")
-    dm.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
-    dm.add_argument("--data-dir", default=None)
-    dm.add_argument("--quiet", action="store_true")
+    dm.add_argument("--device", choices=DEVICES, default="auto", help="where to train")
+    dm.add_argument("--data-dir", default=None, help="where datasets live (default: $DLLAB_DATA or "
+                    "~/.cache/dllab/data)")
+    dm.add_argument("--quiet", action="store_true", help="no progress bars")
 
     rp = sub.add_parser("report", help="write a self-contained HTML (and Markdown) report of runs")
     rp.add_argument("runs", nargs="+", help="run folders")
@@ -221,17 +109,11 @@ def build_parser() -> Parser:
     return parser
 
 
-def split_train_config(args: argparse.Namespace) -> tuple[dict, bool, bool]:
-    """(config, resume, quiet) from parsed ``train`` arguments."""
-    config = {k: v for k, v in vars(args).items() if k not in ("command", "resume", "quiet")}
-    return config, bool(args.resume), bool(args.quiet)
-
-
 def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
     if args.command == "train":
-        from dllab.train import train
+        from dllab.train import split_train_args, train
 
-        config, resume, quiet = split_train_config(args)
+        config, resume, quiet = split_train_args(args.kind, args)
         summary = train(args.kind, config, resume=resume, quiet=quiet)
         from dllab.utils import dist_info
 

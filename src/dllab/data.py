@@ -967,7 +967,7 @@ def _resize(x: torch.Tensor, size: int, chunk: int = 2048) -> torch.Tensor:
 
 
 def load(name: str, data_dir: str | os.PathLike | None = None, download: bool = False,
-         limit: int | None = None, seed: int = 0, image_size: int | None = None, *,
+         limit: int | None = None, *, image_size: int | None = None,
          verify: bool = True, split_seed: int = 0) -> ImageData:
     """Load a dataset into memory as :class:`ImageData`.
 
@@ -977,12 +977,11 @@ def load(name: str, data_dir: str | os.PathLike | None = None, download: bool = 
         data_dir: where dataset files live (default ``$DLLAB_DATA`` or ``~/.cache/dllab/data``).
         download: let torchvision download a missing dataset (never done otherwise).
         limit: keep only the first ``limit`` training and first ``limit`` test examples.
-        seed: the training seed. It does not change the data: train/test splits (mnist5k,
-            folders) use ``split_seed``, so that runs with different seeds share one test set.
         image_size: resize images to image_size x image_size (folders: default the images' own
             size if they all share it, else 32; named datasets: default their native size).
         verify: check CIFAR-10 files against torchvision's pinned md5s before unpickling them.
-        split_seed: seed of the deterministic train/test split of mnist5k and folders.
+        split_seed: seed of the deterministic train/test split of mnist5k and folders (not the
+            training seed, so that runs with different seeds share one test set).
 
     Raises:
         ValueError: unknown name or bad argument. DatasetNotFoundError: files missing (the message

@@ -40,23 +40,23 @@ from dllab.runs import RunFolderError, read_metrics
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
-# Metrics shown first (in this order) and last; everything else keeps the order the trainer wrote.
-FIRST_METRICS = (
-    "test_acc", "test_loss", "ece", "best_test_acc", "best_epoch",
-    "test_elbo", "test_recon", "test_kl", "bits_per_dim", "iw_log_likelihood", "active_units",
-    "knn_acc",
-    "fid", "clf_fid", "inception_score", "clf_precision", "clf_recall", "modes_covered", "class_kl",
-    "pairwise_distance_ratio",
-)
-LAST_METRICS = ("nonfinite_steps_skipped", "world_size", "params", "params_generator",
-                "params_discriminator", "epochs", "steps", "step",
-                "train_seconds", "images_per_second")
+# Metrics shown first (each kind's headline metrics, as the kinds declare them in their METRICS) and
+# last (their size and cost columns, and the engine's own counts); everything else keeps the
+# order the trainer wrote.
+ENGINE_COUNTS = ("nonfinite_steps_skipped", "world_size", "steps")
+
+
+def _declared(part: str) -> tuple[str, ...]:
+    from dllab.train import KINDS, metric_names
+
+    return tuple(dict.fromkeys(name for kind in KINDS for name in getattr(metric_names(kind), part)))
+
+
 # Keys of metrics.jsonl records that are coordinates, not metrics.
 RECORD_AXES = ("split", "step", "epoch", "time")
 FIGURE_TYPES = {".png": "image/png", ".gif": "image/gif", ".jpg": "image/jpeg",
                 ".jpeg": "image/jpeg", ".webp": "image/webp"}
-# Test-record metrics overlaid first (test records drop the "test_" prefix), at most this many.
-CURVE_FIRST = ("acc", "loss", "recon", "kl", "ece", "fid", "clf_fid", "g_loss", "d_loss")
+# Test-record metrics overlaid first: each kind's declared curves (at most this many per kind).
 MAX_OVERLAYS_PER_KIND = 4
 WIDE_FIGURE = 1.9  # figures wider than this (width / height) span the whole row
 # Summary entries that label a run rather than measure it: not columns of comparison tables.
@@ -241,8 +241,8 @@ def format_value(value: Any) -> str:
 def order_metrics(keys: Iterable[str]) -> list[str]:
     """Important metrics first (test accuracy, loss, ELBO, FID, ...), cost and size last."""
     keys = list(dict.fromkeys(keys))
-    first = [k for k in FIRST_METRICS if k in keys]
-    last = [k for k in LAST_METRICS if k in keys]
+    first = [k for k in _declared("headline") if k in keys]
+    last = [k for k in (*ENGINE_COUNTS, *_declared("cost")) if k in keys and k not in first]
     middle = [k for k in keys if k not in first and k not in last]
     return first + middle + last
 
@@ -368,7 +368,8 @@ def shared_test_metrics(runs: Sequence[RunData]) -> list[str]:
         common = keys if common is None else common & keys
     if not common:
         return []
-    return [k for k in CURVE_FIRST if k in common] + sorted(common - set(CURVE_FIRST))
+    declared = _declared("curves")
+    return [k for k in declared if k in common] + sorted(common - set(declared))
 
 
 def _mpl_text(text: str) -> str:

@@ -18,17 +18,14 @@ from pathlib import Path
 
 from dllab.runs import read_json, read_metrics
 
-# the summary columns worth a table, per kind (others stay in the runs' summary.json)
-COLUMNS = {
-    "classifier": ["test_acc", "test_loss", "ece", "params", "epochs", "train_seconds",
-                   "images_per_second"],
-    "vae": ["test_elbo", "test_recon", "test_kl", "bits_per_dim", "active_units", "knn_acc",
-            "iw_log_likelihood", "train_seconds"],
-    "dcgan": ["clf_fid", "clf_precision", "clf_recall", "modes_covered", "class_kl",
-              "pairwise_distance_ratio", "params_generator", "params_discriminator", "train_seconds"],
-}
-# metrics.jsonl keys (test records drop the summary's "test_" prefix)
-CURVE_METRIC = {"classifier": "acc", "vae": "loss", "dcgan": "g_loss"}
+
+
+def _columns(kind: str) -> list[str]:
+    """The summary columns worth a table for ``kind``: its headline metrics, then cost."""
+    from dllab.train import metric_names
+
+    names = metric_names(kind)
+    return [*names.headline, *names.cost]
 
 
 def split_flags(tokens: list[str]) -> list[tuple[str, list[str]]]:
@@ -55,29 +52,28 @@ def _label(flag: str, value: str | None) -> str:
 
 def plan(kind: str, groups: list[tuple[str, list[str]]]) -> list[tuple[str, list[str], dict]]:
     """Every combination as (run name, train argv, {flag: value}); parsed and checked now."""
-    from dllab.cli import build_parser
+    from dllab.train import train_parser
 
     for flag, _ in groups:
         if flag in ("--out", "--resume"):
             raise ValueError(f"{flag} is set by the sweep itself (use --sweep-out)")
     fixed = [tok for flag, values in groups if len(values) <= 1 for tok in [flag, *values]]
     swept = [(flag, values) for flag, values in groups if len(values) > 1]
-    parser = build_parser()
+    parser = train_parser(kind)
     combos = []
     for choice in itertools.product(*[values for _, values in swept]) if swept else [()]:
         chosen = {flag: value for (flag, _), value in zip(swept, choice)}
         name = "_".join(_label(f, v) for f, v in chosen.items()) or "run"
-        argv = ["train", kind, *fixed, *[t for f, v in chosen.items() for t in (f, v)]]
+        argv = [*fixed, *[t for f, v in chosen.items() for t in (f, v)]]
         parser.parse_args(argv)  # exits with code 2 and a one-line message on a bad value
         combos.append((name, argv, chosen))
     return combos
 
 
 def run_all(kind: str, combos, out: Path, quiet: bool) -> list[dict]:
-    from dllab.cli import build_parser, split_train_config
-    from dllab.train import train
+    from dllab.train import split_train_args, train, train_parser
 
-    parser = build_parser()
+    parser = train_parser(kind)
     rows = []
     for name, argv, chosen in combos:
         run_dir = out / name
@@ -85,7 +81,7 @@ def run_all(kind: str, combos, out: Path, quiet: bool) -> list[dict]:
             summary = read_json(run_dir / "summary.json")
         else:
             args = parser.parse_args([*argv, "--out", str(run_dir)])
-            config, _, q = split_train_config(args)
+            config, _, q = split_train_args(kind, args)
             resume = (run_dir / "checkpoints" / "last.pt").exists()
             summary = train(kind, config, resume=resume, quiet=quiet or q)
         rows.append({**summary, "run": name, **{k.lstrip("-"): v for k, v in chosen.items()},
@@ -97,7 +93,7 @@ def write_table(rows: list[dict], keys: list[str], kind: str, out: Path, stem: s
     """``stem.md`` and ``stem.csv`` with one row per run."""
     from dllab.checkpoint import atomic_write_bytes
 
-    metric_cols = [c for c in COLUMNS.get(kind, []) if any(c in r for r in rows)]
+    metric_cols = [c for c in _columns(kind) if any(c in r for r in rows)]
     cols = ["run", *keys, *metric_cols]
 
     def fmt(v):
@@ -119,9 +115,10 @@ def write_table(rows: list[dict], keys: list[str], kind: str, out: Path, stem: s
 def plot_overlaid(rows: list[dict], kind: str, out: Path, stem: str) -> list[Path]:
     """Overlaid per-epoch test curves (and train loss) of every run."""
     from dllab.figures.common import plot_curves
+    from dllab.train import metric_names
 
     paths = []
-    metric = CURVE_METRIC[kind]
+    metric = metric_names(kind).curves[0]
     for split, key in (("test", metric), ("train", "loss")):
         series = {}
         for r in rows:
@@ -184,12 +181,12 @@ def ablate_main(args, argv: list[str]) -> int:
         raise ValueError(f"--seeds repeats a seed: {args.seeds}")
     base = [tok for flag, values in groups for tok in [flag, *values]]
     layer_sets = ["torch", "scratch"] if args.both_layers else [None]
-    from dllab.cli import build_parser
+    from dllab.train import train_parser
 
-    parser = build_parser()
+    parser = train_parser("classifier")
     combos = []
     for seed, layers, (name, extra) in itertools.product(args.seeds or [None], layer_sets, ABLATIONS.items()):
-        argv_i = ["train", "classifier", *base, *[t for f, v in extra for t in (f, v) if t is not None]]
+        argv_i = [*base, *[t for f, v in extra for t in (f, v) if t is not None]]
         chosen = {"batch_norm": "--no-norm" not in argv_i, "max_pool": dict(extra).get("--maxpool") == "on"}
         if layers:
             argv_i += ["--layers", layers]
@@ -216,7 +213,11 @@ def ablate_main(args, argv: list[str]) -> int:
     return 0
 
 
-SUMMARY_COLUMNS = {"classifier": ["test_acc", "test_loss", "ece", "train_seconds"]}
+def _seed_columns(kind: str) -> list[str]:
+    """The columns averaged over seeds: the kind's headline metrics and the training time."""
+    from dllab.train import metric_names
+
+    return [*metric_names(kind).headline, "train_seconds"]
 
 
 def seed_summary(rows: list[dict], keys: list[str], kind: str) -> list[dict]:
@@ -230,7 +231,7 @@ def seed_summary(rows: list[dict], keys: list[str], kind: str) -> list[dict]:
     out = []
     for variant, members in groups.items():
         entry = {**dict(zip(keys, variant)), "n": len(members)}
-        for col in SUMMARY_COLUMNS.get(kind, COLUMNS.get(kind, [])):
+        for col in _seed_columns(kind):
             values = [float(m[col]) for m in members if isinstance(m.get(col), (int, float))]
             if not values:
                 continue
@@ -246,7 +247,7 @@ def write_seed_summary(rows: list[dict], keys: list[str], kind: str, out: Path, 
     from dllab.checkpoint import atomic_write_bytes
 
     entries = seed_summary(rows, keys, kind)
-    cols = [c for c in SUMMARY_COLUMNS.get(kind, COLUMNS.get(kind, [])) if any(c in e for e in entries)]
+    cols = [c for c in _seed_columns(kind) if any(c in e for e in entries)]
 
     def fmt(v):
         if isinstance(v, tuple):

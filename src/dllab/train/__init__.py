@@ -2,50 +2,46 @@
 
 Each kind's module (``dllab.train.classifier``, ``.vae``, ``.dcgan``) provides:
 
-- ``DEFAULTS``: its default settings (epochs, batch size, learning rate, ...);
-- ``add_arguments(parser)``: its own CLI flags;
+- ``METRICS``: its metric names (:class:`MetricNames`), declared once for sweep, compare, report;
+- ``CONFIG``: its typed configuration, a :class:`dllab.config.TrainConfig` dataclass whose fields
+  are its settings (defaults, bounds, help) and make its ``dllab train KIND`` flags;
 - ``data_options(config) -> dict``: extra keyword arguments for :func:`dllab.data.load`;
 - ``model_config(config, data)``: the model's config dataclass (raises ValueError when bad), and
   optionally ``validate(config, data)`` for further checks, both run before a folder is written;
 - a :class:`dllab.engine.Trainer` subclass named ``TRAINER``;
 - ``evaluate_run(run, device, options) -> dict``: what ``dllab eval RUN`` does for that kind.
-"""
 
+:func:`train_parser` and :func:`add_train_arguments` build a kind's flags from its ``CONFIG``; the
+CLI and the sweep both use them.
+"""
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import datetime as _dt
 import importlib
 import os
 from pathlib import Path
 from types import ModuleType
 
+from dllab import config as config_lib
+
 KINDS = ("classifier", "vae", "dcgan")
 
-#: settings every kind has, with their defaults (a kind's DEFAULTS override these)
-COMMON_DEFAULTS = {
-    "dataset": "mnist5k",
-    "data_dir": None,
-    "download": False,
-    "epochs": 5,
-    "batch_size": 128,
-    "lr": 1e-3,
-    "seed": 0,
-    "device": "auto",
-    "precision": "auto",
-    "out": None,
-    "limit": None,
-    "log_every": 10,
-    "checkpoint_every": 0,
-    "max_nonfinite": 20,
-    "channels_last": False,
-    "compile": False,
-    "sync_bn": False,
-    "augment": True,
-    "verify": True,
-}
 
-#: settings that may change when a run is resumed (the rest must match the saved config)
-RESUMABLE = ("epochs", "device", "data_dir", "log_every", "checkpoint_every", "max_nonfinite", "compile")
+@dataclasses.dataclass(frozen=True)
+class MetricNames:
+    """The metric names a kind declares once (its ``METRICS``); sweep, compare and report read them.
+
+    ``headline``: ``summary.json`` keys worth a table column, most important first.
+    ``curves``: keys of the per-epoch test records of ``metrics.jsonl`` worth plotting, the first
+    being the one a sweep overlays. ``cost``: size and cost columns, shown after the metrics.
+    ``tests/test_train.py`` checks that a real run of each kind writes every one of them.
+    """
+
+    headline: tuple[str, ...]
+    curves: tuple[str, ...]
+    cost: tuple[str, ...] = ("params", "epochs", "train_seconds", "images_per_second")
 
 
 def kind_module(kind: str) -> ModuleType:
@@ -54,9 +50,41 @@ def kind_module(kind: str) -> ModuleType:
     return importlib.import_module(f"dllab.train.{kind}")
 
 
+def config_class(kind: str) -> type[config_lib.TrainConfig]:
+    """The typed configuration of ``kind`` (e.g. ``ClassifierTrainConfig``)."""
+    return kind_module(kind).CONFIG
+
+
+def metric_names(kind: str) -> MetricNames:
+    """What ``kind`` declares about its metrics (see :class:`MetricNames`)."""
+    return kind_module(kind).METRICS
+
+
 def defaults(kind: str) -> dict:
-    """Every setting of ``kind`` with its default value."""
-    return {**COMMON_DEFAULTS, **kind_module(kind).DEFAULTS, "kind": kind}
+    """Every setting of ``kind`` with its declared default (and ``kind`` itself)."""
+    return {**config_lib.defaults(config_class(kind)), "kind": kind}
+
+
+def add_train_arguments(parser: argparse.ArgumentParser, kind: str) -> None:
+    """``kind``'s settings as flags (from its ``CONFIG``), plus ``--resume`` and ``--quiet``.
+    ``parser`` must use ``argparse.HelpFormatter``: every help line already ends with its default."""
+    config_lib.add_arguments(parser, config_class(kind), f"{kind} options")
+    runs = next(g for g in parser._action_groups if g.title == config_lib.RUN_FOLDER)
+    runs.add_argument("--resume", action="store_true",
+                      help="continue the run in --out from checkpoints/last.pt (default: off)")
+    runs.add_argument("--quiet", action="store_true", help="no progress bars (default: off)")
+
+
+def train_parser(kind: str) -> config_lib.Parser:
+    """The parser of ``dllab train KIND``'s flags on their own (what the sweep checks runs with)."""
+    parser = config_lib.Parser(prog=f"dllab train {kind}", formatter_class=argparse.HelpFormatter)
+    add_train_arguments(parser, kind)
+    return parser
+
+
+def split_train_args(kind: str, args: argparse.Namespace) -> tuple[dict, bool, bool]:
+    """(config, resume, quiet) from parsed ``dllab train KIND`` arguments."""
+    return config_lib.config_from_args(config_class(kind), args), bool(args.resume), bool(args.quiet)
 
 
 def default_out(kind: str, dataset: str) -> Path:
@@ -70,7 +98,7 @@ def train(kind: str, config: dict | None = None, *, resume: bool = False, quiet:
 
     Returns the summary metrics (also written to ``summary.json`` in the run folder, whose path
     is ``summary["run"]``). With ``resume``, ``config["out"]`` names the run to continue; only the
-    settings in :data:`RESUMABLE` may differ from the saved config.
+    kind's resumable settings (:func:`dllab.config.resumable`) may differ from the saved config.
     """
     import torch.distributed as dist
 
@@ -81,6 +109,7 @@ def train(kind: str, config: dict | None = None, *, resume: bool = False, quiet:
 
     module = kind_module(kind)
     config = {**defaults(kind), **(config or {})}
+    changeable = config_lib.resumable(module.CONFIG)
     if resume:
         if not config.get("out"):
             raise ValueError("--resume needs --out RUN, the folder of the run to continue")
@@ -92,7 +121,7 @@ def train(kind: str, config: dict | None = None, *, resume: bool = False, quiet:
         saved = read_json(saved_path)
         if saved.get("kind") != kind:
             raise ValueError(f"--resume: {config['out']} holds a {saved.get('kind')!r} run, not {kind!r}")
-        config = {**saved, **{k: config[k] for k in RESUMABLE if k in config}}
+        config = {**saved, **{k: config[k] for k in changeable if k in config}}
     device = resolve_device(config["device"])
     validate_config(config, device)  # e.g. fp16 or --sync-bn on a CPU: refused before any file is written
     distributed = init_distributed(device)
@@ -103,7 +132,7 @@ def train(kind: str, config: dict | None = None, *, resume: bool = False, quiet:
         config["out"] = out[0]
     seed_everything(int(config["seed"]))
     data = load(config["dataset"], data_dir=config.get("data_dir"), download=bool(config.get("download")),
-                limit=config.get("limit"), seed=int(config["seed"]), verify=bool(config.get("verify", True)),
+                limit=config.get("limit"), verify=bool(config.get("verify", True)),
                 **module.data_options(config))
     # a bad or over-budget model configuration is refused before anything is written
     module.model_config(config, data)
@@ -111,7 +140,7 @@ def train(kind: str, config: dict | None = None, *, resume: bool = False, quiet:
         module.validate(config, data)
     run = create_run(config["out"], config, resume=resume)  # rank 0 writes, the others read
     if resume:  # e.g. more epochs: recorded in config.json
-        run.update_config({k: config[k] for k in RESUMABLE if k in config})
+        run.update_config({k: config[k] for k in changeable if k in config})
     trainer = module.TRAINER(run.config, data, run, device, quiet=quiet)
     summary = trainer.fit(resume=resume)
     summary["run"] = str(run.path)

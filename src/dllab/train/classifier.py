@@ -7,7 +7,6 @@ where the hardware has it, channels_last, optional weight EMA and test-time flip
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import warnings
@@ -16,62 +15,49 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dllab.config import (TrainConfig, nonnegative_float, positive_int, redefault, setting,
+                          unit_float)
 from dllab.engine import Trainer
+from dllab.train import MetricNames
 from dllab.models.resnet import ResNet, ResNetConfig
 from dllab.utils import optimizer_options, resolve_precision
 
-DEFAULTS = {
-    "epochs": 15,
-    "batch_size": 128,
-    "lr": 0.1,
-    "optimizer": "sgd",
-    "momentum": 0.9,
-    "nesterov": True,
-    "weight_decay": 5e-4,
-    "schedule": "onecycle",
-    "warmup_epochs": 1.0,
-    "label_smoothing": 0.0,
-    "ema": 0.0,
-    "tta": False,
-    "stem": "cifar",
-    "layers": "torch",
-    "norm": True,
-    "maxpool": "default",
-    "width": 64,
-    "image_size": None,
-    "eval_batch_size": 512,
-}
+@dataclasses.dataclass
+class ClassifierTrainConfig(TrainConfig):
+    """``dllab train classifier``: every setting, its default, bounds and help."""
+
+    epochs: int = redefault("epochs", 15)
+    lr: float = redefault("lr", 0.1)
+    optimizer: str = setting("sgd", "optimiser: SGD with momentum, or AdamW", choices=("sgd", "adamw"))
+    momentum: float = setting(0.9, "SGD momentum", type=unit_float)
+    nesterov: bool = setting(True, "Nesterov momentum for SGD (--no-nesterov: plain momentum)")
+    weight_decay: float = setting(5e-4, "decoupled for AdamW; applied to conv/linear weights only, "
+                                  "never norms or biases", type=nonnegative_float)
+    schedule: str = setting("onecycle", "learning-rate schedule (cosine has a linear warm-up)",
+                            choices=("onecycle", "cosine", "constant"))
+    warmup_epochs: float = setting(1.0, "warm-up length (onecycle: rise to the peak; cosine: linear "
+                                   "warm-up)", type=nonnegative_float)
+    label_smoothing: float = setting(0.0, "label smoothing of the cross-entropy targets (0.1 is usual)",
+                                     type=unit_float)
+    ema: float = setting(0.0, "decay of an exponential moving average of the weights, used for "
+                         "evaluation (e.g. 0.999; 0 = off)", type=unit_float)
+    tta: bool = setting(False, "test-time horizontal-flip averaging in evaluation")
+    stem: str = setting("cifar", "cifar: 3x3 stride-1 conv; imagenet: 7x7 stride-2 conv + max-pool",
+                        choices=("cifar", "imagenet"))
+    layers: str = setting("torch", "torch.nn layers or dllab's from-scratch Conv2d/MaxPool2d/BatchNorm2d",
+                          choices=("torch", "scratch"))
+    norm: bool = setting(True, "batch norm after each convolution (--no-norm: the ablation)")
+    maxpool: str = setting("default", "max-pool after the stem: on, off, or default = on for the "
+                           "imagenet stem and off for cifar", choices=("default", "on", "off"))
+    width: int = setting(64, "channels of the first stage (64 = ResNet-18; smaller is faster on a CPU)",
+                         type=positive_int)
+    image_size: int | None = setting(None, "folder datasets: resize images to this size",
+                                     type=positive_int, default_text="the images' own size")
+    eval_batch_size: int = setting(512, "batch size of the test-set evaluation", type=positive_int)
 
 
-def add_arguments(g: argparse._ArgumentGroup) -> None:
-    from dllab.cli import nonnegative_float, positive_int, unit_float
-
-    g.add_argument("--optimizer", choices=("sgd", "adamw"), default=DEFAULTS["optimizer"])
-    g.add_argument("--momentum", type=unit_float, default=DEFAULTS["momentum"], help="SGD momentum")
-    g.add_argument("--no-nesterov", dest="nesterov", action="store_false", help="plain SGD momentum")
-    g.add_argument("--weight-decay", type=nonnegative_float, default=DEFAULTS["weight_decay"],
-                   help="decoupled for AdamW; applied to conv/linear weights only, never norms or biases")
-    g.add_argument("--schedule", choices=("onecycle", "cosine", "constant"), default=DEFAULTS["schedule"],
-                   help="learning-rate schedule (cosine has a linear warm-up)")
-    g.add_argument("--warmup-epochs", type=nonnegative_float, default=DEFAULTS["warmup_epochs"],
-                   help="warm-up length (onecycle: rise to the peak; cosine: linear warm-up)")
-    g.add_argument("--label-smoothing", type=unit_float, default=DEFAULTS["label_smoothing"])
-    g.add_argument("--ema", type=unit_float, default=DEFAULTS["ema"],
-                   help="decay of an exponential moving average of the weights, used for evaluation "
-                   "(e.g. 0.999; 0 = off)")
-    g.add_argument("--tta", action="store_true", help="test-time horizontal-flip averaging in evaluation")
-    g.add_argument("--stem", choices=("cifar", "imagenet"), default=DEFAULTS["stem"],
-                   help="cifar: 3x3 stride-1 conv; imagenet: 7x7 stride-2 conv + max-pool")
-    g.add_argument("--layers", choices=("torch", "scratch"), default=DEFAULTS["layers"],
-                   help="torch.nn layers or dllab's from-scratch Conv2d/MaxPool2d/BatchNorm2d")
-    g.add_argument("--no-norm", dest="norm", action="store_false", help="ablation: no batch norm")
-    g.add_argument("--maxpool", choices=("default", "on", "off"), default=DEFAULTS["maxpool"],
-                   help="max-pool after the stem (default: on for the imagenet stem, off for cifar)")
-    g.add_argument("--width", type=positive_int, default=DEFAULTS["width"],
-                   help="channels of the first stage (64 = ResNet-18; smaller is faster on a CPU)")
-    g.add_argument("--image-size", type=positive_int, default=DEFAULTS["image_size"],
-                   help="folder datasets: resize images to this size")
-    g.add_argument("--eval-batch-size", type=positive_int, default=DEFAULTS["eval_batch_size"])
+CONFIG = ClassifierTrainConfig
+METRICS = MetricNames(headline=("test_acc", "test_loss", "ece"), curves=("acc", "loss", "ece"))
 
 
 def data_options(config: dict) -> dict:
@@ -253,7 +239,7 @@ def evaluate_run(run, device: torch.device, options: dict) -> dict:
     c = run.config
     state = run.load_checkpoint(options.get("checkpoint", "best"), map_location="cpu")
     data = load(c["dataset"], data_dir=options.get("data_dir") or c.get("data_dir"),
-                limit=c.get("limit"), seed=int(c["seed"]), **data_options(c))
+                limit=c.get("limit"), **data_options(c))
     model = ResNet(ResNetConfig(**state["extra"]["model_config"]))
     key = "ema" if "ema" in state["models"] else "model"
     weights = state["models"][key]

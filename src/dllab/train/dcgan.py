@@ -9,74 +9,61 @@ every epoch; measures quality and mode collapse in the feature space of a dllab 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 
 import torch
 
+from dllab.config import (TrainConfig, nonnegative_float, nonnegative_int, positive_float, positive_int,
+                          redefault, setting, unit_float)
 from dllab.engine import Trainer
+from dllab.train import MetricNames
 from dllab.models.dcgan import (DCGANConfig, Discriminator, Generator, check_budget, ema_update,
                                 make_ema)
 from dllab.utils import optimizer_options, resolve_precision
 
-DEFAULTS = {
-    "epochs": 20,
-    "batch_size": 64,
-    "lr": 2e-4,
-    "lr_d": None,
-    "beta1": 0.5,
-    "precision": "fp32",
-    "augment": False,
-    "log_every": 1,
-    "nz": 100,
-    "g_width": 64,
-    "d_width": 64,
-    "image_size": None,
-    "no_g_norm": False,
-    "no_d_norm": False,
-    "spectral_norm": False,
-    "loss": "bce",
-    "label_smoothing": 0.0,
-    "instance_noise": 0.0,
-    "instance_noise_steps": 0,
-    "ema": 0.0,
-    "max_params": None,
-    "classifier_run": None,
-    "eval_samples": 1000,
-}
+@dataclasses.dataclass
+class DCGANTrainConfig(TrainConfig):
+    """``dllab train dcgan``: every setting, its default, bounds and help."""
+
+    epochs: int = redefault("epochs", 20)
+    batch_size: int = redefault("batch_size", 64)
+    lr: float = redefault("lr", 2e-4)
+    precision: str = redefault("precision", "fp32")
+    augment: bool = redefault("augment", False)
+    log_every: int = redefault("log_every", 1)
+    lr_d: float | None = setting(None, "discriminator learning rate (two-time-scale rule)",
+                                 type=positive_float, default_text="--lr")
+    beta1: float = setting(0.5, "Adam beta1 for both nets", type=unit_float)
+    nz: int = setting(100, "noise dimension", type=positive_int)
+    g_width: int = setting(64, "generator width (ngf)", type=positive_int)
+    d_width: int = setting(64, "discriminator width (ndf)", type=positive_int)
+    image_size: int | None = setting(None, "generated image size", type=int, choices=(28, 32, 64),
+                                     default_text="the dataset's")
+    no_g_norm: bool = setting(False, "ablation: no batch norm in the generator")
+    no_d_norm: bool = setting(False, "no batch norm in the discriminator")
+    spectral_norm: bool = setting(False, "spectral normalisation in D")
+    loss: str = setting("bce", "bce = non-saturating GAN loss; hinge = Lim & Ye 2017", choices=("bce", "hinge"))
+    label_smoothing: float = setting(0.0, "one-sided: real targets become 1 - this (bce only; 0.1 is usual)",
+                                     type=unit_float)
+    instance_noise: float = setting(0.0, "initial std of Gaussian noise added to D's inputs",
+                                    type=nonnegative_float)
+    instance_noise_steps: int = setting(0, "steps to anneal the instance noise to 0", type=nonnegative_int)
+    ema: float = setting(0.0, "decay of an EMA of G's weights used for sampling (e.g. 0.999; 0 = off)",
+                         type=unit_float)
+    max_params: int | None = setting(None, "refuse a configuration whose G + D parameter count exceeds this",
+                                     type=positive_int, default_text="no limit")
+    classifier_run: str | None = setting(None, "run folder of a dllab classifier on the same dataset: its "
+                                         "features give per-epoch FID/precision/recall and class coverage "
+                                         "(NOT Inception FID)", default_text="none: no quality metrics")
+    eval_samples: int = setting(1000, "generated samples for the per-epoch and final metrics",
+                                type=positive_int)
 
 
-def add_arguments(g: argparse._ArgumentGroup) -> None:
-    from dllab.cli import nonnegative_float, nonnegative_int, positive_float, positive_int, unit_float
-
-    g.add_argument("--lr-d", type=positive_float, default=DEFAULTS["lr_d"],
-                   help="discriminator learning rate (two-time-scale rule); default: --lr")
-    g.add_argument("--beta1", type=unit_float, default=DEFAULTS["beta1"], help="Adam beta1 for both nets")
-    g.add_argument("--nz", type=positive_int, default=DEFAULTS["nz"], help="noise dimension")
-    g.add_argument("--g-width", type=positive_int, default=DEFAULTS["g_width"], help="ngf")
-    g.add_argument("--d-width", type=positive_int, default=DEFAULTS["d_width"], help="ndf")
-    g.add_argument("--image-size", type=int, choices=(28, 32, 64), default=DEFAULTS["image_size"],
-                   help="generated image size (default: the dataset's)")
-    g.add_argument("--no-g-norm", action="store_true", help="ablation: no batch norm in the generator")
-    g.add_argument("--no-d-norm", action="store_true", help="no batch norm in the discriminator")
-    g.add_argument("--spectral-norm", action="store_true", help="spectral normalisation in D")
-    g.add_argument("--loss", choices=("bce", "hinge"), default=DEFAULTS["loss"],
-                   help="bce = non-saturating GAN loss; hinge = Lim & Ye 2017")
-    g.add_argument("--label-smoothing", type=unit_float, default=DEFAULTS["label_smoothing"],
-                   help="one-sided: real targets become 1 - this (bce only; 0.1 is usual)")
-    g.add_argument("--instance-noise", type=nonnegative_float, default=DEFAULTS["instance_noise"],
-                   help="initial std of Gaussian noise added to D's inputs")
-    g.add_argument("--instance-noise-steps", type=nonnegative_int,
-                   default=DEFAULTS["instance_noise_steps"], help="steps to anneal it to 0")
-    g.add_argument("--ema", type=unit_float, default=DEFAULTS["ema"],
-                   help="decay of an EMA of G's weights used for sampling (e.g. 0.999; 0 = off)")
-    g.add_argument("--max-params", type=positive_int, default=DEFAULTS["max_params"],
-                   help="refuse a configuration whose G + D parameter count exceeds this")
-    g.add_argument("--classifier-run", default=DEFAULTS["classifier_run"],
-                   help="run folder of a dllab classifier on the same dataset: its features give "
-                   "per-epoch FID/precision/recall and class coverage (NOT Inception FID)")
-    g.add_argument("--eval-samples", type=positive_int, default=DEFAULTS["eval_samples"],
-                   help="generated samples for the per-epoch and final metrics")
+CONFIG = DCGANTrainConfig
+METRICS = MetricNames(
+    headline=("clf_fid", "clf_precision", "clf_recall", "clf_modes_covered", "clf_kl_gen_data"),
+    curves=("clf_fid", "clf_modes_covered", "clf_precision", "clf_recall", "clf_kl_gen_data"),
+    cost=("params_generator", "params_discriminator", "epochs", "train_seconds", "images_per_second"))
 
 
 def data_options(config: dict) -> dict:
@@ -340,7 +327,7 @@ def evaluate_run(run, device: torch.device, options: dict) -> dict:
     c = run.config
     state = run.load_checkpoint(options.get("checkpoint", "best"), map_location="cpu")
     data = load(c["dataset"], data_dir=options.get("data_dir") or c.get("data_dir"),
-                limit=c.get("limit"), seed=int(c["seed"]))
+                limit=c.get("limit"))
     generator = Generator(DCGANConfig(**state["extra"]["model_config"]))
     key = "generator_ema" if "generator_ema" in state["models"] else "generator"
     generator.load_state_dict(state["models"][key])

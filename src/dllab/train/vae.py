@@ -8,55 +8,49 @@ active units, k-NN accuracy of the latent means and, on request, the IWAE log-li
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 
 import torch
 
+from dllab.config import (TrainConfig, nonnegative_float, nonnegative_int, positive_int, redefault,
+                          setting)
 from dllab.engine import Trainer
+from dllab.train import MetricNames
 from dllab.models.vae import VAE, VAEConfig
 from dllab.utils import optimizer_options, resolve_precision
 
-DEFAULTS = {
-    "epochs": 10,
-    "batch_size": 128,
-    "lr": 1e-3,
-    "precision": "fp32",
-    "augment": False,
-    "latent_dim": 16,
-    "arch": "conv",
-    "likelihood": "bernoulli",
-    "gaussian_variance": "learned",
-    "beta": 1.0,
-    "kl_warmup_steps": 0,
-    "free_bits": 0.0,
-    "binarize": "none",
-    "tsne_points": 2000,
-    "iw_samples": 0,
-}
+@dataclasses.dataclass
+class VAETrainConfig(TrainConfig):
+    """``dllab train vae``: every setting, its default, bounds and help."""
+
+    epochs: int = redefault("epochs", 10)
+    precision: str = redefault("precision", "fp32")
+    augment: bool = redefault("augment", False)
+    latent_dim: int = setting(16, "dimensions of the latent code z", type=positive_int)
+    arch: str = setting("conv", "encoder and decoder: convolutional, or MLP as in pytorch/examples",
+                        choices=("conv", "mlp"))
+    likelihood: str = setting("bernoulli", "p(x|z): Bernoulli (binary cross-entropy) or Gaussian",
+                              choices=("bernoulli", "gaussian"))
+    gaussian_variance: str = setting("learned", "for --likelihood gaussian: the decoder's variance",
+                                     choices=("learned", "fixed"))
+    beta: float = setting(1.0, "weight of the KL term (1 = the ELBO)", type=nonnegative_float)
+    kl_warmup_steps: int = setting(0, "anneal the KL weight linearly from 0 to beta over this many steps",
+                                   type=nonnegative_int)
+    free_bits: float = setting(0.0, "nats per latent dimension below which the KL is not penalised",
+                               type=nonnegative_float)
+    binarize: str = setting("none", "dynamic: train on a fresh Bernoulli draw of each image every time",
+                            choices=("none", "dynamic"))
+    tsne_points: int = setting(2000, "test latents embedded by t-SNE at the end of training",
+                               type=positive_int)
+    iw_samples: int = setting(0, "importance samples for the final log-likelihood estimate (0: skip; "
+                              "`dllab eval RUN --iw-samples 5000` measures it later)", type=nonnegative_int)
 
 
-def add_arguments(g: argparse._ArgumentGroup) -> None:
-    from dllab.cli import nonnegative_float, nonnegative_int, positive_int
-
-    g.add_argument("--latent-dim", type=positive_int, default=DEFAULTS["latent_dim"])
-    g.add_argument("--arch", choices=("conv", "mlp"), default=DEFAULTS["arch"])
-    g.add_argument("--likelihood", choices=("bernoulli", "gaussian"), default=DEFAULTS["likelihood"])
-    g.add_argument("--gaussian-variance", choices=("learned", "fixed"),
-                   default=DEFAULTS["gaussian_variance"], help="for --likelihood gaussian")
-    g.add_argument("--beta", type=nonnegative_float, default=DEFAULTS["beta"],
-                   help="weight of the KL term (1 = the ELBO)")
-    g.add_argument("--kl-warmup-steps", type=nonnegative_int, default=DEFAULTS["kl_warmup_steps"],
-                   help="anneal the KL weight linearly from 0 to beta over this many steps")
-    g.add_argument("--free-bits", type=nonnegative_float, default=DEFAULTS["free_bits"],
-                   help="nats per latent dimension below which the KL is not penalised")
-    g.add_argument("--binarize", choices=("none", "dynamic"), default=DEFAULTS["binarize"],
-                   help="dynamic: train on a fresh Bernoulli draw of each image every time")
-    g.add_argument("--tsne-points", type=positive_int, default=DEFAULTS["tsne_points"],
-                   help="test latents embedded by t-SNE at the end of training")
-    g.add_argument("--iw-samples", type=nonnegative_int, default=DEFAULTS["iw_samples"],
-                   help="importance samples for the final log-likelihood estimate (0: skip; "
-                   "`dllab eval RUN --iw-samples 5000` measures it later)")
+CONFIG = VAETrainConfig
+METRICS = MetricNames(
+    headline=("test_elbo", "test_recon", "test_kl", "bits_per_dim", "active_units", "knn_acc",
+              "iw_log_likelihood"),
+    curves=("loss", "elbo", "recon", "kl", "active_units", "bits_per_dim"))
 
 
 def data_options(config: dict) -> dict:
@@ -191,7 +185,7 @@ def evaluate_run(run, device: torch.device, options: dict) -> dict:
     c = run.config
     state = run.load_checkpoint(options.get("checkpoint", "best"), map_location="cpu")
     data = load(c["dataset"], data_dir=options.get("data_dir") or c.get("data_dir"),
-                limit=c.get("limit"), seed=int(c["seed"]))
+                limit=c.get("limit"))
     model = VAE(VAEConfig(**state["extra"]["model_config"]))
     model.load_state_dict(state["models"]["model"])
     model.to(device).eval()

@@ -1,0 +1,243 @@
+"""Typed training configurations: each setting declared once, with its type, default, bounds and help.
+
+A model kind's configuration is a dataclass that extends :class:`TrainConfig` (the settings every
+kind has) with its own fields and its own defaults (``dllab.train.classifier.ClassifierTrainConfig``
+and its siblings). From that one declaration come:
+
+- the ``dllab train KIND`` flags (:func:`add_arguments`): every field is a flag with its help text
+  and its true default; a boolean is a ``--x/--no-x`` pair, so ``--no-augment`` reads right
+  whatever the kind's default;
+- the defaults a run starts from (:func:`defaults`), which are exactly what the command line
+  gives when no flag is passed (a test checks this for every kind and every setting);
+- which settings may change when a run is resumed (``resumable`` fields, :func:`resumable`).
+
+The run's ``config.json`` and its checkpoints store the configuration as a plain dict of these
+fields (plus ``kind``), which :func:`from_dict` turns back into the dataclass.
+
+This module sits at the bottom of the package (it imports nothing of dllab at import time), so
+that the trainers, the sweep and the CLI can all use it. Value types used as ``type=`` raise
+``argparse.ArgumentTypeError`` naming the offending value; :class:`Parser` turns that into one line
+on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+EXIT_USAGE = 2
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``dllab train: error: ...``) and defaults in every help line."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# ---- value types: each names the offending value ---------------------------------------------
+def _parse(text: str, cast, what: str):
+    """``cast(text)``, or an argparse error naming the text that is not a valid ``what``."""
+    try:
+        return cast(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid {what} {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    value = _parse(text, int, "integer")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    value = _parse(text, int, "integer")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = _parse(text, float, "number")
+    if not 0 < value < float("inf"):  # also false for NaN
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text}")
+    return value
+
+
+def nonnegative_float(text: str) -> float:
+    value = _parse(text, float, "number")
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def unit_float(text: str) -> float:
+    value = nonnegative_float(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def dataset_name(text: str) -> str:
+    from dllab.data import DATASETS
+
+    if text in DATASETS or (text.startswith("folder:") and len(text) > len("folder:")):
+        return text
+    raise argparse.ArgumentTypeError(
+        f"unknown dataset {text!r}; choose from {', '.join(DATASETS)} or folder:PATH"
+    )
+
+
+# ---- declaring settings ------------------------------------------------------------------------
+def setting(default: Any, help: str, *, type: Callable[[str], Any] | None = None,
+            choices: tuple | None = None, group: str | None = None, resumable: bool = False,
+            default_text: str | None = None, flag: str | None = None) -> Any:
+    """A dataclass field that is also a ``dllab train`` flag.
+
+    ``type`` parses the flag's text (one of the value types above; plain ``str`` when omitted and
+    the default is not a bool); ``choices`` restricts it; ``group`` titles its section in
+    ``--help`` (default: the kind's options); ``resumable`` says whether ``--resume`` may change
+    it; ``default_text`` describes a ``None`` default in words; ``flag`` overrides the flag name
+    (``--NAME`` with dashes).
+    """
+    return dataclasses.field(default=default, metadata={
+        "help": help, "type": type, "choices": choices, "group": group, "resumable": resumable,
+        "default_text": default_text, "flag": flag})
+
+
+DATA, TRAINING, RUN_FOLDER = "data", "training", "run folder"
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """The settings every model kind has. A kind's config extends it and may change its defaults."""
+
+    # data
+    dataset: str = setting("mnist5k", "dataset name (see `dllab datasets`) or folder:PATH for an "
+                           "ImageFolder tree", type=dataset_name, group=DATA)
+    data_dir: str | None = setting(None, "where datasets live", group=DATA, resumable=True,
+                                   default_text="$DLLAB_DATA or ~/.cache/dllab/data")
+    download: bool = setting(False, "download the dataset if it is missing", group=DATA)
+    limit: int | None = setting(None, "use only the first N training and N test examples (smoke runs)",
+                                type=positive_int, group=DATA, default_text="all")
+    augment: bool = setting(True, "training-time data augmentation (crops; flips where the dataset "
+                            "allows them)", group=DATA)
+    verify: bool = setting(True, "check the md5 of dataset files (--no-verify: for files you trust "
+                           "that differ from the official ones)", group=DATA)
+    # training
+    epochs: int = setting(5, "epochs to train", type=positive_int, group=TRAINING, resumable=True)
+    batch_size: int = setting(128, "batch size per process", type=positive_int, group=TRAINING)
+    lr: float = setting(1e-3, "peak learning rate", type=positive_float, group=TRAINING)
+    seed: int = setting(0, "random seed (same seed, same numbers on CPU)", type=nonnegative_int,
+                        group=TRAINING)
+    device: str = setting("auto", "where to train (auto: cuda, else mps, else cpu)", choices=DEVICES,
+                          group=TRAINING, resumable=True)
+    precision: str = setting("auto", "autocast dtype; auto = bf16 on GPUs and on CPUs with "
+                             "AMX/AVX512-BF16, else fp32 ($DLLAB_AUTO_PRECISION=fp32|bf16 overrides "
+                             "what auto picks)", choices=PRECISIONS, group=TRAINING)
+    channels_last: bool = setting(False, "use the channels_last memory format", group=TRAINING)
+    compile: bool = setting(False, "torch.compile the model(s): minutes to build, then faster steps "
+                            "for the classifier and DCGAN on a CPU (see benchmarks/train_throughput.py)",
+                            group=TRAINING, resumable=True)
+    sync_bn: bool = setting(False, "under torchrun, convert BatchNorm layers to SyncBatchNorm (GPUs)",
+                            group=TRAINING)
+    max_nonfinite: int = setting(20, "stop after this many consecutive NaN/inf losses (each such step "
+                                 "is skipped)", type=positive_int, group=TRAINING, resumable=True)
+    # run folder
+    out: str | None = setting(None, "run folder", group=RUN_FOLDER,
+                              default_text="runs/KIND-DATASET-TIMESTAMP")
+    log_every: int = setting(10, "log training metrics every N steps", type=positive_int,
+                             group=RUN_FOLDER, resumable=True)
+    checkpoint_every: int = setting(0, "also save last.pt every N steps (0: only at the end of each "
+                                    "epoch)", type=nonnegative_int, group=RUN_FOLDER, resumable=True)
+
+
+def fields(cls: type[TrainConfig]) -> tuple[dataclasses.Field, ...]:
+    return dataclasses.fields(cls)
+
+
+def defaults(cls: type[TrainConfig]) -> dict:
+    """Every setting of ``cls`` with its declared default, as a plain dict."""
+    return dataclasses.asdict(cls())
+
+
+def resumable(cls: type[TrainConfig]) -> tuple[str, ...]:
+    """The settings that ``--resume`` may change (the others must match the saved run)."""
+    return tuple(f.name for f in fields(cls) if f.metadata.get("resumable"))
+
+
+def from_dict(cls: type[TrainConfig], values: dict) -> TrainConfig:
+    """The dataclass of ``values`` (keys that are not settings of ``cls``, such as ``kind``, are
+    ignored; missing ones take their defaults)."""
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in values.items() if k in names})
+
+
+def _flag(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def _default_text(f: dataclasses.Field) -> str:
+    if f.metadata.get("default_text") is not None:
+        return f.metadata["default_text"]
+    if isinstance(f.default, bool):
+        return "on" if f.default else "off"
+    return str(f.default)
+
+
+class Toggle(argparse.Action):
+    """``--x`` sets True, ``--no-x`` sets False (one help line for both)."""
+
+    def __init__(self, option_strings, dest, default=None, help=None):
+        super().__init__(option_strings, dest, nargs=0, default=default, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, not option_string.startswith("--no-"))
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type[TrainConfig], own_group: str) -> None:
+    """One flag per field of ``cls``, in argument groups by the fields' ``group`` (``own_group``
+    for the kind's own fields). Help lines end with the true default, so ``parser`` must use a
+    formatter that adds none (``argparse.HelpFormatter``); booleans get ``--x`` to turn them on and
+    ``--no-x`` to turn them off (a field already named ``no_x`` is the one flag ``--no-x``)."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in fields(cls):
+        title = f.metadata.get("group") or own_group
+        if title not in groups:
+            groups[title] = parser.add_argument_group(title)
+        g, meta, flag = groups[title], f.metadata, _flag(f)
+        text = f"{meta['help']} (default: {_default_text(f)})"
+        if isinstance(f.default, bool):
+            if f.name.startswith("no_"):  # an ablation switch named for what it removes
+                g.add_argument(flag, dest=f.name, action="store_true", default=f.default, help=text)
+            else:
+                g.add_argument(flag, "--no-" + flag[2:], dest=f.name, action=Toggle, default=f.default,
+                               help=text)
+            continue
+        kwargs: dict[str, Any] = {"dest": f.name, "default": f.default, "help": text}
+        if meta.get("type") is not None:
+            kwargs["type"] = meta["type"]
+        if meta.get("choices") is not None:
+            kwargs["choices"] = meta["choices"]
+        g.add_argument(flag, **kwargs)
+
+
+def config_from_args(cls: type[TrainConfig], args: argparse.Namespace) -> dict:
+    """The settings of ``cls`` from parsed arguments, as the plain dict a run stores."""
+    return {f.name: getattr(args, f.name) for f in fields(cls)}
+
+
+def redefault(name: str, default: Any) -> Any:
+    """A :class:`TrainConfig` setting with another default for one kind (its help, type and
+    bounds unchanged)."""
+    return dataclasses.field(default=default, metadata=TrainConfig.__dataclass_fields__[name].metadata)
