@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from test_layers import CONV_GRID, POOL_GRID, FORBIDDEN, _OpRecorder, _small_net
+from test_layers import CONV_GRID, FORBIDDEN, POOL_GRID, _OpRecorder, _small_net, _twin_small_nets
 
 from dllab.cli import main
 from dllab.layers import BatchNorm2d, Conv2d, MaxPool2d
@@ -113,9 +113,7 @@ def test_batch_norm_on_cuda_matches_torch(shape, channels_last):
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_modules_train_and_eval_on_cuda_in_float32(channels_last):
     torch.manual_seed(16)
-    ours = _small_net(Conv2d, BatchNorm2d, MaxPool2d).to(CUDA)
-    ref = _small_net(nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d).to(CUDA)
-    ref.load_state_dict(ours.state_dict())
+    ours, ref = _twin_small_nets(device=CUDA)
     x = torch.randn(4, 3, 12, 12, device=CUDA)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
@@ -136,9 +134,7 @@ def test_bf16_autocast_on_cuda_like_torch():
     if not torch.cuda.is_bf16_supported():
         pytest.skip("this GPU has no bf16")
     torch.manual_seed(17)
-    ours = _small_net(Conv2d, BatchNorm2d, MaxPool2d).to(CUDA)
-    ref = _small_net(nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d).to(CUDA)
-    ref.load_state_dict(ours.state_dict())
+    ours, ref = _twin_small_nets(device=CUDA)
     x = torch.randn(4, 3, 12, 12, device=CUDA)
     outs = []
     for net in (ours, ref):
@@ -198,11 +194,12 @@ def test_train_resume_and_eval_on_cuda(kind, tmp_path):
 
 
 def test_classifier_bf16_channels_last_on_cuda_learns(tmp_path):
-    """The GPU's usual settings (bf16 autocast, channels_last, a GPU-sized batch) train."""
+    """The GPU's usual settings (bf16 autocast where supported, channels_last) learn the digits:
+    the same run reached 96.3 % on an AMX CPU (bf16, 80 steps)."""
     out = tmp_path / "fast"
-    assert main(["train", "classifier", "--dataset", "mnist5k", "--limit", "1024", "--epochs", "3",
+    assert main(["train", "classifier", "--dataset", "mnist5k", "--limit", "2048", "--epochs", "5",
                  "--out", str(out), "--quiet", "--seed", "3", "--device", "cuda", "--width", "16",
-                 "--batch-size", "256", "--precision", "auto", "--channels-last"]) == 0
+                 "--batch-size", "128", "--precision", "auto", "--channels-last"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["precision"] == ("bfloat16" if torch.cuda.is_bf16_supported() else "fp32")
-    assert summary["test_acc"] > 0.5
+    assert summary["test_acc"] > 0.9

@@ -571,13 +571,19 @@ def _small_net(conv, bn, pool):
                          conv(8, 16, 3, stride=2, padding=1), bn(16), nn.ReLU(), conv(16, 16, 1))
 
 
+def _twin_small_nets(**to):
+    """The small net from dllab's layers and from torch.nn, same weights, moved with ``.to(**to)``."""
+    ours = _small_net(Conv2d, BatchNorm2d, MaxPool2d).to(**to)
+    ref = _small_net(nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d).to(**to)
+    ref.load_state_dict(ours.state_dict())
+    return ours, ref
+
+
 @pytest.mark.usefixtures("device_paths")
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_network_state_dict_round_trip_train_and_eval(channels_last):
     torch.manual_seed(13)
-    ours = _small_net(Conv2d, BatchNorm2d, MaxPool2d).double()
-    ref = _small_net(nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d).double()
-    ref.load_state_dict(ours.state_dict())
+    ours, ref = _twin_small_nets(dtype=DT)
     x = torch.randn(4, 3, 12, 12, dtype=DT)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
