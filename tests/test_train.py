@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -101,6 +102,74 @@ def test_more_epochs_on_resume_replans_the_schedule(tmp_path):
     assert len(lrs) == len(planned) == 8
     assert lrs[4:] == pytest.approx(planned[4:])
     assert lrs[:4] != pytest.approx(planned[:4])  # the first epoch ran on the 1-epoch plan
+
+
+def _files_and_bytes(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_copied_run_resumes_in_the_copy_and_leaves_the_original_alone(tmp_path, capsys):
+    import shutil
+
+    original, copy = tmp_path / "original", tmp_path / "copy"
+    assert main(train_argv("classifier", original, limit=64, epochs=1)) == 0
+    shutil.copytree(original, copy)
+    before = _files_and_bytes(original)
+    assert main(["train", "classifier", "--resume", "--out", str(copy), "--epochs", "2", "--quiet"]) == 0
+    assert _files_and_bytes(original) == before  # not one byte of the original changed
+    assert f"run                      {copy}" in capsys.readouterr().out
+    saved = json.loads((copy / "config.json").read_text())
+    assert saved["out"] == str(copy) and saved["epochs"] == 2
+    assert saved["resumed"][-1]["changed"] == {"epochs": [1, 2], "out": [str(original), str(copy)]}
+    assert load_checkpoint(copy / "checkpoints" / "last.pt")["epoch"] == 2
+
+
+def test_a_moved_run_resumes_where_it_lies(tmp_path):
+    old, new = tmp_path / "old", tmp_path / "renamed"
+    assert main(train_argv("vae", old, limit=64, epochs=1)) == 0
+    old.rename(new)
+    assert main(["train", "vae", "--resume", "--out", str(new), "--epochs", "2", "--quiet"]) == 0
+    assert not old.exists()
+    assert json.loads((new / "summary.json").read_text())["epochs"] == 2
+
+
+@pytest.mark.parametrize("kind", ["vae", "classifier"])
+def test_resume_without_flags_keeps_the_runs_settings(kind, tmp_path, monkeypatch, capsys):
+    """Stopped after epoch 1 of 3 and resumed with only --resume --out (the command the interrupt
+    message prints), the run ends at epoch 3 with its own settings, not the parser's defaults."""
+    from dllab.train import kind_module
+
+    trainer = kind_module(kind).TRAINER
+    original = trainer.epoch_end
+
+    def epoch_end_then_sigint(self, epoch, metrics):
+        original(self, epoch, metrics)
+        if epoch == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(trainer, "epoch_end", epoch_end_then_sigint)
+    assert main(train_argv(kind, out, "--lr", "0.003", limit=64, epochs=3)) == 128 + signal.SIGINT
+    assert f"--resume --out {out}" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert main(["train", kind, "--resume", "--out", str(out), "--quiet"]) == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["epochs"] == 3 and saved["lr"] == 0.003 and "resumed" not in saved
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["epoch"] == 3
+    assert json.loads((out / "summary.json").read_text())["epochs"] == 3
+
+
+def test_resume_refuses_a_setting_that_cannot_change_and_names_it(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(train_argv("classifier", out, limit=64, epochs=1)) == 0
+    before = _files_and_bytes(out)
+    code = main(["train", "classifier", "--resume", "--out", str(out), "--epochs", "2", "--batch-size", "64",
+                 "--width", "8", "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "--batch-size (the run has 32, given 64)" in err and "--width (the run has 4, given 8)" in err
+    assert "--epochs" in err.split("only", 1)[1]  # and it says what can change
+    assert _files_and_bytes(out) == before
 
 
 def test_existing_run_is_never_overwritten(tmp_path, capsys):
@@ -206,7 +275,10 @@ def test_compile_flag_reaches_the_config_and_may_change_on_resume(tmp_path, monk
     assert json.loads((out / "config.json").read_text())["compile"] is True
     assert compiled_models, "the engine should have called torch.compile"
     compiled_models.clear()
-    assert main(train_argv("vae", out, "--resume", limit=64, epochs=2)) == 0
+    assert main(train_argv("vae", out, "--resume", limit=64, epochs=2)) == 0  # not given: kept
+    assert json.loads((out / "config.json").read_text())["compile"] is True and compiled_models
+    compiled_models.clear()
+    assert main(train_argv("vae", out, "--resume", "--no-compile", limit=64, epochs=3)) == 0
     assert json.loads((out / "config.json").read_text())["compile"] is False
     assert not compiled_models
 
@@ -308,3 +380,43 @@ def test_every_declared_metric_name_is_written_by_a_real_run(tmp_path):
         names = metric_names(kind)
         assert not [n for n in (*names.headline, *names.cost) if n not in summary], kind
         assert not [n for n in names.curves if n not in tested], kind
+
+
+def test_demo_reuses_a_finished_run_only_with_the_same_settings(tmp_path, monkeypatch):
+    """`dllab demo` twice: the second reuses the runs (nothing retrained); with other settings it
+    is refused, naming the difference, and nothing is written. The default folder is named after
+    the dataset and size, so `dllab demo --dataset fashion-mnist` after `make demo` is a new demo."""
+    from dllab import demo as demo_module
+    from dllab.runs import RunFolderError
+
+    tiny = {"classifier": {"width": 4, "epochs": 1, "limit": 64, "batch_size": 32},
+            "vae": {"epochs": 1, "latent_dim": 4, "tsne_points": 100, "limit": 128, "batch_size": 32},
+            "dcgan": {"epochs": 1, "g_width": 8, "d_width": 8, "nz": 16, "eval_samples": 64, "limit": 64,
+                      "batch_size": 32}}
+    monkeypatch.setattr(demo_module, "QUICK", tiny)
+    out = tmp_path / "demo"
+    report = demo_module.demo(out=out, device="cpu", quiet=True)
+    assert report == out / "report.html" and report.exists()
+    before = _files_and_bytes(out / "classifier")
+    demo_module.demo(out=out, device="cpu", quiet=True)  # reused: not one byte of the runs changed
+    assert _files_and_bytes(out / "classifier") == before
+    with pytest.raises(RunFolderError, match=r"epochs: 1 there, 2 asked"):
+        demo_module.demo(out=out, epochs=2, device="cpu", quiet=True)
+    assert _files_and_bytes(out / "classifier") == before
+    assert demo_module.default_out() == Path("runs/demo")
+    assert demo_module.default_out("fashion-mnist", full=True) == Path("runs/demo-fashion-mnist-full")
+    assert demo_module.default_out(epochs=3) == Path("runs/demo-e3")
+
+
+def test_a_run_that_fails_in_its_final_phase_is_finished_by_a_resume_with_corrected_settings(tmp_path, capsys):
+    """t-SNE of 40 points cannot take perplexity 50: the run trains, then fails at the end; a
+    resume with more --tsne-points goes straight to the final phase and completes the run."""
+    out = tmp_path / "run"
+    code = main(train_argv("vae", out, "--tsne-points", "40", limit=128, epochs=1))
+    assert code != 0 and "perplexity" in capsys.readouterr().err
+    assert not (out / "summary.json").exists() and load_checkpoint(out / "checkpoints" / "last.pt")["epoch"] == 1
+    steps = [r["step"] for r in read_metrics(out) if r["split"] == "train"]
+    assert main(["train", "vae", "--resume", "--out", str(out), "--tsne-points", "100", "--quiet"]) == 0
+    assert [r["step"] for r in read_metrics(out) if r["split"] == "train"] == steps  # no epoch retrained
+    assert json.loads((out / "summary.json").read_text())["epochs"] == 1
+    assert json.loads((out / "config.json").read_text())["tsne_points"] == 100

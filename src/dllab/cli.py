@@ -91,7 +91,8 @@ def build_parser() -> Parser:
                     help="dataset of the three runs (see `dllab datasets`)")
     dm.add_argument("--epochs", type=positive_int, default=None, help="epochs per model (default: per model)")
     dm.add_argument("--full", action="store_true", help="full-size models and longer training")
-    dm.add_argument("--out", default="runs/demo", help="folder for the runs and the report")
+    dm.add_argument("--out", default=None, help="folder for the runs and the report (default: "
+                    "runs/demo for the quick demo on mnist5k, else e.g. runs/demo-fashion-mnist-full)")
     dm.add_argument("--device", choices=DEVICES, default="auto", help="where to train")
     dm.add_argument("--data-dir", default=None, help="where datasets live (default: $DLLAB_DATA or "
                     "~/.cache/dllab/data)")
@@ -111,9 +112,12 @@ def build_parser() -> Parser:
 
 def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
     if args.command == "train":
-        from dllab.train import split_train_args, train
+        from dllab.train import given_settings, split_train_args, train
 
         config, resume, quiet = split_train_args(args.kind, args)
+        if resume:  # a setting not on the command line keeps the run's saved value
+            given = given_settings(args.kind, argv[2:])
+            config = {k: v for k, v in config.items() if k in given}
         summary = train(args.kind, config, resume=resume, quiet=quiet)
         from dllab.utils import dist_info
 

@@ -101,18 +101,17 @@ def dataset_name(text: str) -> str:
 # ---- declaring settings ------------------------------------------------------------------------
 def setting(default: Any, help: str, *, type: Callable[[str], Any] | None = None,
             choices: tuple | None = None, group: str | None = None, resumable: bool = False,
-            default_text: str | None = None, flag: str | None = None) -> Any:
+            default_text: str | None = None) -> Any:
     """A dataclass field that is also a ``dllab train`` flag.
 
     ``type`` parses the flag's text (one of the value types above; plain ``str`` when omitted and
     the default is not a bool); ``choices`` restricts it; ``group`` titles its section in
     ``--help`` (default: the kind's options); ``resumable`` says whether ``--resume`` may change
-    it; ``default_text`` describes a ``None`` default in words; ``flag`` overrides the flag name
-    (``--NAME`` with dashes).
+    it; ``default_text`` describes a ``None`` default in words.
     """
     return dataclasses.field(default=default, metadata={
         "help": help, "type": type, "choices": choices, "group": group, "resumable": resumable,
-        "default_text": default_text, "flag": flag})
+        "default_text": default_text})
 
 
 DATA, TRAINING, RUN_FOLDER = "data", "training", "run folder"
@@ -183,8 +182,9 @@ def from_dict(cls: type[TrainConfig], values: dict) -> TrainConfig:
     return cls(**{k: v for k, v in values.items() if k in names})
 
 
-def _flag(f: dataclasses.Field) -> str:
-    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+def flag_name(name: str) -> str:
+    """The command-line flag of the setting ``name`` (``batch_size`` -> ``--batch-size``)."""
+    return "--" + name.replace("_", "-")
 
 
 def _default_text(f: dataclasses.Field) -> str:
@@ -215,7 +215,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type[TrainConfig], own_g
         title = f.metadata.get("group") or own_group
         if title not in groups:
             groups[title] = parser.add_argument_group(title)
-        g, meta, flag = groups[title], f.metadata, _flag(f)
+        g, meta, flag = groups[title], f.metadata, flag_name(f.name)
         text = f"{meta['help']} (default: {_default_text(f)})"
         if isinstance(f.default, bool):
             if f.name.startswith("no_"):  # an ablation switch named for what it removes

@@ -6,7 +6,9 @@ the report has every number and figure without a separate ``dllab eval``.
 
 The classifier is trained first because the DCGAN's offline quality metrics (FID, precision and
 recall, class coverage) are measured in that classifier's feature space. A demo folder that
-already holds finished runs is reused, and an interrupted one continues where it stopped.
+already holds finished runs is reused only when their settings are exactly the ones asked for
+(another dataset, --full or --epochs is refused, naming the difference; the default folder is
+named after them), and an interrupted run continues where it stopped.
 """
 
 from __future__ import annotations
@@ -27,15 +29,40 @@ FULL = {
 }
 
 
+# settings that say where and how fast a run trains, not what it is: a reused run may differ in them
+NOT_COMPARED = ("out", "device", "data_dir")
+
+
+def default_out(dataset: str = "mnist5k", full: bool = False, epochs: int | None = None) -> Path:
+    """``runs/demo`` for the quick demo on mnist5k, else a folder named after what differs."""
+    safe = dataset.replace("folder:", "folder-").replace("/", "_")
+    parts = [p for p in (None if dataset == "mnist5k" else safe, "full" if full else None,
+                         None if epochs is None else f"e{epochs}") if p]
+    return Path("runs") / "-".join(["demo", *parts])
+
+
+def check_same_settings(run_dir: Path, config: dict) -> None:
+    """Refuse to reuse the finished run in ``run_dir`` unless it was trained with ``config``."""
+    from dllab.runs import RunFolderError, read_json
+
+    saved = read_json(run_dir / "config.json")
+    differ = [f"{k}: {saved.get(k)!r} there, {v!r} asked" for k, v in config.items()
+              if k not in NOT_COMPARED and saved.get(k) != v]
+    if differ:
+        raise RunFolderError(f"{run_dir} holds a finished {saved.get('kind')} run with other settings "
+                             f"({'; '.join(differ)}); give the demo another --out")
+
+
 def demo(dataset: str = "mnist5k", epochs: int | None = None, full: bool = False,
-         out: str | Path = "runs/demo", device: str = "auto", data_dir: str | None = None,
+         out: str | Path | None = None, device: str = "auto", data_dir: str | None = None,
          quiet: bool = False) -> Path:
-    """Train the three models on ``dataset`` into ``out`` and return the report's path."""
+    """Train the three models on ``dataset`` into ``out`` (default: :func:`default_out`) and
+    return the report's path."""
     from dllab.report import write_report
     from dllab.train import train
     from dllab.utils import progress
 
-    out = Path(out)
+    out = Path(out) if out is not None else default_out(dataset, full, epochs)
     settings = FULL if full else QUICK
     runs = {}
     stages = ["classifier", "vae", "dcgan"]
@@ -50,7 +77,9 @@ def demo(dataset: str = "mnist5k", epochs: int | None = None, full: bool = False
         if kind == "dcgan":
             config["classifier_run"] = str(runs["classifier"])
         bar.set_description(f"dllab demo: {kind}")
-        if not (run_dir / "summary.json").exists():
+        if (run_dir / "summary.json").exists():
+            check_same_settings(run_dir, config)
+        else:
             resume = (run_dir / "config.json").exists() and (run_dir / "checkpoints" / "last.pt").exists()
             train(kind, config, resume=resume, quiet=quiet)
         bar.update(1)

@@ -87,6 +87,45 @@ def split_train_args(kind: str, args: argparse.Namespace) -> tuple[dict, bool, b
     return config_lib.config_from_args(config_class(kind), args), bool(args.resume), bool(args.quiet)
 
 
+def given_settings(kind: str, argv: list[str]) -> set[str]:
+    """The settings that ``argv`` (``dllab train KIND``'s flags) sets explicitly, defaults aside:
+    what a resume applies, the rest keeping the run's saved values."""
+    parser = train_parser(kind)
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv))) - {"resume", "quiet"}
+
+
+def _resumed_config(kind: str, given: dict) -> tuple[dict, dict]:
+    """(config, changes) of the run in ``given["out"]`` resumed with the settings in ``given``."""
+    from dllab.runs import RunFolderError, read_json
+
+    out = given.pop("out", None)
+    if not out:
+        raise ValueError("--resume needs --out RUN, the folder of the run to continue")
+    saved_path = Path(out) / "config.json"
+    if not saved_path.exists():
+        raise RunFolderError(f"--resume: no run to resume in {out} (no config.json)")
+    saved = read_json(saved_path)
+    if saved.get("kind") != kind:
+        raise ValueError(f"--resume: {out} holds a {saved.get('kind')!r} run, not {kind!r}")
+    declared = defaults(kind)
+    base = {**declared, **saved}  # a setting added to dllab since the run began: its default
+    unknown = sorted(k for k in given if k not in declared)
+    if unknown:
+        raise ValueError(f"--resume: {', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} not "
+                         f"{kind} settings")
+    changes = {k: v for k, v in given.items() if base.get(k) != v}
+    fixed = [k for k in changes if k not in config_lib.resumable(config_class(kind))]
+    if fixed:
+        flags = ", ".join(f"{config_lib.flag_name(k)} (the run has {base.get(k)!r}, given {changes[k]!r})"
+                          for k in fixed)
+        can = ", ".join(config_lib.flag_name(k) for k in config_lib.resumable(config_class(kind)))
+        raise ValueError(f"--resume cannot change {flags}: the run in {out} began with them "
+                         f"(only {can} can change when a run is resumed; start a new run for the others)")
+    return {**base, **changes, "out": str(Path(out))}, changes
+
+
 def default_out(kind: str, dataset: str) -> Path:
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     safe = dataset.replace("folder:", "folder-").replace("/", "_").replace(os.sep, "_")
@@ -97,31 +136,25 @@ def train(kind: str, config: dict | None = None, *, resume: bool = False, quiet:
     """Train a model of ``kind`` with ``config`` (missing keys take their defaults).
 
     Returns the summary metrics (also written to ``summary.json`` in the run folder, whose path
-    is ``summary["run"]``). With ``resume``, ``config["out"]`` names the run to continue; only the
-    kind's resumable settings (:func:`dllab.config.resumable`) may differ from the saved config.
+    is ``summary["run"]``). With ``resume``, ``config["out"]`` names the run to continue, where it
+    lies now (a copied or moved run continues in its new folder, which is the only one written);
+    ``config`` then holds only the settings to change: each keeps the run's saved value unless
+    given, and a given value that differs is applied if the setting may change mid-run
+    (:func:`dllab.config.resumable`) and refused otherwise (ValueError naming every such setting).
+    Each change, a move included, is recorded in config.json's ``resumed`` list.
     """
     import torch.distributed as dist
 
     from dllab.data import load
     from dllab.engine import create_run, init_distributed, validate_config
-    from dllab.runs import read_json
     from dllab.utils import resolve_device, seed_everything
 
     module = kind_module(kind)
-    config = {**defaults(kind), **(config or {})}
-    changeable = config_lib.resumable(module.CONFIG)
+    changes: dict = {}
     if resume:
-        if not config.get("out"):
-            raise ValueError("--resume needs --out RUN, the folder of the run to continue")
-        saved_path = Path(config["out"]) / "config.json"
-        if not saved_path.exists():
-            from dllab.runs import RunFolderError
-
-            raise RunFolderError(f"--resume: no run to resume in {config['out']} (no config.json)")
-        saved = read_json(saved_path)
-        if saved.get("kind") != kind:
-            raise ValueError(f"--resume: {config['out']} holds a {saved.get('kind')!r} run, not {kind!r}")
-        config = {**saved, **{k: config[k] for k in changeable if k in config}}
+        config, changes = _resumed_config(kind, dict(config or {}))
+    else:
+        config = {**defaults(kind), **(config or {})}
     device = resolve_device(config["device"])
     validate_config(config, device)  # e.g. fp16 or --sync-bn on a CPU: refused before any file is written
     distributed = init_distributed(device)
@@ -139,8 +172,8 @@ def train(kind: str, config: dict | None = None, *, resume: bool = False, quiet:
     if hasattr(module, "validate"):
         module.validate(config, data)
     run = create_run(config["out"], config, resume=resume)  # rank 0 writes, the others read
-    if resume:  # e.g. more epochs: recorded in config.json
-        run.update_config({k: config[k] for k in changeable if k in config})
+    if resume:  # e.g. more epochs, or the folder it was moved to: recorded in config.json
+        run.update_config({**changes, "out": config["out"]})
     trainer = module.TRAINER(run.config, data, run, device, quiet=quiet)
     summary = trainer.fit(resume=resume)
     summary["run"] = str(run.path)

@@ -41,7 +41,7 @@ class ClassifierTrainConfig(TrainConfig):
                                      type=unit_float)
     ema: float = setting(0.0, "decay of an exponential moving average of the weights, used for "
                          "evaluation (e.g. 0.999; 0 = off)", type=unit_float)
-    tta: bool = setting(False, "test-time horizontal-flip averaging in evaluation")
+    tta: bool = setting(False, "test-time horizontal-flip averaging in evaluation", resumable=True)
     stem: str = setting("cifar", "cifar: 3x3 stride-1 conv; imagenet: 7x7 stride-2 conv + max-pool",
                         choices=("cifar", "imagenet"))
     layers: str = setting("torch", "torch.nn layers or dllab's from-scratch Conv2d/MaxPool2d/BatchNorm2d",
@@ -53,7 +53,8 @@ class ClassifierTrainConfig(TrainConfig):
                          type=positive_int)
     image_size: int | None = setting(None, "folder datasets: resize images to this size",
                                      type=positive_int, default_text="the images' own size")
-    eval_batch_size: int = setting(512, "batch size of the test-set evaluation", type=positive_int)
+    eval_batch_size: int = setting(512, "batch size of the test-set evaluation", type=positive_int,
+                                   resumable=True)
 
 
 CONFIG = ClassifierTrainConfig
@@ -130,8 +131,8 @@ class ClassifierTrainer(Trainer):
         else:
             self.optimizer = torch.optim.AdamW(param_groups(self.net, c["weight_decay"]), lr=c["lr"],
                                                **optimizer_options(self.device))
-        steps = len(self.loader("train", shuffle=True, augment=False, drop_last=True))
-        self.scheduler = make_scheduler(self.optimizer, c, max(1, steps))
+        self.steps_per_epoch = max(1, len(self.loader("train", shuffle=True, augment=False, drop_last=True)))
+        self.scheduler = make_scheduler(self.optimizer, c, self.steps_per_epoch)
         self.ema = None
         if c["ema"] > 0:
             self.ema = torch.optim.swa_utils.AveragedModel(
@@ -161,11 +162,14 @@ class ClassifierTrainer(Trainer):
 
         The schedule is rebuilt for the new total and fast-forwarded to the current step, so
         from here on the learning rate follows the new plan (one-cycle: it jumps to where a run
-        of the new length would be at this step).
+        of the new length would be at this step). It is rebuilt after the optimiser's state is
+        loaded, whose parameter groups replace the ones the new schedule set up (a run too short
+        for one-cycle ran on warm-up + cosine, whose groups lack one-cycle's ``max_lr``).
         """
         replan = int(state.get("config", {}).get("epochs", self.config["epochs"])) != int(self.config["epochs"])
         super().load_state({**state, "schedulers": {}} if replan else state)
         if replan:
+            self.scheduler = make_scheduler(self.optimizer, self.config, self.steps_per_epoch)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)  # "step() before optimizer.step()"
                 for _ in range(self.step):

@@ -41,9 +41,10 @@ class VAETrainConfig(TrainConfig):
     binarize: str = setting("none", "dynamic: train on a fresh Bernoulli draw of each image every time",
                             choices=("none", "dynamic"))
     tsne_points: int = setting(2000, "test latents embedded by t-SNE at the end of training",
-                               type=positive_int)
+                               type=positive_int, resumable=True)
     iw_samples: int = setting(0, "importance samples for the final log-likelihood estimate (0: skip; "
-                              "`dllab eval RUN --iw-samples 5000` measures it later)", type=nonnegative_int)
+                              "`dllab eval RUN --iw-samples 5000` measures it later)", type=nonnegative_int,
+                              resumable=True)
 
 
 CONFIG = VAETrainConfig
