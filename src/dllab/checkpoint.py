@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import pickletools
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -61,6 +63,42 @@ def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
         ) from e
 
 
+#: what a checkpoint's pickle may import: torch's tensor and storage rebuilders, OrderedDict
+_SAFE_IMPORTS = ("torch", "collections.OrderedDict", "builtins.set", "builtins.frozenset")
+
+
+def pickled_imports(path: str | os.PathLike) -> list[str]:
+    """The ``module.name`` objects a pickle file (raw, or the ``data.pkl`` of a torch.save zip)
+    would import beyond torch's own, read from its opcodes without unpickling anything.
+
+    torch's weights_only loader stops at the first opcode it does not support, which for a raw
+    pickle of protocol 4 is a framing opcode that comes before any object: this tells what the
+    file would have run. Empty for a file that is not a readable pickle at all.
+    """
+    path = Path(path)
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                name = next((n for n in z.namelist() if n.endswith("data.pkl")), None)
+                data = z.read(name) if name else b""
+        else:
+            data = path.read_bytes()
+    except (OSError, zipfile.BadZipFile):
+        return []
+    found, strings = [], []
+    try:
+        for op, arg, _ in pickletools.genops(data):
+            if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
+                strings = [*strings[-1:], arg]
+            elif op.name == "GLOBAL":
+                found.append(arg.replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) == 2:
+                found.append(".".join(strings))
+    except Exception:  # noqa: BLE001 - truncated or not a pickle: what was read so far counts
+        pass
+    return [g for g in dict.fromkeys(found) if not g.startswith(_SAFE_IMPORTS)]
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
     """Load a dllab checkpoint with ``torch.load(weights_only=True)``.
 
@@ -72,16 +110,19 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about a raw pickle's protocol before refusing it
+            warnings.simplefilter("ignore", UserWarning)
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         text = str(e)
-        if "GLOBAL" not in text and "global" not in text:  # not an object, just bytes gone wrong
+        named = [ln.strip() for ln in text.splitlines() if "GLOBAL" in ln or "global" in ln]
+        imports = ", ".join(pickled_imports(path)) or (named[0] if named else "")
+        if not imports:  # not an object, just bytes gone wrong
             raise CheckpointError(f"checkpoint {path} is corrupt or truncated (not a torch.save file "
                                   f"that weights_only=True can read)") from e
-        detail = next((ln.strip() for ln in text.splitlines() if "GLOBAL" in ln or "global" in ln), "")
         raise CheckpointError(
-            f"refusing to load {path}: it contains objects other than tensors and plain containers, "
-            f"and loading it could run code from the file ({detail})"
+            f"refusing to load {path}: it holds objects that safe (weights_only) loading forbids, "
+            f"and loading it could run code from the file ({imports})"
         ) from e
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
         raise CheckpointError(

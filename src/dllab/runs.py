@@ -150,6 +150,8 @@ class Run:
     def open(cls, path: str | os.PathLike) -> Run:
         """Open an existing run folder for reading (evaluation, reports)."""
         path = Path(path)
+        if not path.is_dir():
+            raise RunFolderError(f"run folder {path} does not exist")
         if not (path / "config.json").exists():
             raise RunFolderError(f"{path} is not a dllab run folder (no config.json)")
         return cls(path, read_json(path / "config.json"), writer=False)
