@@ -161,3 +161,50 @@ def test_a_missing_run_folder_reads_the_same_in_eval_report_and_compare(tmp_path
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert f"run folder {missing} does not exist" in err and "Traceback" not in err, (argv, err)
+
+
+def test_an_unknown_flag_names_the_command_it_was_given_to(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "vae", "--bogus"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("dllab train vae: error: unrecognized arguments: --bogus")
+    assert "(see dllab train vae --help)" in err
+    with pytest.raises(SystemExit):
+        main(["compare", "x", "--bogus"])
+    assert capsys.readouterr().err.startswith("dllab compare: error: unrecognized arguments: --bogus")
+
+
+@pytest.mark.parametrize("command", ["eval", "datasets", "sweep", "ablate", "demo", "report", "compare"])
+def test_help_prints_each_default_once_and_none_as_words(command, capsys):
+    from dllab.config import DefaultsHelpFormatter
+
+    parser = _subparsers(build_parser())[command]
+    formatter = DefaultsHelpFormatter(prog="dllab")
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help":
+            text = formatter._get_help_string(action)
+            assert text.count("(default:") <= 1, (command, text)
+            assert "(default: None)" not in text and "(default: False)" not in text, (command, text)
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "(default: None)" not in out and "(default: False)" not in out
+
+
+def test_ctrl_c_while_loading_is_one_line(tmp_path, monkeypatch, capsys):
+    import dllab.data
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dllab.data, "load", interrupted)
+    assert main(["train", "vae", "--out", str(tmp_path / "run"), "--quiet"]) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_eval_of_a_run_with_a_broken_config_names_the_file(tmp_path, capsys):
+    (tmp_path / "config.json").write_text("{not json")
+    assert main(["eval", str(tmp_path)]) == 2
+    assert f"{tmp_path / 'config.json'} is not valid JSON" in capsys.readouterr().err

@@ -408,15 +408,103 @@ def test_demo_reuses_a_finished_run_only_with_the_same_settings(tmp_path, monkey
     assert demo_module.default_out(epochs=3) == Path("runs/demo-e3")
 
 
-def test_a_run_that_fails_in_its_final_phase_is_finished_by_a_resume_with_corrected_settings(tmp_path, capsys):
-    """t-SNE of 40 points cannot take perplexity 50: the run trains, then fails at the end; a
-    resume with more --tsne-points goes straight to the final phase and completes the run."""
+def test_a_run_that_fails_in_its_final_phase_is_finished_by_a_resume(tmp_path, monkeypatch, capsys):
+    """The VAE trains, then its final t-SNE fails: the run keeps its last checkpoint, and a resume
+    (here also with other --tsne-points, an evaluation setting) goes straight to the final phase
+    and completes the run without retraining."""
+    import dllab.figures.vae as vae_figures
+
+    def broken(*args, **kwargs):
+        raise ValueError("t-SNE failed (a test stand-in for a late failure)")
+
     out = tmp_path / "run"
-    code = main(train_argv("vae", out, "--tsne-points", "40", limit=128, epochs=1))
-    assert code != 0 and "perplexity" in capsys.readouterr().err
+    monkeypatch.setattr(vae_figures, "plot_tsne", broken)
+    code = main(train_argv("vae", out, limit=128, epochs=1))
+    assert code != 0 and "t-SNE failed" in capsys.readouterr().err
     assert not (out / "summary.json").exists() and load_checkpoint(out / "checkpoints" / "last.pt")["epoch"] == 1
     steps = [r["step"] for r in read_metrics(out) if r["split"] == "train"]
-    assert main(["train", "vae", "--resume", "--out", str(out), "--tsne-points", "100", "--quiet"]) == 0
+    monkeypatch.undo()
+    assert main(["train", "vae", "--resume", "--out", str(out), "--tsne-points", "60", "--quiet"]) == 0
     assert [r["step"] for r in read_metrics(out) if r["split"] == "train"] == steps  # no epoch retrained
     assert json.loads((out / "summary.json").read_text())["epochs"] == 1
-    assert json.loads((out / "config.json").read_text())["tsne_points"] == 100
+    assert json.loads((out / "config.json").read_text())["tsne_points"] == 60
+    assert (out / "figures" / "tsne.png").exists()
+
+
+@pytest.mark.parametrize("kind, extra, needle", [
+    ("classifier", ["--batch-size", "256"], "batch size 256 is larger than the training set (128"),
+    ("vae", ["--tsne-points", "5"], "give at least 6 points"),
+    ("dcgan", ["--classifier-run", "NOWHERE"], "does not exist"),
+    ("dcgan", ["--classifier-run", "VAE_RUN"], "is a 'vae' run, not a classifier"),
+])
+def test_settings_that_cannot_work_are_refused_before_the_run_folder_is_made(kind, extra, needle, tmp_path,
+                                                                              capsys):
+    vae_run = tmp_path / "vae_run"
+    if "VAE_RUN" in extra:
+        assert main(train_argv("vae", vae_run, limit=64, epochs=1)) == 0
+        capsys.readouterr()
+    extra = [str(tmp_path / "nowhere") if e == "NOWHERE" else str(vae_run) if e == "VAE_RUN" else e
+             for e in extra]
+    out = tmp_path / "run"
+    assert main(train_argv(kind, out, *extra, limit=128, epochs=1)) == 2
+    err = capsys.readouterr().err
+    assert needle in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_a_classifier_run_on_another_dataset_is_refused(tmp_path, capsys):
+    from dllab.train.dcgan import validate
+
+    clf = tmp_path / "clf"
+    assert main(train_argv("classifier", clf, limit=64, epochs=1)) == 0
+    from dllab.data import load
+    from dllab.train import defaults
+
+    config = {**defaults("dcgan"), "dataset": "fashion-mnist", "classifier_run": str(clf)}
+    with pytest.raises(ValueError, match="trained on 'mnist5k', not on 'fashion-mnist'"):
+        validate(config, load("mnist5k", limit=64))
+
+
+def test_one_cycle_with_a_one_step_warm_up_trains(tmp_path):
+    """20 steps with warm-up 0.05 epochs (1 step) divided by zero inside torch's OneCycleLR."""
+    assert main(train_argv("classifier", tmp_path / "run", "--warmup-epochs", "0.05", limit=640,
+                           epochs=1)) == 0
+
+
+def test_auto_precision_is_recorded_and_kept_on_resume(tmp_path, monkeypatch):
+    from dllab.utils import AUTO_PRECISION_ENV
+
+    out = tmp_path / "run"
+    monkeypatch.setenv(AUTO_PRECISION_ENV, "fp32")
+    assert main(train_argv("classifier", out, limit=64, epochs=1)) == 0
+    assert json.loads((out / "config.json").read_text())["precision"] == "fp32"
+    monkeypatch.setenv(AUTO_PRECISION_ENV, "bf16")  # auto would now pick bf16: the run keeps fp32
+    assert main(["train", "classifier", "--resume", "--out", str(out), "--epochs", "2", "--quiet"]) == 0
+    assert json.loads((out / "summary.json").read_text())["precision"] == "fp32"
+
+
+def test_a_run_stopped_before_its_first_checkpoint_is_started_by_resume(tmp_path, monkeypatch, capsys):
+    """Ctrl-C between the run folder and the first checkpoint (e.g. while the models are built):
+    the folder holds only config.json; --resume then trains it from the beginning."""
+    from dllab.train import kind_module
+
+    trainer = kind_module("vae").TRAINER
+
+    def interrupted_build(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "build", interrupted_build)
+    out = tmp_path / "run"
+    assert main(train_argv("vae", out, limit=64, epochs=1)) == 128 + signal.SIGINT
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert (out / "config.json").exists() and not (out / "checkpoints" / "last.pt").exists()
+    monkeypatch.undo()
+    assert main(["train", "vae", "--resume", "--out", str(out), "--quiet"]) == 0
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["epoch"] == 1
+
+
+def test_sweep_with_nothing_to_sweep_is_a_usage_error(tmp_path, capsys):
+    assert main(["sweep", "vae", "--epochs", "1", "--sweep-out", str(tmp_path / "s")]) == 2
+    assert "nothing to sweep" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()

@@ -9,6 +9,7 @@ saves a checkpoint and exits with 128 + the signal number.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -34,12 +35,13 @@ def build_parser() -> Parser:
                            "writes a folder with config, metrics, checkpoints and figures.")
     train_kinds = train.add_subparsers(dest="kind", metavar="KIND", parser_class=Parser)
     train_kinds.required = True
+    parser.command_parsers = {("train",): train}
     for kind in KINDS:
         module = kind_module(kind)
-        # every help line of a train flag already ends with its true default (dllab.config)
         kp = train_kinds.add_parser(kind, help=module.__doc__.strip().splitlines()[0],
-                                    description=module.__doc__, formatter_class=argparse.HelpFormatter)
+                                    description=module.__doc__)
         add_train_arguments(kp, kind)
+        parser.command_parsers[("train", kind)] = kp
 
     ev = sub.add_parser("eval", help="evaluate a run from its checkpoint",
                         description="Recompute a run's test metrics and figures from a checkpoint; "
@@ -57,13 +59,17 @@ def build_parser() -> Parser:
                     help="dcgan: run folder of a classifier trained on the same dataset, whose features "
                     "give the offline FID/precision/recall and class coverage")
     ev.add_argument("--inception-weights", default=None,
-                    help="dcgan: local path of pt_inception-2015-12-05-6726825d.pth for real FID/IS")
+                    help="dcgan: local path of torch-fidelity's weights-inception-2015-12-05-6726825d.pth "
+                    "for real FID/IS (default: $DLLAB_INCEPTION_WEIGHTS; never downloaded)")
     ev.add_argument("--num-samples", type=positive_int, default=5000,
                     help="dcgan: generated samples for the quality metrics")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    ds = sub.add_parser("datasets", help="list datasets and whether each is available here")
-    ds.add_argument("--data-dir", default=None, help="where datasets live")
+    ds = sub.add_parser("datasets", help="list datasets and whether each is available here",
+                        description="List the datasets dllab knows, whether each is on this machine, "
+                        "where, and how to get the missing ones (nothing is downloaded).")
+    ds.add_argument("--data-dir", default=None, help="where datasets live (default: $DLLAB_DATA or "
+                    "~/.cache/dllab/data)")
 
     sw = sub.add_parser("sweep", help="train one run per value of any train flag", add_help=True,
                         description="Any `dllab train KIND` flag may be given several values; one run "
@@ -78,7 +84,8 @@ def build_parser() -> Parser:
                         "(optionally also scratch vs torch layers) with the same seed and budget; writes "
                         "a table (Markdown + CSV) and overlaid curves. Other train flags pass through.")
     ab.add_argument("kind", choices=("classifier",))
-    ab.add_argument("--ablate-out", default=None, help="folder for the runs and the table")
+    ab.add_argument("--ablate-out", default=None, help="folder for the runs and the table "
+                    "(default: runs/ablate-classifier-TIMESTAMP)")
     ab.add_argument("--both-layers", action="store_true",
                     help="also train each variant with the from-scratch layers")
     ab.add_argument("--seeds", type=nonnegative_int, nargs="+", default=None, metavar="SEED",
@@ -86,7 +93,10 @@ def build_parser() -> Parser:
                     "(default: one run per variant with the train --seed)")
 
     dm = sub.add_parser("demo", help="the main job: train a classifier, a VAE and a DCGAN on bundled "
-                        "data and write one report")
+                        "data and write one report",
+                        description="Train a ResNet-18 classifier, a VAE and a DCGAN (scored by that "
+                        "classifier) on bundled data and write one HTML report. Finished runs in the "
+                        "folder are reused when their settings match; an interrupted one continues.")
     dm.add_argument("--dataset", type=dataset_name, default="mnist5k",
                     help="dataset of the three runs (see `dllab datasets`)")
     dm.add_argument("--epochs", type=positive_int, default=None, help="epochs per model (default: per model)")
@@ -98,15 +108,19 @@ def build_parser() -> Parser:
                     "~/.cache/dllab/data)")
     dm.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    rp = sub.add_parser("report", help="write a self-contained HTML (and Markdown) report of runs")
+    rp = sub.add_parser("report", help="write a self-contained HTML (and Markdown) report of runs",
+                        description="Write one HTML file (figures embedded, no scripts) and a Markdown "
+                        "twin describing one or more runs, with comparison tables and curves.")
     rp.add_argument("runs", nargs="+", help="run folders")
     rp.add_argument("--out", default=None, help="HTML file (default: RUN/report.html, or report.html "
                     "for several runs); the Markdown goes beside it")
 
-    cp = sub.add_parser("compare", help="print a table of runs' summary metrics")
+    cp = sub.add_parser("compare", help="print a table of runs' summary metrics",
+                        description="Print the runs' scalar summary metrics as an aligned table.")
     cp.add_argument("runs", nargs="+", help="run folders")
-    cp.add_argument("--sort", default=None, help="sort by this metric")
+    cp.add_argument("--sort", default=None, help="sort by this metric (default: the order given)")
     cp.add_argument("--desc", action="store_true", help="sort descending")
+    parser.command_parsers.update({(name,): p for name, p in sub.choices.items()})
     return parser
 
 
@@ -186,20 +200,29 @@ def _print_datasets(rows: list[dict]) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0 ok, 1 runtime failure, 2 bad usage, 128+N on signal N)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    if argv[:1] in (["sweep"], ["ablate"]):
-        # their extra flags belong to `dllab train KIND` and are checked there, run by run
-        args, _ = parser.parse_known_args(argv)
-    else:
-        args = parser.parse_args(argv)
-    from dllab.checkpoint import CheckpointError
-    from dllab.engine import Interrupted, NonFiniteLossError
-    from dllab.runs import RunFolderError
-
-    from dllab.data import CorruptDatasetError
+    try:
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)
+        if extra and args.command not in ("sweep", "ablate"):
+            # their extra flags belong to `dllab train KIND` and are checked there, run by run;
+            # elsewhere the command's own parser names them (and its own --help)
+            command = parser.command_parsers[(args.command, getattr(args, "kind", None))
+                                             if args.command == "train" else (args.command,)]
+            command.error(f"unrecognized arguments: {' '.join(extra)}")
+        from dllab.checkpoint import CheckpointError
+        from dllab.data import CorruptDatasetError
+        from dllab.engine import Interrupted, NonFiniteLossError
+        from dllab.runs import RunFolderError
+    except KeyboardInterrupt:  # Ctrl-C while the modules load: one line, no traceback
+        print("dllab: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
 
     try:
         return _dispatch(args, argv)
+    except KeyboardInterrupt:  # before a trainer's own handler is installed (data loading, set-up)
+        print(f"dllab {args.command}: interrupted before training started; nothing to resume was "
+              "saved", file=sys.stderr)
+        return 128 + signal.SIGINT
     except CorruptDatasetError as e:  # bad data, not bad usage
         print(f"dllab {args.command}: error: {e}", file=sys.stderr)
         return 1

@@ -33,11 +33,25 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Ends each option's help with its default, once: not where the help already says it, not
+    for a ``None`` default (whose meaning the help gives), and switches read ``on``/``off``."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (not action.option_strings or "(default" in text or action.default is None
+                or action.default is argparse.SUPPRESS or text is argparse.SUPPRESS):
+            return text
+        if isinstance(action.default, bool):
+            return f"{text} (default: {'on' if action.default else 'off'})"
+        return f"{text} (default: %(default)s)"
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with one-line errors (``dllab train: error: ...``) and defaults in every help line."""
 
     def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
         super().__init__(*args, **kwargs)
 
     def error(self, message: str):  # noqa: D401 - argparse API
@@ -207,9 +221,9 @@ class Toggle(argparse.Action):
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type[TrainConfig], own_group: str) -> None:
     """One flag per field of ``cls``, in argument groups by the fields' ``group`` (``own_group``
-    for the kind's own fields). Help lines end with the true default, so ``parser`` must use a
-    formatter that adds none (``argparse.HelpFormatter``); booleans get ``--x`` to turn them on and
-    ``--no-x`` to turn them off (a field already named ``no_x`` is the one flag ``--no-x``)."""
+    for the kind's own fields). Help lines end with the true default (so :class:`Parser`'s
+    formatter adds none); booleans get ``--x`` to turn them on and ``--no-x`` to turn them off (a
+    field already named ``no_x``, an ablation switch, is the one flag ``--no-x``)."""
     groups: dict[str, argparse._ArgumentGroup] = {}
     for f in fields(cls):
         title = f.metadata.get("group") or own_group

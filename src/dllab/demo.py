@@ -13,6 +13,7 @@ named after them), and an interrupted run continues where it stopped.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 # (kind, settings) for the quick demo and for --full; epochs may be overridden by --epochs
@@ -77,6 +78,9 @@ def demo(dataset: str = "mnist5k", epochs: int | None = None, full: bool = False
         if kind == "dcgan":
             config["classifier_run"] = str(runs["classifier"])
         bar.set_description(f"dllab demo: {kind}")
+        if not quiet and not sys.stderr.isatty():  # no progress bars in a log: one line per stage
+            print(f"dllab demo: {kind} ({stages.index(kind) + 1}/{len(stages)}) in {run_dir}",
+                  file=sys.stderr, flush=True)
         if (run_dir / "summary.json").exists():
             check_same_settings(run_dir, config)
         else:

@@ -59,8 +59,12 @@ def write_json(path: str | os.PathLike, data: Any) -> Path:
 
 
 def read_json(path: str | os.PathLike) -> Any:
+    """The JSON in ``path``; :class:`RunFolderError` naming the file when it is not valid JSON."""
     with open(path) as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise RunFolderError(f"{path} is not valid JSON ({e})") from e
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:

@@ -59,6 +59,9 @@ def plan(kind: str, groups: list[tuple[str, list[str]]]) -> list[tuple[str, list
             raise ValueError(f"{flag} is set by the sweep itself (use --sweep-out)")
     fixed = [tok for flag, values in groups if len(values) <= 1 for tok in [flag, *values]]
     swept = [(flag, values) for flag, values in groups if len(values) > 1]
+    if not swept:
+        raise ValueError("nothing to sweep: give at least one flag several values, e.g. "
+                         f"dllab sweep {kind} --lr 0.01 0.1 (`dllab train {kind}` trains a single run)")
     parser = train_parser(kind)
     combos = []
     for choice in itertools.product(*[values for _, values in swept]) if swept else [()]:

@@ -66,8 +66,7 @@ def defaults(kind: str) -> dict:
 
 
 def add_train_arguments(parser: argparse.ArgumentParser, kind: str) -> None:
-    """``kind``'s settings as flags (from its ``CONFIG``), plus ``--resume`` and ``--quiet``.
-    ``parser`` must use ``argparse.HelpFormatter``: every help line already ends with its default."""
+    """``kind``'s settings as flags (from its ``CONFIG``), plus ``--resume`` and ``--quiet``."""
     config_lib.add_arguments(parser, config_class(kind), f"{kind} options")
     runs = next(g for g in parser._action_groups if g.title == config_lib.RUN_FOLDER)
     runs.add_argument("--resume", action="store_true",
@@ -77,7 +76,7 @@ def add_train_arguments(parser: argparse.ArgumentParser, kind: str) -> None:
 
 def train_parser(kind: str) -> config_lib.Parser:
     """The parser of ``dllab train KIND``'s flags on their own (what the sweep checks runs with)."""
-    parser = config_lib.Parser(prog=f"dllab train {kind}", formatter_class=argparse.HelpFormatter)
+    parser = config_lib.Parser(prog=f"dllab train {kind}")
     add_train_arguments(parser, kind)
     return parser
 
@@ -147,7 +146,9 @@ def train(kind: str, config: dict | None = None, *, resume: bool = False, quiet:
 
     from dllab.data import load
     from dllab.engine import create_run, init_distributed, validate_config
-    from dllab.utils import resolve_device, seed_everything
+    import torch
+
+    from dllab.utils import resolve_device, resolve_precision, seed_everything
 
     module = kind_module(kind)
     changes: dict = {}
@@ -168,13 +169,21 @@ def train(kind: str, config: dict | None = None, *, resume: bool = False, quiet:
                 limit=config.get("limit"), verify=bool(config.get("verify", True)),
                 **module.data_options(config))
     # a bad or over-budget model configuration is refused before anything is written
+    world = dist.get_world_size() if distributed else 1
+    if int(config["batch_size"]) > len(data.train_y) // world:
+        raise ValueError(f"batch size {config['batch_size']} is larger than the training set "
+                         f"({len(data.train_y) // world} examples{' per rank' if world > 1 else ''}); "
+                         "lower --batch-size or raise --limit")
     module.model_config(config, data)
     if hasattr(module, "validate"):
         module.validate(config, data)
+    if config["precision"] == "auto":  # what auto picked here is what the run is (and resumes with)
+        config["precision"] = {None: "fp32", torch.bfloat16: "bf16"}[resolve_precision("auto", device)]
     run = create_run(config["out"], config, resume=resume)  # rank 0 writes, the others read
     if resume:  # e.g. more epochs, or the folder it was moved to: recorded in config.json
         run.update_config({**changes, "out": config["out"]})
     trainer = module.TRAINER(run.config, data, run, device, quiet=quiet)
-    summary = trainer.fit(resume=resume)
+    # a run stopped before its first checkpoint (e.g. Ctrl-C while building) starts from the beginning
+    summary = trainer.fit(resume=resume and run.has_checkpoint("last"))
     summary["run"] = str(run.path)
     return summary

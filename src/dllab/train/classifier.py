@@ -89,7 +89,8 @@ def make_scheduler(optimizer, config: dict, steps_per_epoch: int):
     if kind == "onecycle" and total < 4:  # too short for one-cycle's phases: warm-up + cosine
         kind = "cosine"
     if kind == "onecycle":
-        pct = min(max(warmup / total, 0.01), 0.5) if total > 1 else 0.3
+        # torch's OneCycleLR divides by (pct * total - 1): its warm-up must span 2+ steps
+        pct = min(max(warmup / total, 0.01, 2 / total), 0.5)
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer, max_lr=float(config["lr"]), total_steps=max(total, 2), pct_start=pct,
             anneal_strategy="cos", div_factor=25.0, final_div_factor=1e3,

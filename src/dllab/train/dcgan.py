@@ -79,9 +79,21 @@ def model_config(config: dict, data) -> DCGANConfig:
 
 
 def validate(config: dict, data) -> None:
-    """Refuse an over-budget model (and a bad config) before any run folder is written."""
+    """Refuse an over-budget model, a bad config or an unusable --classifier-run before any run
+    folder is written."""
     cfg = model_config(config, data)
     check_budget(cfg, config.get("max_params"))
+    if config.get("classifier_run"):
+        from dllab.runs import Run
+
+        clf = Run.open(config["classifier_run"])  # RunFolderError when missing or not a run
+        if clf.kind != "classifier":
+            raise ValueError(f"--classifier-run {clf.path} is a {clf.kind!r} run, not a classifier")
+        if clf.config.get("dataset") != config["dataset"]:
+            raise ValueError(f"--classifier-run {clf.path} was trained on {clf.config.get('dataset')!r}, "
+                             f"not on {config['dataset']!r}: its features would not describe these images")
+        if not (clf.has_checkpoint("best") or clf.has_checkpoint("last")):
+            raise ValueError(f"--classifier-run {clf.path} has no checkpoint yet")
     if cfg.image_size != data.image_size:
         raise ValueError(f"--image-size {cfg.image_size} differs from the {config['dataset']} images' "
                          f"size {data.image_size}")

@@ -58,6 +58,24 @@ def data_options(config: dict) -> dict:
     return {}
 
 
+#: t-SNE's perplexities for the final figure (van der Maaten & Hinton 2008 suggest 5 to 50)
+TSNE_PERPLEXITIES = (5, 30, 50)
+
+
+def tsne_perplexities(n: int) -> tuple[int, ...]:
+    """The perplexities a t-SNE of ``n`` points can take (each must be below ``n``)."""
+    return tuple(p for p in TSNE_PERPLEXITIES if p < n)
+
+
+def validate(config: dict, data) -> None:
+    """Refuse, before any folder is written, a final analysis that could not run."""
+    n = min(int(config["tsne_points"]), len(data.test_y))
+    if not tsne_perplexities(n):
+        raise ValueError(f"t-SNE of {n} test points (--tsne-points {config['tsne_points']}, "
+                         f"{len(data.test_y)} test images) cannot take perplexity {TSNE_PERPLEXITIES[0]} "
+                         f"or more: give at least {TSNE_PERPLEXITIES[0] + 1} points")
+
+
 def model_config(config: dict, data) -> VAEConfig:
     return VAEConfig(latent_dim=int(config["latent_dim"]), in_channels=data.in_channels,
                      image_size=data.image_size, arch=config["arch"], likelihood=config["likelihood"],
@@ -160,7 +178,7 @@ def analyse(model: VAE, data, run, device, config: dict, iw_samples: int = 0, pr
     out["knn_acc"] = knn_accuracy(z_train, y_train, z_test, y_test, k=5)
     n = min(int(config.get("tsne_points", 2000)), len(z_test))
     plot_tsne(z_test[:n], y_test[:n], run.figure_path(f"{prefix}tsne.png"), seed=seed,
-              class_names=list(data.classes))
+              class_names=list(data.classes), perplexities=tsne_perplexities(n))
     plot_samples(model, run.figure_path(f"{prefix}samples.png"), generator=gen)
     # interpolate between the first test images of two different classes (several pairs)
     x_test = data.test_x.float() / 255.0
