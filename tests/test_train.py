@@ -62,21 +62,26 @@ def test_same_seed_same_numbers(kind, tmp_path):
     assert_same_weights(final_weights(tmp_path / "a"), final_weights(tmp_path / "b"))
 
 
-@pytest.mark.parametrize("kind", ["classifier", "vae", "dcgan"])
-def test_resume_matches_an_uninterrupted_run(kind, tmp_path, monkeypatch, capsys):
-    """SIGTERM after the first of two epochs, resume, and land on the uninterrupted weights."""
+def _signal_after_epoch_1(monkeypatch, kind, sig):
+    """The kind's trainer sends ``sig`` to this process once its first epoch has ended."""
     from dllab.train import kind_module
 
-    assert main(train_argv(kind, tmp_path / "straight", epochs=2)) == 0
     trainer = kind_module(kind).TRAINER
     original = trainer.epoch_end
 
-    def epoch_end_then_sigterm(self, epoch, metrics):
+    def epoch_end_then_signal(self, epoch, metrics):
         original(self, epoch, metrics)
         if epoch == 1:
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), sig)
 
-    monkeypatch.setattr(trainer, "epoch_end", epoch_end_then_sigterm)
+    monkeypatch.setattr(trainer, "epoch_end", epoch_end_then_signal)
+
+
+@pytest.mark.parametrize("kind", ["classifier", "vae", "dcgan"])
+def test_resume_matches_an_uninterrupted_run(kind, tmp_path, monkeypatch, capsys):
+    """SIGTERM after the first of two epochs, resume, and land on the uninterrupted weights."""
+    assert main(train_argv(kind, tmp_path / "straight", epochs=2)) == 0
+    _signal_after_epoch_1(monkeypatch, kind, signal.SIGTERM)
     assert main(train_argv(kind, tmp_path / "split", epochs=2)) == 128 + signal.SIGTERM
     assert "checkpoint saved" in capsys.readouterr().err
     assert load_checkpoint(tmp_path / "split" / "checkpoints" / "last.pt")["epoch"] == 1
@@ -137,18 +142,8 @@ def test_a_moved_run_resumes_where_it_lies(tmp_path):
 def test_resume_without_flags_keeps_the_runs_settings(kind, tmp_path, monkeypatch, capsys):
     """Stopped after epoch 1 of 3 and resumed with only --resume --out (the command the interrupt
     message prints), the run ends at epoch 3 with its own settings, not the parser's defaults."""
-    from dllab.train import kind_module
-
-    trainer = kind_module(kind).TRAINER
-    original = trainer.epoch_end
-
-    def epoch_end_then_sigint(self, epoch, metrics):
-        original(self, epoch, metrics)
-        if epoch == 1:
-            os.kill(os.getpid(), signal.SIGINT)
-
     out = tmp_path / "run"
-    monkeypatch.setattr(trainer, "epoch_end", epoch_end_then_sigint)
+    _signal_after_epoch_1(monkeypatch, kind, signal.SIGINT)
     assert main(train_argv(kind, out, "--lr", "0.003", limit=64, epochs=3)) == 128 + signal.SIGINT
     assert f"--resume --out {out}" in capsys.readouterr().err
     monkeypatch.undo()
