@@ -145,9 +145,12 @@ def test_cli_refuses_known_bad_values_before_writing(cli_paths, argv, needle):
 
 
 def test_cli_accepts_good_values(cli_paths):
+    # 64 examples need a batch of at most 64 (the default 128 is refused before the run folder)
     code, _, err = _run_cli(["train", "classifier", "--dataset", "mnist5k", "--limit", "64",
-                             "--width", "8", "--precision", "fp32", "--lr", "0.1"])
+                             "--batch-size", "32", "--width", "8", "--precision", "fp32", "--lr", "0.1"])
     assert code == "validated", err
+    code, _, err = _run_cli(["train", "classifier", "--dataset", "mnist5k", "--limit", "64"])
+    assert code == 2 and "batch size 128 is larger than the training set (64 examples)" in err
 
 
 # ---- the from-scratch layers -------------------------------------------------------------------
