@@ -312,6 +312,20 @@ def test_sweep_trains_every_combination_and_resumes_without_retraining(tmp_path,
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/summary.json")} == stamps
 
 
+def test_an_interrupted_sweep_resumes_its_run(tmp_path, monkeypatch, capsys):
+    """Stopped in its first run, the same sweep command resumes that run (its precision as auto
+    picked it, its settings as saved) and trains the rest."""
+    out = tmp_path / "sweep"
+    argv = ["sweep", "classifier", *TINY_RUN, "--epochs", "2", "--lr", "0.05", "0.1", "--sweep-out", str(out)]
+    _signal_after_epoch_1(monkeypatch, "classifier", signal.SIGINT)
+    assert main(argv) == 128 + signal.SIGINT
+    monkeypatch.undo()
+    assert main(argv) == 0, capsys.readouterr().err
+    for name in ("lr=0.05", "lr=0.1"):
+        assert json.loads((out / name / "summary.json").read_text())["epochs"] == 2
+    assert "resumed" not in json.loads((out / "lr=0.05" / "config.json").read_text())  # nothing changed
+
+
 def test_ablate_with_seeds_reports_mean_and_spread(tmp_path, capsys):
     out = tmp_path / "ablate"
     argv = ["ablate", "classifier", *TINY_RUN, "--seeds", "0", "1", "--ablate-out", str(out)]

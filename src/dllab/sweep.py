@@ -74,7 +74,7 @@ def plan(kind: str, groups: list[tuple[str, list[str]]]) -> list[tuple[str, list
 
 
 def run_all(kind: str, combos, out: Path, quiet: bool) -> list[dict]:
-    from dllab.train import split_train_args, train, train_parser
+    from dllab.train import given_settings, split_train_args, train, train_parser
 
     parser = train_parser(kind)
     rows = []
@@ -86,6 +86,9 @@ def run_all(kind: str, combos, out: Path, quiet: bool) -> list[dict]:
             args = parser.parse_args([*argv, "--out", str(run_dir)])
             config, _, q = split_train_args(kind, args)
             resume = (run_dir / "checkpoints" / "last.pt").exists()
+            if resume:  # as the CLI does: the flags given, the rest as the run saved them
+                given = given_settings(kind, [*argv, "--out", str(run_dir)])
+                config = {k: v for k, v in config.items() if k in given}
             summary = train(kind, config, resume=resume, quiet=quiet or q)
         rows.append({**summary, "run": name, **{k.lstrip("-"): v for k, v in chosen.items()},
                      "_path": str(run_dir)})

@@ -114,6 +114,8 @@ def _resumed_config(kind: str, given: dict) -> tuple[dict, dict]:
     if unknown:
         raise ValueError(f"--resume: {', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} not "
                          f"{kind} settings")
+    if given.get("precision") == "auto":  # the run recorded what auto picked when it began
+        given.pop("precision")
     changes = {k: v for k, v in given.items() if base.get(k) != v}
     fixed = [k for k in changes if k not in config_lib.resumable(config_class(kind))]
     if fixed:
