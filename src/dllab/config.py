@@ -12,7 +12,7 @@ and its siblings). From that one declaration come:
 - which settings may change when a run is resumed (``resumable`` fields, :func:`resumable`).
 
 The run's ``config.json`` and its checkpoints store the configuration as a plain dict of these
-fields (plus ``kind``), which :func:`from_dict` turns back into the dataclass.
+fields (plus ``kind``); the trainers read that dict.
 
 This module sits at the bottom of the package (it imports nothing of dllab at import time), so
 that the trainers, the sweep and the CLI can all use it. Value types used as ``type=`` raise
@@ -187,13 +187,6 @@ def defaults(cls: type[TrainConfig]) -> dict:
 def resumable(cls: type[TrainConfig]) -> tuple[str, ...]:
     """The settings that ``--resume`` may change (the others must match the saved run)."""
     return tuple(f.name for f in fields(cls) if f.metadata.get("resumable"))
-
-
-def from_dict(cls: type[TrainConfig], values: dict) -> TrainConfig:
-    """The dataclass of ``values`` (keys that are not settings of ``cls``, such as ``kind``, are
-    ignored; missing ones take their defaults)."""
-    names = {f.name for f in fields(cls)}
-    return cls(**{k: v for k, v in values.items() if k in names})
 
 
 def flag_name(name: str) -> str:
