@@ -517,3 +517,31 @@ def test_sweep_with_nothing_to_sweep_is_a_usage_error(tmp_path, capsys):
     assert main(["sweep", "vae", "--epochs", "1", "--sweep-out", str(tmp_path / "s")]) == 2
     assert "nothing to sweep" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_in_the_final_phase_stops_the_run_and_resume_finishes_it(sig, tmp_path, monkeypatch, capsys):
+    """A signal during the VAE's final t-SNE (the hook: t-SNE starting) stops the run at once with
+    128 + signal and one line; --resume goes straight back to the final phase."""
+    import dllab.figures.vae as vae_figures
+
+    plot_tsne = vae_figures.plot_tsne
+
+    def tsne_then_signal(*args, **kwargs):
+        os.kill(os.getpid(), sig)
+        time.sleep(5)  # the handler interrupts this; it would run on if the signal were ignored
+        return plot_tsne(*args, **kwargs)
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(vae_figures, "plot_tsne", tsne_then_signal)
+    start = time.perf_counter()
+    assert main(train_argv("vae", out, limit=128, epochs=1)) == 128 + sig
+    assert time.perf_counter() - start < 60
+    err = capsys.readouterr().err
+    assert f"--resume --out {out}" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (out / "summary.json").exists()
+    steps = [r["step"] for r in read_metrics(out) if r["split"] == "train"]
+    monkeypatch.undo()
+    assert main(["train", "vae", "--resume", "--out", str(out), "--quiet"]) == 0
+    assert [r["step"] for r in read_metrics(out) if r["split"] == "train"] == steps
+    assert (out / "summary.json").exists() and (out / "figures" / "tsne.png").exists()

@@ -219,9 +219,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return _dispatch(args, argv)
-    except KeyboardInterrupt:  # before a trainer's own handler is installed (data loading, set-up)
-        print(f"dllab {args.command}: interrupted before training started; nothing to resume was "
-              "saved", file=sys.stderr)
+    except KeyboardInterrupt:  # outside a trainer's own handler (loading data, building, reports)
+        print(f"dllab {args.command}: interrupted", file=sys.stderr)
         return 128 + signal.SIGINT
     except CorruptDatasetError as e:  # bad data, not bad usage
         print(f"dllab {args.command}: error: {e}", file=sys.stderr)

@@ -422,6 +422,9 @@ class Trainer:
     def _on_signal(self, signum, frame):  # noqa: ARG002
         self._stop_signal = signum
 
+    def _interrupt_now(self, signum, frame):  # noqa: ARG002
+        raise Interrupted(signum, self.run.path)
+
     def _check_stop(self) -> None:
         signum = self._stop_signal
         if self.distributed:  # a signal may reach the ranks at different steps: stop together
@@ -527,6 +530,13 @@ class Trainer:
                 if self.rank == 0:
                     self.epoch_end(self.epoch, test_metrics)
                 self._check_stop()
+            # The final phase (evaluation, analyses, figures) has no steps to stop between: a
+            # signal stops it at once. last.pt holds the finished training, so --resume goes
+            # straight back to this phase.
+            for sig in old_handlers:
+                signal.signal(sig, self._interrupt_now)
+            if self._stop_signal is not None:
+                raise Interrupted(self._stop_signal, self.run.path)
             if not test_metrics:  # resumed a finished run: measure again
                 test_metrics = self._evaluate_on_rank0()
             summary = self.summary(test_metrics)
