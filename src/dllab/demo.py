@@ -84,8 +84,8 @@ def demo(dataset: str = "mnist5k", epochs: int | None = None, full: bool = False
         if (run_dir / "summary.json").exists():
             check_same_settings(run_dir, config)
         else:
-            resume = (run_dir / "config.json").exists() and (run_dir / "checkpoints" / "last.pt").exists()
-            train(kind, config, resume=resume, quiet=quiet)
+            # an interrupted run continues (train() starts one that has no checkpoint yet)
+            train(kind, config, resume=(run_dir / "config.json").exists(), quiet=quiet)
         bar.update(1)
     bar.set_description("dllab demo: report")
     html, _ = write_report([str(runs[k]) for k in stages], str(out / "report.html"))

@@ -270,8 +270,9 @@ class Trainer:
         pass's changes to buffers (BatchNorm running statistics, which a NaN batch would poison)
         are undone. A step with several optimisers skips only what comes after the failed check:
         when the DCGAN's G loss is not finite, D has already taken its step of that batch and
-        keeps it; only G's step is skipped (the step still counts as one skipped step). Raises :class:`NonFiniteLossError` once ``max_nonfinite`` steps in a row were
-        skipped. Under torchrun all ranks skip together if any rank's loss is not finite.
+        keeps it; only G's step is skipped (the step still counts as one skipped step). Raises
+        :class:`NonFiniteLossError` once ``max_nonfinite`` steps in a row were skipped. Under
+        torchrun all ranks skip together if any rank's loss is not finite.
         """
         ok = bool(torch.isfinite(loss.detach()).all())
         if self.distributed:  # every rank must agree to skip, or DDP deadlocks

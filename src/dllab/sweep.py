@@ -19,7 +19,6 @@ from pathlib import Path
 from dllab.runs import read_json, read_metrics
 
 
-
 def _columns(kind: str) -> list[str]:
     """The summary columns worth a table for ``kind``: its headline metrics, then cost."""
     from dllab.train import metric_names
@@ -64,9 +63,9 @@ def plan(kind: str, groups: list[tuple[str, list[str]]]) -> list[tuple[str, list
                          f"dllab sweep {kind} --lr 0.01 0.1 (`dllab train {kind}` trains a single run)")
     parser = train_parser(kind)
     combos = []
-    for choice in itertools.product(*[values for _, values in swept]) if swept else [()]:
+    for choice in itertools.product(*[values for _, values in swept]):
         chosen = {flag: value for (flag, _), value in zip(swept, choice)}
-        name = "_".join(_label(f, v) for f, v in chosen.items()) or "run"
+        name = "_".join(_label(f, v) for f, v in chosen.items())
         argv = [*fixed, *[t for f, v in chosen.items() for t in (f, v)]]
         parser.parse_args(argv)  # exits with code 2 and a one-line message on a bad value
         combos.append((name, argv, chosen))
@@ -85,7 +84,7 @@ def run_all(kind: str, combos, out: Path, quiet: bool) -> list[dict]:
         else:
             args = parser.parse_args([*argv, "--out", str(run_dir)])
             config, _, q = split_train_args(kind, args)
-            resume = (run_dir / "checkpoints" / "last.pt").exists()
+            resume = (run_dir / "config.json").exists()  # train() starts one with no checkpoint yet
             if resume:  # as the CLI does: the flags given, the rest as the run saved them
                 given = given_settings(kind, [*argv, "--out", str(run_dir)])
                 config = {k: v for k, v in config.items() if k in given}

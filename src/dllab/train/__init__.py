@@ -14,6 +14,7 @@ Each kind's module (``dllab.train.classifier``, ``.vae``, ``.dcgan``) provides:
 :func:`train_parser` and :func:`add_train_arguments` build a kind's flags from its ``CONFIG``; the
 CLI and the sweep both use them.
 """
+
 from __future__ import annotations
 
 import argparse
