@@ -15,6 +15,7 @@ import torchvision
 import torchvision.transforms.v2.functional as TF
 
 from dllab import data as D
+from dllab.data import formats
 
 REAL_FIND = D.find_debian_fashion_mnist  # before the autouse fixture hides it
 
@@ -22,7 +23,7 @@ REAL_FIND = D.find_debian_fashion_mnist  # before the autouse fixture hides it
 @pytest.fixture(autouse=True)
 def no_debian(monkeypatch):
     """Tests see no Debian Fashion-MNIST unless they ask for it (the real lookup is tested apart)."""
-    monkeypatch.setattr(D, "find_debian_fashion_mnist", lambda: None)
+    monkeypatch.setattr(formats, "find_debian_fashion_mnist", lambda: None)
 
 
 @pytest.fixture(autouse=True)
@@ -148,7 +149,7 @@ def test_default_data_dir_from_env(tmp_path, monkeypatch):
 def test_fashion_from_a_debian_folder(tmp_path, monkeypatch):
     debian = tmp_path / "usr-share-datasets-fashion-mnist"
     arrays = fakedata.write_idx_set(debian, n_train=40, n_test=20, gz=True)
-    monkeypatch.setattr(D, "find_debian_fashion_mnist", lambda: debian)
+    monkeypatch.setattr(formats, "find_debian_fashion_mnist", lambda: debian)
     store = tmp_path / "data"
     row = {r["name"]: r for r in D.list_datasets(store)}["fashion-mnist"]
     assert row["available"] and str(debian) in row["location"]
@@ -170,7 +171,7 @@ def test_debian_lookup_uses_dpkg_then_known_folders(tmp_path, monkeypatch):
     known = tmp_path / "known-folder"
     fakedata.write_idx_set(listed, n_train=2, n_test=2, gz=True)
     fakedata.write_idx_set(known, n_train=2, n_test=2, gz=True)
-    monkeypatch.setattr(D, "_DEBIAN_FASHION_DIRS", (str(known),))
+    monkeypatch.setattr(formats, "_DEBIAN_FASHION_DIRS", (str(known),))
     dpkg_out = "\n".join(["/.", str(listed)] + [str(listed / f"{f}.gz") for f in fakedata.IDX_FILES])
     calls = []
 
@@ -178,13 +179,13 @@ def test_debian_lookup_uses_dpkg_then_known_folders(tmp_path, monkeypatch):
         calls.append(cmd)
         return subprocess.CompletedProcess(cmd, 0, stdout=dpkg_out, stderr="")
 
-    monkeypatch.setattr(D.subprocess, "run", fake_run)
-    monkeypatch.setattr(D.shutil, "which", lambda name: "/usr/bin/dpkg" if name == "dpkg" else None)
+    monkeypatch.setattr(formats.subprocess, "run", fake_run)
+    monkeypatch.setattr(formats.shutil, "which", lambda name: "/usr/bin/dpkg" if name == "dpkg" else None)
     try:
         REAL_FIND.cache_clear()
         assert REAL_FIND() == listed and calls == [["dpkg", "-L", "dataset-fashion-mnist"]]
         REAL_FIND.cache_clear()
-        monkeypatch.setattr(D.shutil, "which", lambda name: None)  # no dpkg: the known folders
+        monkeypatch.setattr(formats.shutil, "which", lambda name: None)  # no dpkg: the known folders
         assert REAL_FIND() == known and len(calls) == 1
         REAL_FIND.cache_clear()
         (known / "t10k-labels-idx1-ubyte.gz").unlink()  # incomplete: not used
@@ -194,7 +195,7 @@ def test_debian_lookup_uses_dpkg_then_known_folders(tmp_path, monkeypatch):
 
 
 def test_real_debian_fashion_mnist_loads(tmp_path, monkeypatch):
-    monkeypatch.setattr(D, "find_debian_fashion_mnist", REAL_FIND)  # the real lookup and files
+    monkeypatch.setattr(formats, "find_debian_fashion_mnist", REAL_FIND)  # the real lookup and files
     found = D.find_debian_fashion_mnist()
     if found is None:
         pytest.skip("Debian's dataset-fashion-mnist is not installed here")
@@ -290,7 +291,7 @@ def test_unwritable_data_dir_says_so(tmp_path, monkeypatch):
     def denied(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(D.tempfile, "mkstemp", denied)
+    monkeypatch.setattr(formats.tempfile, "mkstemp", denied)
     with pytest.raises(PermissionError, match="pass a writable data_dir"):
         D.load("mnist", data_dir=tmp_path)
 
@@ -487,7 +488,7 @@ def test_list_datasets_tells_the_truth(tmp_path):
 
 
 def test_real_machine_listing(tmp_path, monkeypatch):
-    monkeypatch.setattr(D, "find_debian_fashion_mnist", REAL_FIND)
+    monkeypatch.setattr(formats, "find_debian_fashion_mnist", REAL_FIND)
     rows = {r["name"]: r for r in D.list_datasets(tmp_path)}
     assert rows["mnist5k"]["available"]
     assert rows["fashion-mnist"]["available"] == (D.find_debian_fashion_mnist() is not None)
