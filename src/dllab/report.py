@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from dllab.checkpoint import atomic_write_bytes
-from dllab.runs import RunFolderError, read_metrics
+from dllab.runs import COMPLETE, UNFINISHED, RunFolderError, read_metrics
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
@@ -60,7 +60,7 @@ FIGURE_TYPES = {".png": "image/png", ".gif": "image/gif", ".jpg": "image/jpeg",
 MAX_OVERLAYS_PER_KIND = 4
 WIDE_FIGURE = 1.9  # figures wider than this (width / height) span the whole row
 # Summary entries that label a run rather than measure it: not columns of comparison tables.
-LABEL_KEYS = ("run", "kind")
+LABEL_KEYS = ("run", "kind", "status")
 
 # (substring of the lower-cased file stem, caption): the first match wins; kind-specific lists are
 # searched before the shared one. Captions say what to look for, in one line.
@@ -137,6 +137,24 @@ class RunData:
     @property
     def kind(self) -> str:
         return str(self.config.get("kind", ""))
+
+    @property
+    def status(self) -> str:
+        """As :attr:`dllab.runs.Run.status`: complete, interrupted, failed or unfinished."""
+        if not self.summary:
+            return UNFINISHED
+        return str(self.summary.get("status", COMPLETE))
+
+    @property
+    def state(self) -> str:
+        """The status in words, with how far an unfinished run got: "interrupted at epoch 2 of 5"."""
+        if self.status == COMPLETE:
+            return COMPLETE
+        epochs = self.summary.get("epochs")
+        if epochs is None:  # no summary: the last test record says how far it got
+            epochs = max((r.get("epoch", 0) for r in self.records if r.get("split") == "test"), default=0)
+        planned = self.summary.get("epochs_planned", self.config.get("epochs", "?"))
+        return f"{self.status} at epoch {format_value(epochs)} of {planned}"
 
 
 def _read_json_file(path: Path, what: str) -> Any:
@@ -483,11 +501,13 @@ def _html_metrics_block(values: Mapping, empty: str) -> str:
 
 def _html_compare_table(runs: Sequence[RunData], anchors: Mapping[int, str]) -> str:
     metrics = union_metrics(runs)
-    out = ["<table><tr><th>run</th>" + "".join(f"<th>{esc(m)}</th>" for m in metrics) + "</tr>"]
+    status = any(run.status != COMPLETE for run in runs)  # a status column only when it says something
+    out = ["<table><tr><th>run</th>" + ("<th>status</th>" if status else "")
+           + "".join(f"<th>{esc(m)}</th>" for m in metrics) + "</tr>"]
     for run in runs:
         cells = [_html_cell(run.summary.get(m), missing=m not in run.summary) for m in metrics]
         out.append(f'<tr><th><a href="#{anchors[id(run)]}">{esc(run.label)}</a></th>'
-                   + "".join(cells) + "</tr>")
+                   + (f"<td>{esc(run.state)}</td>" if status else "") + "".join(cells) + "</tr>")
     out.append("</table>")
     return "\n".join(out)
 
@@ -505,7 +525,8 @@ def _html_figure(path: Path, title: str, caption: str) -> str:
 
 def _run_headline(run: RunData) -> str:
     c = run.config
-    bits = [f"kind {c.get('kind', '?')}", f"dataset {c.get('dataset', '?')}"]
+    bits = [run.state.upper() if run.status != COMPLETE else COMPLETE,
+            f"kind {c.get('kind', '?')}", f"dataset {c.get('dataset', '?')}"]
     for key in ("epochs", "seed", "device", "created"):
         if key in c and is_scalar(c[key]):
             bits.append(f"{key} {format_value(c[key])}")
@@ -548,6 +569,10 @@ def render_html(runs: Sequence[RunData], overlays: Sequence[Overlay], generated:
         body.append(f'<p class="meta">{esc(_run_headline(run))}<br>folder: '
                     f"<code>{esc(str(run.path))}</code></p>")
         body.append("<h3>Summary</h3>")
+        if run.status != COMPLETE:
+            body.append(f'<p class="warn">This run is {esc(run.state)}: its numbers are not final '
+                        f"(finish it with <code>dllab train {esc(run.kind or 'KIND')} --resume --out "
+                        f"{esc(str(run.path))}</code>).</p>")
         body.append(_html_metrics_block(run.summary, "No summary.json: the run has not finished "
                                         "(resume it with --resume)."))
         if run.eval is not None:
@@ -648,8 +673,10 @@ def render_markdown(runs: Sequence[RunData], overlays: Sequence[Overlay], genera
             if len(groups) > 1:
                 lines += [f"### {md_text(kind or 'unknown kind')} runs", ""]
             metrics = union_metrics(group)
-            lines += _md_table(["run", *(md_text(m) for m in metrics)],
-                               ([md_text(run.label)] + [md_text(format_value(run.summary[m]))
+            status = any(run.status != COMPLETE for run in group)
+            lines += _md_table(["run", *(["status"] if status else []), *(md_text(m) for m in metrics)],
+                               ([md_text(run.label), *([md_text(run.state)] if status else [])]
+                                + [md_text(format_value(run.summary[m]))
                                                         if m in run.summary else "–"
                                                         for m in metrics] for run in group))
         if overlays:
@@ -660,6 +687,8 @@ def render_markdown(runs: Sequence[RunData], overlays: Sequence[Overlay], genera
     for run in runs:
         lines += [f"## {md_text(run.label)}", "", md_text(_run_headline(run)), "",
                   f"Folder: {md_text(str(run.path))}", "", "### Summary", ""]
+        if run.status != COMPLETE:
+            lines += [f"**This run is {md_text(run.state)}: its numbers are not final.**", ""]
         lines += _md_metrics_block(run.summary, "No summary.json: the run has not finished.")
         if run.eval is not None:
             lines += ["### Evaluation (eval.json)", ""]
@@ -733,8 +762,10 @@ def compare_table(runs: list[str], sort: str | None = None, descending: bool = F
     """
     data = load_runs(runs)
     metrics = union_metrics(data)
-    columns = ["run", "kind", *metrics]
-    rows = [{"run": run.label, "kind": run.kind or None, **scalar_metrics(run.summary)}
+    # a status column once any run is not complete (interrupted at epoch 2 of 5, failed, ...)
+    status = ["status"] if any(run.status != COMPLETE for run in data) else []
+    columns = ["run", "kind", *status, *metrics]
+    rows = [{**scalar_metrics(run.summary), "run": run.label, "kind": run.kind or None, "status": run.state}
             for run in data]
     if sort is not None:
         if sort not in columns:
@@ -742,7 +773,7 @@ def compare_table(runs: list[str], sort: str | None = None, descending: bool = F
         rows.sort(key=lambda r: _sort_key(r.get(sort), descending))
     cells = [[("-" if c not in r or r[c] is None else format_value(r[c])) for c in columns]
              for r in rows]
-    numeric = [any(is_number(r.get(c)) for r in rows) and c not in ("run", "kind") for c in columns]
+    numeric = [any(is_number(r.get(c)) for r in rows) and c not in LABEL_KEYS for c in columns]
     widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
 
     def line(values: Sequence[str]) -> str:

@@ -5,7 +5,8 @@
     RUN/
       config.json      every setting, with dllab/torch versions, seed and device
       metrics.jsonl    one JSON object per logged step or epoch ({"split": "train"|"test", ...})
-      summary.json     final metrics
+      summary.json     the run's status (complete, interrupted or failed), epochs reached and
+                       planned, and its metrics (final ones once complete)
       checkpoints/     last.pt (resume from here) and best.pt
       figures/         PNGs
       tb/              TensorBoard event files (when tensorboard is installed)
@@ -102,8 +103,16 @@ def environment() -> dict:
     }
 
 
+#: a run's states (:attr:`Run.status`)
+COMPLETE, INTERRUPTED, FAILED, UNFINISHED = "complete", "interrupted", "failed", "unfinished"
+
+
 class Run:
-    """A run folder. Make one with :meth:`create` (new or ``resume``) or :meth:`open` (read)."""
+    """A run folder. Make one with :meth:`create` (new or ``resume``) or :meth:`open` (read).
+
+    The folder's layout (the module docstring) and the run's state (:attr:`status`) are decided
+    here and nowhere else: train, sweep, demo and report ask the run.
+    """
 
     def __init__(self, path: str | os.PathLike, config: dict, *, writer: bool = True):
         self.path = Path(path)
@@ -229,8 +238,33 @@ class Run:
             write_json(self.path / "summary.json", summary)
 
     def summary(self) -> dict:
+        """summary.json (``{}`` before the run has one)."""
         path = self.path / "summary.json"
         return read_json(path) if path.exists() else {}
+
+    @property
+    def status(self) -> str:
+        """``complete``, ``interrupted`` (SIGINT/SIGTERM), ``failed`` (an error, named in the
+        summary's ``error``) or ``unfinished`` (no summary: training now, or killed outright).
+
+        A summary without ``status`` was written by a dllab that wrote one only at the end: complete.
+        """
+        path = self.path / "summary.json"
+        if not path.exists():
+            return UNFINISHED
+        summary = read_json(path)
+        return summary.get("status", COMPLETE) if isinstance(summary, dict) else UNFINISHED
+
+    @property
+    def complete(self) -> bool:
+        """True once the run trained every planned epoch and wrote its final analysis."""
+        return self.status == COMPLETE
+
+    @property
+    def resumable(self) -> bool:
+        """True when ``--resume`` continues it: any run that is not complete (one stopped before its
+        first checkpoint starts from the beginning). A complete run resumes only with more epochs."""
+        return not self.complete
 
     # ---- checkpoints ----------------------------------------------------------------------
     def save_checkpoint(self, name: str, state: dict) -> Path | None:
@@ -252,4 +286,5 @@ class Run:
             self._tb = None
 
 
-__all__ = ["Run", "RunFolderError", "CheckpointError", "read_metrics", "read_json", "write_json"]
+__all__ = ["Run", "RunFolderError", "CheckpointError", "read_metrics", "read_json", "write_json",
+           "COMPLETE", "INTERRUPTED", "FAILED", "UNFINISHED"]
