@@ -1,12 +1,16 @@
 """The command line: help, one-line errors with exit code 2, and `python -m dllab`."""
 
 import argparse
+import os
+import signal
+import time
 import re
 import subprocess
 import sys
 
 import pytest
 
+from dllab import cli
 from dllab.cli import build_parser, main
 
 KINDS = ("classifier", "vae", "dcgan")
@@ -202,6 +206,54 @@ def test_ctrl_c_while_loading_is_one_line(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "interrupted" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_real_signal_while_loading_data_stops_with_one_line(tmp_path, monkeypatch, capsys, sig):
+    """The signal is sent from inside the data loader (the phase is marked by the call itself):
+    the command stops at once, exits 128 + N with one line, and writes no run folder."""
+    import dllab.data
+
+    load = dllab.data.load
+
+    def load_then_signal(*args, **kwargs):
+        os.kill(os.getpid(), sig)
+        time.sleep(5)  # the handler stops this sleep; it would run on if the signal were ignored
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(dllab.data, "load", load_then_signal)
+    start = time.perf_counter()
+    assert main(["train", "vae", "--out", str(tmp_path / "run"), "--quiet"]) == 128 + sig
+    assert time.perf_counter() - start < 4
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert ("terminated" if sig == signal.SIGTERM else "interrupted") in err
+    assert not (tmp_path / "run").exists()
+    assert signal.getsignal(signal.SIGTERM) is not cli._terminate  # main() put the handler back
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_real_signal_while_writing_a_report_stops_with_one_line(tmp_path, monkeypatch, capsys, sig):
+    from dllab import report as report_module
+
+    run = tmp_path / "run"
+    assert main(["train", "classifier", "--limit", "64", "--batch-size", "32", "--width", "4", "--epochs",
+                 "1", "--precision", "fp32", "--device", "cpu", "--quiet", "--out", str(run)]) == 0
+    render = report_module.render_html
+
+    def render_then_signal(*args, **kwargs):
+        os.kill(os.getpid(), sig)
+        time.sleep(5)
+        return render(*args, **kwargs)
+
+    monkeypatch.setattr(report_module, "render_html", render_then_signal)
+    capsys.readouterr()
+    start = time.perf_counter()
+    assert main(["report", str(run), "--out", str(tmp_path / "r.html")]) == 128 + sig
+    assert time.perf_counter() - start < 4
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "r.html").exists()  # nothing half-written
 
 
 def test_eval_of_a_run_with_a_broken_config_names_the_file(tmp_path, capsys):

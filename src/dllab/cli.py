@@ -132,11 +132,11 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
         if resume:  # a setting not on the command line keeps the run's saved value
             given = given_settings(args.kind, argv[2:])
             config = {k: v for k, v in config.items() if k in given}
-        summary = train(args.kind, config, resume=resume, quiet=quiet)
+        run = train(args.kind, config, resume=resume, quiet=quiet)
         from dllab.utils import dist_info
 
         if dist_info()[0] == 0:  # under torchrun, rank 0 speaks for all
-            _print_summary(summary)
+            _print_summary({**run.summary(), "run": str(run.path)})
         return 0
     if args.command == "datasets":
         from dllab.data import list_datasets
@@ -197,9 +197,36 @@ def _print_datasets(rows: list[dict]) -> None:
             print(f"{'':<14} {'':<10} to get it: {row['how_to_get']}")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside a trainer's own handler: stops the command as Ctrl-C does (exit code 143)."""
+
+    signum = signal.SIGTERM
+
+
+def _terminate(signum, frame):  # noqa: ARG001
+    raise Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the exit code (0 ok, 1 runtime failure, 2 bad usage, 128+N on signal N)."""
+    """Run the CLI; returns the exit code (0 ok, 1 runtime failure, 2 bad usage, 128+N on signal N).
+
+    SIGINT and SIGTERM stop every phase with one line: a trainer saves a checkpoint first
+    (:class:`dllab.engine.Interrupted`), anything else (loading modules or data, building models,
+    writing reports) stops where it is.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        previous = signal.signal(signal.SIGTERM, _terminate)
+    except ValueError:  # not the main thread: leave signals alone
+        previous = None
+    try:
+        return _main(argv)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str]) -> int:
     try:
         parser = build_parser()
         args, extra = parser.parse_known_args(argv)
@@ -213,15 +240,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         from dllab.data import CorruptDatasetError
         from dllab.engine import Interrupted, NonFiniteLossError
         from dllab.runs import RunFolderError
-    except KeyboardInterrupt:  # Ctrl-C while the modules load: one line, no traceback
-        print("dllab: interrupted", file=sys.stderr)
-        return 128 + signal.SIGINT
+    except KeyboardInterrupt as e:  # Ctrl-C while the modules load: one line, no traceback
+        print(f"dllab: {_stopped_by(e)}", file=sys.stderr)
+        return 128 + getattr(e, "signum", signal.SIGINT)
 
     try:
         return _dispatch(args, argv)
-    except KeyboardInterrupt:  # outside a trainer's own handler (loading data, building, reports)
-        print(f"dllab {args.command}: interrupted", file=sys.stderr)
-        return 128 + signal.SIGINT
+    except KeyboardInterrupt as e:  # outside a trainer's own handler (loading data, building, reports)
+        print(f"dllab {args.command}: {_stopped_by(e)}", file=sys.stderr)
+        return 128 + getattr(e, "signum", signal.SIGINT)
     except CorruptDatasetError as e:  # bad data, not bad usage
         print(f"dllab {args.command}: error: {e}", file=sys.stderr)
         return 1
@@ -234,6 +261,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Interrupted as e:
         print(f"dllab {args.command}: {e}", file=sys.stderr)
         return 128 + e.signum
+
+
+def _stopped_by(error: KeyboardInterrupt) -> str:
+    return "terminated (SIGTERM)" if isinstance(error, Terminated) else "interrupted"
 
 
 if __name__ == "__main__":
