@@ -206,19 +206,17 @@ class Reference:
             self.modules = [self.model]
         elif kind == "vae":
             from dllab.models.vae import VAE
-            from dllab.train import defaults
-            from dllab.train.vae import model_config
+            from dllab.train.vae import VAETrainConfig, model_config
 
-            self.cfg = model_config(defaults("vae"), data)
+            self.cfg = model_config(VAETrainConfig(), data)
             self.model = VAE(self.cfg).to(device)
             self.opts = [torch.optim.Adam(self.model.parameters(), lr=1e-3)]
             self.modules = [self.model]
         else:
             from dllab.models.dcgan import Discriminator, Generator
-            from dllab.train import defaults
-            from dllab.train.dcgan import model_config
+            from dllab.train.dcgan import DCGANTrainConfig, model_config
 
-            cfg = model_config(defaults("dcgan"), data)
+            cfg = model_config(DCGANTrainConfig(), data)
             self.netG, self.netD = Generator(cfg).to(device), Discriminator(cfg).to(device)
             self.nz = cfg.nz
             self.opts = [torch.optim.Adam(self.netD.parameters(), lr=2e-4, betas=(0.5, 0.999)),
@@ -334,8 +332,6 @@ class Dllab:
             self.it = self._epoch()
             x, y = next(self.it)
         t = self.trainer
-        t._backup_buffers()
-        t._step_skipped = False
         metrics = t.train_step(x, y)
         t.step += 1
         for k, v in metrics.items():  # as Trainer.fit: tensors summed on the device, no .item()

@@ -13,8 +13,9 @@ from dllab.figures.gan import (plot_class_histogram, plot_gan_losses, plot_neare
                                save_progress_gif, save_progress_strip)
 from dllab.losses.gan import (EQUILIBRIUM, add_instance_noise, d_loss, g_loss,
                               instance_noise_std)
+from dllab.engine import ema_update, make_ema
 from dllab.models.dcgan import (DCGAN, DCGANConfig, Discriminator, Generator, ParamBudgetError,
-                                check_budget, count_params, ema_update, make_ema)
+                                check_budget, count_params)
 
 SMALL = dict(nz=17, g_width=8, d_width=6)
 

@@ -329,17 +329,24 @@ def test_only_rank_zero_writes(ddp, single):
 def test_sync_bn_is_refused_where_it_cannot_work(monkeypatch):
     """Under torchrun, --sync-bn on CPUs (torch's SyncBatchNorm is GPU-only) or with the scratch
     BatchNorm2d (never converted) is refused before any run folder is written."""
+    import dataclasses
+
+    from dllab.data import load
     from dllab.engine import validate_config
+    from dllab.train.classifier import ClassifierTrainConfig, validate
 
     monkeypatch.setenv("WORLD_SIZE", "2")
-    config = {"precision": "fp32", "sync_bn": True, "layers": "torch"}
+    config = ClassifierTrainConfig(precision="fp32", sync_bn=True, layers="torch")
+    data = load("mnist5k", limit=64)
     with pytest.raises(ValueError, match="--sync-bn needs GPUs"):
         validate_config(config, torch.device("cpu"))
-    with pytest.raises(ValueError, match="scratch"):
-        validate_config({**config, "layers": "scratch"}, torch.device("cuda"))
-    validate_config({**config, "sync_bn": False}, torch.device("cpu"))
+    with pytest.raises(ValueError, match="scratch"):  # the classifier's own check, on any device
+        validate(dataclasses.replace(config, layers="scratch"), data)
+    validate_config(dataclasses.replace(config, sync_bn=False), torch.device("cpu"))
+    validate(config, data)
     monkeypatch.setenv("WORLD_SIZE", "1")
     validate_config(config, torch.device("cpu"))  # one process: nothing to synchronise
+    validate(dataclasses.replace(config, layers="scratch"), data)
 
 
 if __name__ == "__main__":

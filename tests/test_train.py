@@ -14,7 +14,7 @@ import torch
 
 from dllab.checkpoint import load_checkpoint
 from dllab.cli import main
-from dllab.runs import read_metrics
+from dllab.runs import Run, read_metrics
 
 # tiny but real settings per kind: bundled MNIST-5k, a few steps
 TINY = {
@@ -430,12 +430,16 @@ def test_a_run_that_fails_in_its_final_phase_is_finished_by_a_resume(tmp_path, m
     monkeypatch.setattr(vae_figures, "plot_tsne", broken)
     code = main(train_argv("vae", out, limit=128, epochs=1))
     assert code != 0 and "t-SNE failed" in capsys.readouterr().err
-    assert not (out / "summary.json").exists() and load_checkpoint(out / "checkpoints" / "last.pt")["epoch"] == 1
+    failed = Run.open(out).summary()  # the run says it failed, how far it got, and why
+    assert Run.open(out).status == "failed" and not Run.open(out).complete
+    assert (failed["epochs"], failed["epochs_planned"]) == (1, 1) and "t-SNE failed" in failed["error"]
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["epoch"] == 1
     steps = [r["step"] for r in read_metrics(out) if r["split"] == "train"]
     monkeypatch.undo()
     assert main(["train", "vae", "--resume", "--out", str(out), "--tsne-points", "60", "--quiet"]) == 0
     assert [r["step"] for r in read_metrics(out) if r["split"] == "train"] == steps  # no epoch retrained
     assert json.loads((out / "summary.json").read_text())["epochs"] == 1
+    assert Run.open(out).status == "complete"
     assert json.loads((out / "config.json").read_text())["tsne_points"] == 60
     assert (out / "figures" / "tsne.png").exists()
 
@@ -467,9 +471,9 @@ def test_a_classifier_run_on_another_dataset_is_refused(tmp_path, capsys):
     clf = tmp_path / "clf"
     assert main(train_argv("classifier", clf, limit=64, epochs=1)) == 0
     from dllab.data import load
-    from dllab.train import defaults
+    from dllab.train.dcgan import DCGANTrainConfig
 
-    config = {**defaults("dcgan"), "dataset": "fashion-mnist", "classifier_run": str(clf)}
+    config = DCGANTrainConfig(dataset="fashion-mnist", classifier_run=str(clf))
     with pytest.raises(ValueError, match="trained on 'mnist5k', not on 'fashion-mnist'"):
         validate(config, load("mnist5k", limit=64))
 
@@ -539,7 +543,7 @@ def test_a_signal_in_the_final_phase_stops_the_run_and_resume_finishes_it(sig, t
     assert time.perf_counter() - start < 60
     err = capsys.readouterr().err
     assert f"--resume --out {out}" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
-    assert not (out / "summary.json").exists()
+    assert Run.open(out).status == "interrupted" and not Run.open(out).complete
     steps = [r["step"] for r in read_metrics(out) if r["split"] == "train"]
     monkeypatch.undo()
     assert main(["train", "vae", "--resume", "--out", str(out), "--quiet"]) == 0

@@ -12,7 +12,9 @@ and its siblings). From that one declaration come:
 - which settings may change when a run is resumed (``resumable`` fields, :func:`resumable`).
 
 The run's ``config.json`` and its checkpoints store the configuration as a plain dict of these
-fields (plus ``kind``); the trainers read that dict.
+fields (plus ``kind`` and the run's history); :func:`from_mapping` turns such a dict (or the
+settings a Python caller passes) back into the typed config, checking every value against its
+field's type, bounds and choices, and the trainers read that typed config.
 
 This module sits at the bottom of the package (it imports nothing of dllab at import time), so
 that the trainers, the sweep and the CLI can all use it. Value types used as ``type=`` raise
@@ -164,6 +166,12 @@ class TrainConfig:
                             group=TRAINING, resumable=True)
     sync_bn: bool = setting(False, "under torchrun, convert BatchNorm layers to SyncBatchNorm (GPUs)",
                             group=TRAINING)
+    max_params: int | None = setting(None, "refuse, before anything is written, a model with more "
+                                     "parameters than this (G + D for the DCGAN)", type=positive_int,
+                                     group=TRAINING, default_text="no limit")
+    grad_clip: float = setting(0.0, "clip the gradient norm of each optimiser's parameters to this "
+                               "before its step (0: off); the logged gradient norms are before "
+                               "clipping", type=nonnegative_float, group=TRAINING)
     max_nonfinite: int = setting(20, "stop after this many consecutive NaN/inf losses (each such step "
                                  "is skipped)", type=positive_int, group=TRAINING, resumable=True)
     # run folder
@@ -242,6 +250,53 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type[TrainConfig], own_g
 def config_from_args(cls: type[TrainConfig], args: argparse.Namespace) -> dict:
     """The settings of ``cls`` from parsed arguments, as the plain dict a run stores."""
     return {f.name: getattr(args, f.name) for f in fields(cls)}
+
+
+def from_mapping(cls: type[TrainConfig], mapping: dict, *, strict: bool = False) -> TrainConfig:
+    """The typed config ``cls`` of the settings in ``mapping``, missing ones at their defaults.
+
+    Each value is checked as its flag would check it (type, bounds, choices): a ``ValueError``
+    names the setting and the value. ``strict`` refuses keys that are not settings of ``cls`` (a
+    Python caller's typo); otherwise they are ignored (config.json also holds ``kind``, the
+    environment and the resume history).
+    """
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(k for k in mapping if k not in known)
+    if strict and unknown:
+        raise ValueError(f"{', '.join(map(repr, unknown))} {'is' if len(unknown) == 1 else 'are'} not "
+                         f"{cls.__name__} settings")
+    values = {}
+    for name, value in mapping.items():
+        if name in known:
+            values[name] = _checked(known[name], value)
+    return cls(**values)
+
+
+def _checked(f: dataclasses.Field, value: Any) -> Any:
+    """``value`` for the setting ``f``, as its flag would parse it; ValueError naming both."""
+    meta, what = f.metadata, f"{f.name}={value!r}"
+    if value is None:
+        if f.default is None:
+            return None
+        raise ValueError(f"{what}: {f.name} cannot be None")
+    if isinstance(f.default, bool):
+        if not isinstance(value, bool):
+            raise ValueError(f"{what}: {f.name} is a switch, True or False")
+        return value
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise ValueError(f"{what}: {f.name} takes a {type(f.default).__name__ if f.default is not None else 'value'}")
+    if meta.get("type") is not None:
+        try:
+            value = meta["type"](str(value))
+        except argparse.ArgumentTypeError as e:
+            raise ValueError(f"{what}: {e}") from None
+    elif isinstance(f.default, float) and isinstance(value, int):
+        value = float(value)
+    elif isinstance(f.default, str) and not isinstance(value, str):
+        raise ValueError(f"{what}: {f.name} takes a string")
+    if meta.get("choices") is not None and value not in meta["choices"]:
+        raise ValueError(f"{what}: choose from {', '.join(map(str, meta['choices']))}")
+    return value
 
 
 def redefault(name: str, default: Any) -> Any:

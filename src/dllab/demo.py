@@ -60,6 +60,7 @@ def demo(dataset: str = "mnist5k", epochs: int | None = None, full: bool = False
     """Train the three models on ``dataset`` into ``out`` (default: :func:`default_out`) and
     return the report's path."""
     from dllab.report import write_report
+    from dllab.runs import Run
     from dllab.train import train
     from dllab.utils import progress
 
@@ -81,11 +82,12 @@ def demo(dataset: str = "mnist5k", epochs: int | None = None, full: bool = False
         if not quiet and not sys.stderr.isatty():  # no progress bars in a log: one line per stage
             print(f"dllab demo: {kind} ({stages.index(kind) + 1}/{len(stages)}) in {run_dir}",
                   file=sys.stderr, flush=True)
-        if (run_dir / "summary.json").exists():
+        existing = Run.open(run_dir) if (run_dir / "config.json").exists() else None
+        if existing is not None and existing.complete:
             check_same_settings(run_dir, config)
         else:
             # an interrupted run continues (train() starts one that has no checkpoint yet)
-            train(kind, config, resume=(run_dir / "config.json").exists(), quiet=quiet)
+            train(kind, config, resume=existing is not None, quiet=quiet)
         bar.update(1)
     bar.set_description("dllab demo: report")
     html, _ = write_report([str(runs[k]) for k in stages], str(out / "report.html"))

@@ -1,11 +1,16 @@
 """The training driver shared by every model kind.
 
 A model kind subclasses :class:`Trainer` and writes only what is its own: ``build`` (models,
-optimisers, fixed batches), ``train_step`` (one batch), ``evaluate`` (test metrics),
-``epoch_end`` (figures) and ``finish`` (final analysis). :meth:`Trainer.fit` does the rest:
-epochs and steps, metrics logging, checkpoints (last, best, on SIGINT/SIGTERM), exact resume
-(mid-epoch included), skipping non-finite steps, timing and the summary, and the
-torch.distributed plumbing.
+optimisers, fixed batches), ``updates`` (its losses, each with the optimiser that minimises it,
+in order: :class:`Update`), ``evaluate`` (test metrics), ``epoch_end`` (figures) and ``finish``
+(final analysis). The engine owns everything else:
+
+- the step (:meth:`Trainer.train_step`): for each update in turn, zero_grad, the finite check,
+  backward, gradient clipping (``--grad-clip``), the optimiser and scheduler steps and the
+  weight average (:class:`EMA`), and the bookkeeping of skipped steps;
+- :meth:`Trainer.fit`: epochs and steps, metrics logging, checkpoints (last, best, on
+  SIGINT/SIGTERM), exact resume (mid-epoch included), timing, the summary with the run's status
+  (complete, interrupted or failed), and the torch.distributed plumbing.
 
 Distributed training (``torchrun --nproc_per_node=N -m dllab train ...``):
 
@@ -27,17 +32,23 @@ Distributed training (``torchrun --nproc_per_node=N -m dllab train ...``):
 from __future__ import annotations
 
 import atexit
+import copy
+import dataclasses
 import errno
 import inspect
 import math
 import signal
 import time
+import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from dllab.checkpoint import CheckpointError
+from dllab.config import TrainConfig, from_mapping
 from dllab.runs import Run
 from dllab.utils import (autocast, dist_info, get_rng_state, progress, rank_seed, resolve_precision,
                          seed_everything, set_rng_state)
@@ -96,23 +107,18 @@ def _destroy_process_group() -> None:
         pass
 
 
-def validate_config(config: dict, device: torch.device) -> None:
+def validate_config(config: TrainConfig, device: torch.device) -> None:
     """Refuse, before any run folder is written, settings the engine would refuse later.
 
     ``--precision`` must be possible on ``device`` (fp16 needs CUDA); ``--sync-bn`` under
-    torchrun needs GPUs (torch's SyncBatchNorm has no CPU kernel) and torch's BatchNorm layers.
-    Raises ValueError naming the setting.
+    torchrun needs GPUs (torch's SyncBatchNorm has no CPU kernel). Raises ValueError naming the
+    setting. (A kind checks its own settings in its ``validate``.)
     """
-    resolve_precision(str(config.get("precision", "auto")), device)
+    resolve_precision(config.precision, device)
     _, _, world = dist_info()
-    if config.get("sync_bn") and world > 1:
-        if device.type == "cpu":
-            raise ValueError("--sync-bn needs GPUs: torch's SyncBatchNorm does not run on CPU tensors; "
-                             "leave it off (each rank then normalises over its own batch)")
-        if config.get("layers") == "scratch":
-            raise ValueError("--sync-bn converts torch.nn BatchNorm layers only; --layers scratch uses "
-                             "dllab's from-scratch BatchNorm2d, which would stay per-rank: use "
-                             "--layers torch or leave --sync-bn off")
+    if config.sync_bn and world > 1 and device.type == "cpu":
+        raise ValueError("--sync-bn needs GPUs: torch's SyncBatchNorm does not run on CPU tensors; "
+                         "leave it off (each rank then normalises over its own batch)")
 
 
 def create_run(path, config: dict, *, resume: bool = False) -> Run:
@@ -139,25 +145,150 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "_orig_mod", model)
 
 
+@torch.no_grad()
+def ema_update(ema_model: nn.Module, model: nn.Module, decay: float) -> None:
+    """In place: theta_ema <- decay * theta_ema + (1 - decay) * theta, for every parameter and
+    every floating-point buffer (batch-norm running mean/var); integer buffers
+    (``num_batches_tracked``) are copied.
+
+    Yazici et al. (2019), "The Unusual Effectiveness of Averaging in GAN Training" (ICLR): an
+    exponential moving average of the generator's weights gives better samples (lower FID) than
+    the last iterate, at no training cost; Polyak & Juditsky (1992) for averaging in general.
+    decay=0 copies ``model``; decay=1 leaves the EMA unchanged.
+    """
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay <= 1.0:
+        raise ValueError(f"decay={decay!r} must be a number in [0, 1]")
+    ema_state, state = ema_model.state_dict(keep_vars=True), model.state_dict(keep_vars=True)
+    if ema_state.keys() != state.keys():
+        missing = sorted(set(state) ^ set(ema_state))[:5]
+        raise ValueError(f"ema_model and model have different state dict keys, e.g. {missing}")
+    floats, targets = [], []
+    for name, ema_t in ema_state.items():
+        t = state[name].detach()
+        if ema_t.shape != t.shape:
+            raise ValueError(f"{name}: ema shape {tuple(ema_t.shape)} != "
+                             f"model shape {tuple(t.shape)}")
+        if ema_t.dtype.is_floating_point:
+            floats.append(ema_t.detach())
+            targets.append(t.to(ema_t.dtype))
+        else:
+            ema_t.copy_(t)
+    if floats:
+        torch._foreach_lerp_(floats, targets, 1.0 - decay)
+
+
+def make_ema(model: nn.Module) -> nn.Module:
+    """A frozen copy of ``model`` to hold its exponential moving average (see :func:`ema_update`)."""
+    ema = copy.deepcopy(model)
+    ema.requires_grad_(False)
+    return ema
+
+
+class EMA:
+    """The exponential moving average of a model's weights: dllab's one implementation, used for
+    the classifier's evaluation weights and the DCGAN's sampling generator.
+
+    ``EMA(model, decay).module`` is a frozen copy of ``model`` (a model of the same class, whose
+    ``state_dict`` loads into a fresh model as it is); :meth:`update` moves it towards ``model``
+    after each optimiser step (:func:`ema_update`). The decay warms up as
+    ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates (the ``num_updates`` rule of
+    TensorFlow's ``ExponentialMovingAverage``, also timm's ``ModelEmaV3(use_warmup=True)``), so
+    a short run averages its recent weights rather than its random initialisation: with 0.999
+    and no warm-up, 0.999^250 = 78 % of the weights would still be the initial ones after 250
+    steps.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"EMA decay={decay!r} must be in (0, 1)")
+        self.module = make_ema(model)
+        self.decay = float(decay)
+        self.updates = 0
+
+    def current_decay(self) -> float:
+        return min(self.decay, (1 + self.updates) / (10 + self.updates))
+
+    def update(self, model: nn.Module) -> None:
+        ema_update(self.module, unwrap(model), self.current_decay())
+        self.updates += 1
+
+
+def plain_state_dict(state_dict: dict) -> dict:
+    """A saved model state dict as a plain model's: the weight average of runs saved before dllab
+    had one EMA (torch's ``AveragedModel``: keys ``module.<name>`` and ``n_averaged``) loses its
+    wrapper; any other state dict is returned as it is."""
+    if "n_averaged" not in state_dict:
+        return state_dict
+    return {k[len("module."):]: v for k, v in state_dict.items() if k.startswith("module.")}
+
+
+def grad_norm(module: nn.Module) -> torch.Tensor:
+    """L2 norm of all gradients of ``module`` (a 0-d tensor; no host sync)."""
+    norms = [p.grad.detach().norm() for p in module.parameters() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+
+
+@dataclasses.dataclass
+class Update:
+    """One optimiser's share of a training step, as a kind declares it (:meth:`Trainer.updates`).
+
+    ``loss(batch)`` computes the loss that ``optimizer`` minimises, from the step's ``batch``
+    dict (:meth:`Trainer.prepare`; a loss may leave values in it for the updates after it), and
+    returns ``(loss, metrics)``: a 0-d tensor and detached scalar tensors to log. ``module`` owns
+    the parameters that ``optimizer`` steps (clipped by ``--grad-clip``; its gradient norm is
+    logged as ``grad_norm_key`` when given; ``ema`` averages it). ``scheduler`` steps after the
+    optimiser, and also when the step is skipped, so the schedule stays aligned with the steps.
+    """
+
+    name: str
+    loss: Callable[[dict], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+    optimizer: torch.optim.Optimizer
+    module: nn.Module
+    scheduler: Any = None
+    ema: EMA | None = None
+    grad_norm_key: str | None = None
+
+
+#: names that checkpoints written before the engine owned the step used (new name: old name)
+_OLD_NAMES = {"model_ema": "ema", "model": ("optimizer", "scheduler")}
+
+
+def _saved(entries: dict, name: str, what: str):
+    """The checkpoint's entry ``name`` of ``entries`` (models, optimisers or schedulers), or the one
+    an older dllab saved under another name; CheckpointError when there is none."""
+    if name in entries:
+        return entries[name]
+    old = _OLD_NAMES.get(name, ())
+    for key in (old,) if isinstance(old, str) else old:
+        if key in entries:
+            return entries[key]
+    raise CheckpointError(f"the checkpoint has no {what} for {name!r} (it has {', '.join(entries) or 'none'})")
+
+
 class Trainer:
     """Base class of the per-kind trainers. See the module docstring for the division of work."""
 
     kind = "base"
+    #: the kind's typed configuration (a :class:`dllab.config.TrainConfig` subclass)
+    config_class: type[TrainConfig] = TrainConfig
     #: key of the test metrics that picks best.pt, and whether lower or higher is better
     best_metric = "test_loss"
     best_mode = "min"
     #: the value scale the data loader hands to ``train_step`` ("standard", "unit" or "tanh")
     scale = "standard"
+    #: the flags that set the model's size, named when it does not fit in memory
+    size_flags: tuple[str, ...] = ()
 
-    def __init__(self, config: dict, data, run: Run, device: torch.device, *, quiet: bool = False):
-        self.config = config
+    def __init__(self, config: TrainConfig | dict, data, run: Run, device: torch.device, *,
+                 quiet: bool = False):
+        self.config = config if isinstance(config, TrainConfig) else from_mapping(self.config_class, config)
         self.data = data
         self.run = run
         self.device = device
         self.quiet = quiet
         self.rank, self.local_rank, self.world_size = dist_info()
         self.distributed = self.world_size > 1
-        self.amp_dtype = None  # set by subclasses from config["precision"]
+        self.amp_dtype = None  # set by subclasses from config.precision
         self.epoch = 0  # epochs completed
         self.step = 0  # optimiser steps taken (all epochs)
         self.batch_in_epoch = 0  # batches done in the current epoch (mid-epoch resume)
@@ -171,15 +302,26 @@ class Trainer:
         self._buffer_copies: list[torch.Tensor] = []
         self._stop_signal: int | None = None
         self._built = False
-        self.max_nonfinite = int(config.get("max_nonfinite", 20))
+        self._last_test: dict = {}  # the last epoch's test metrics, for an unfinished run's summary
+        self._updates: list[Update] | None = None
+        self._wrapped: list[nn.Module] = []
+        self.max_nonfinite = self.config.max_nonfinite
 
     # ---- to be written by each kind -------------------------------------------------------
     def build(self) -> None:
         raise NotImplementedError
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One optimisation step; returns detached scalar tensors to log (no host sync needed)."""
+    def updates(self) -> list[Update]:
+        """The step's losses, each with its optimiser, in the order they are taken (built once,
+        after :meth:`build`). The DCGAN declares two: the discriminator's, then the generator's."""
         raise NotImplementedError
+
+    def prepare(self, x: torch.Tensor, y: torch.Tensor) -> dict:
+        """The step's ``batch`` dict handed to every update's loss; the models (as :meth:`wrap`
+        returned them) are put in training mode."""
+        for m in self._wrapped:
+            m.train()
+        return {"x": x, "y": y}
 
     def evaluate(self) -> dict[str, float]:
         raise NotImplementedError
@@ -192,13 +334,25 @@ class Trainer:
         return {}
 
     def modules(self) -> dict[str, nn.Module]:
+        """The trained models by name (their weights are checkpointed, and so are the updates'
+        weight averages, as ``<update>_ema``)."""
         raise NotImplementedError
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        return {}
+        return {u.name: u.optimizer for u in self.declared_updates()}
 
     def schedulers(self) -> dict[str, Any]:
-        return {}
+        return {u.name: u.scheduler for u in self.declared_updates() if u.scheduler is not None}
+
+    def averages(self) -> dict[str, EMA]:
+        """The weight averages by checkpoint name (``model_ema``, ``generator_ema``)."""
+        return {f"{u.name}_ema": u.ema for u in self.declared_updates() if u.ema is not None}
+
+    def declared_updates(self) -> list[Update]:
+        """The kind's :meth:`updates`, built once and kept (a kind may swap a scheduler in them)."""
+        if self._updates is None:
+            self._updates = list(self.updates())
+        return self._updates
 
     def extra_state(self) -> dict:
         """Kind-specific state to checkpoint (tensors and plain values only)."""
@@ -213,7 +367,7 @@ class Trainer:
 
     def wrap(self, model: nn.Module, *, broadcast_buffers: bool = True) -> nn.Module:
         """DistributedDataParallel under torchrun; the model itself otherwise (either compiled with
-        ``config["compile"]``).
+        ``config.compile``).
 
         DDP copies rank 0's parameters and buffers to every rank here and averages gradients in
         ``backward``. With ``broadcast_buffers`` (DDP's own flag, on by default) it also re-sends
@@ -222,15 +376,19 @@ class Trainer:
         across ranks (the DCGAN's discriminator, called three times per step, whose statistics are
         never used).
 
-        With ``config["sync_bn"]`` torch's BatchNorm layers become ``SyncBatchNorm``, which
+        With ``config.sync_bn`` torch's BatchNorm layers become ``SyncBatchNorm``, which
         normalises with the statistics of the global batch (torch implements it for GPUs only).
         Without it each rank normalises over its own ``batch_size`` examples: N ranks x B is then
         N separate BatchNorm batches of B, not one of N*B. dllab's from-scratch ``BatchNorm2d``
         (``--layers scratch``) is never converted.
         """
+        self._wrapped.append(self._wrap(model, broadcast_buffers))
+        return self._wrapped[-1]
+
+    def _wrap(self, model: nn.Module, broadcast_buffers: bool) -> nn.Module:
         if not self.distributed:
             return self._compiled(model)
-        if self.config.get("sync_bn"):
+        if self.config.sync_bn:
             from dllab.layers import BatchNorm2d as ScratchBatchNorm2d
 
             if self.device.type == "cpu":
@@ -250,11 +408,11 @@ class Trainer:
         return self._compiled(nn.parallel.DistributedDataParallel(model, device_ids=ids, **kwargs))
 
     def _compiled(self, model: nn.Module) -> nn.Module:
-        """``torch.compile(model)`` when ``config["compile"]`` is set. Off by default: on this
+        """``torch.compile(model)`` when ``config.compile`` is set. Off by default: on this
         project's 2-core CPU it took one to three minutes per model to build, then made a step
         1.9x faster for the ResNet-18 classifier, 1.25x for the DCGAN and no faster for the VAE
         (benchmarks/train_throughput.py --compile). Checkpoints hold the plain modules' weights."""
-        return torch.compile(model) if self.config.get("compile") else model
+        return torch.compile(model) if self.config.compile else model
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum a tensor over ranks (identity when not distributed)."""
@@ -263,14 +421,55 @@ class Trainer:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One training step: each :class:`Update` in turn. Returns detached scalar tensors to log
+        (no host sync), or ``{}`` for a skipped step.
+
+        For each update: zero_grad, its loss, the finite check (:meth:`finite`), backward,
+        gradient clipping, the optimiser step, the scheduler step and the weight average. A
+        non-finite loss skips that update and every update after it (their schedulers still
+        step); updates before it keep their step.
+        """
+        self._backup_buffers()  # a skipped step restores them
+        self._step_skipped = False
+        batch = self.prepare(x, y)
+        updates = self.declared_updates()
+        logged: dict[str, torch.Tensor] = {}
+        clip = self.config.grad_clip
+        for i, update in enumerate(updates):
+            update.optimizer.zero_grad(set_to_none=True)
+            loss, metrics = update.loss(batch)
+            if not self.finite(loss):
+                with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": meant
+                    warnings.simplefilter("ignore", UserWarning)
+                    for later in updates[i:]:
+                        if later.scheduler is not None:
+                            later.scheduler.step()  # keep the schedule aligned with the step count
+                return {}
+            loss.backward()
+            if clip:  # the norm before clipping, as torch returns it
+                norm = torch.nn.utils.clip_grad_norm_(update.module.parameters(), clip)
+            elif update.grad_norm_key:
+                norm = grad_norm(update.module)
+            update.optimizer.step()
+            if update.scheduler is not None:
+                update.scheduler.step()
+            if update.ema is not None:
+                update.ema.update(update.module)
+            logged.update(metrics)
+            if update.grad_norm_key:
+                logged[update.grad_norm_key] = norm.detach()
+        return logged
+
     def finite(self, loss: torch.Tensor) -> bool:
         """False (and counted) for a NaN/inf loss, whose step the caller must then skip.
 
         A skipped step leaves the weights and optimiser state as they were, and the forward
         pass's changes to buffers (BatchNorm running statistics, which a NaN batch would poison)
-        are undone. A step with several optimisers skips only what comes after the failed check:
+        are undone. A step with several updates skips only what comes after the failed check:
         when the DCGAN's G loss is not finite, D has already taken its step of that batch and
-        keeps it; only G's step is skipped (the step still counts as one skipped step). Raises
+        keeps it (its buffers are restored too); only G's step is skipped (the step still counts
+        as one skipped step). Raises
         :class:`NonFiniteLossError` once ``max_nonfinite`` steps in a row were skipped. Under
         torchrun all ranks skip together if any rank's loss is not finite.
         """
@@ -295,6 +494,7 @@ class Trainer:
         """Copy every module's buffers aside before a step (cheap: BatchNorm statistics only)."""
         if self._buffers is None:
             self._buffers = [b for m in self.modules().values() for b in unwrap(m).buffers()]
+            self._buffers += [b for a in self.averages().values() for b in a.module.buffers()]
             self._buffer_copies = [b.detach().clone() for b in self._buffers]
         elif self._buffers:
             torch._foreach_copy_(self._buffer_copies, self._buffers)
@@ -335,10 +535,10 @@ class Trainer:
     def loader(self, split: str, *, shuffle: bool, augment: bool, drop_last: bool,
                batch_size: int | None = None):
         return self.data.loader(
-            split, batch_size=batch_size or int(self.config["batch_size"]), shuffle=shuffle,
+            split, batch_size=batch_size or self.config.batch_size, shuffle=shuffle,
             augment=augment, scale=self.scale, device=self.device, drop_last=drop_last,
-            seed=int(self.config["seed"]), rank=self.rank, world_size=self.world_size,
-            channels_last=bool(self.config.get("channels_last", False)),
+            seed=self.config.seed, rank=self.rank, world_size=self.world_size,
+            channels_last=self.config.channels_last,
         )
 
     # ---- checkpointing --------------------------------------------------------------------
@@ -351,7 +551,9 @@ class Trainer:
             dist.all_gather_object(rng_ranks, rng)
         return {
             "kind": self.kind,
-            "models": {k: unwrap(m).state_dict() for k, m in self.modules().items()},
+            "models": {**{k: unwrap(m).state_dict() for k, m in self.modules().items()},
+                       **{k: a.module.state_dict() for k, a in self.averages().items()}},
+            "ema_updates": {k: a.updates for k, a in self.averages().items()},
             "optimizers": {k: o.state_dict() for k, o in self.optimizers().items()},
             "schedulers": {k: s.state_dict() for k, s in self.schedulers().items()},
             "extra": self.extra_state(),
@@ -369,21 +571,20 @@ class Trainer:
 
     def load_state(self, state: dict) -> None:
         if state.get("kind") != self.kind:
-            from dllab.checkpoint import CheckpointError
-
             raise CheckpointError(f"checkpoint is for a {state.get('kind')!r} run, not {self.kind!r}")
         for k, m in self.modules().items():
             unwrap(m).load_state_dict(state["models"][k])
+        for k, a in self.averages().items():
+            a.module.load_state_dict(plain_state_dict(_saved(state["models"], k, "weights")))
+            a.updates = int(state.get("ema_updates", {}).get(k, state["step"]))
         for k, o in self.optimizers().items():
-            o.load_state_dict(state["optimizers"][k])
+            o.load_state_dict(_saved(state["optimizers"], k, "optimiser state"))
         for k, s in self.schedulers().items():
-            if k in state["schedulers"]:  # a kind may re-plan its schedule instead (see classifier)
-                s.load_state_dict(state["schedulers"][k])
+            if state["schedulers"]:  # a kind may re-plan its schedule instead (see classifier)
+                s.load_state_dict(_saved(state["schedulers"], k, "schedule"))
         self.load_extra_state(state.get("extra", {}))
         saved_world = int(state.get("world_size", 1))
         if saved_world != self.world_size and state["batch_in_epoch"] > 0:
-            from dllab.checkpoint import CheckpointError
-
             raise CheckpointError(
                 f"the checkpoint was saved mid-epoch by {saved_world} process(es); resume it with "
                 f"{saved_world} (now {self.world_size}), since the epoch's shards depend on that number")
@@ -393,7 +594,7 @@ class Trainer:
         else:
             set_rng_state(state["rng"])
             if self.rank > 0:  # a different number of processes: fresh, distinct streams
-                seed_everything(rank_seed(int(self.config["seed"]), self.rank, state["step"]))
+                seed_everything(rank_seed(self.config.seed, self.rank, state["step"]))
         self.epoch = state["epoch"]
         self.step = state["step"]
         self.batch_in_epoch = state["batch_in_epoch"]
@@ -437,41 +638,63 @@ class Trainer:
             raise Interrupted(signum, self.run.path)
 
     def fit(self, resume: bool = False) -> dict:
-        """Train for ``config['epochs']`` epochs (continuing from last.pt with ``resume``).
+        """Train for ``config.epochs`` epochs (continuing from last.pt with ``resume``).
 
-        Returns the summary dict that is also written to summary.json. Running out of memory
-        (a model or batch too large) raises :class:`OutOfMemory` with a one-line message; the last
-        checkpoint, if any, is kept.
+        Returns the summary dict that is also written to summary.json, with ``status``
+        "complete". A run that stops early still writes summary.json, with ``status``
+        "interrupted" (SIGINT/SIGTERM: :class:`Interrupted`) or "failed" (any other error, named
+        in ``error``), the epochs reached and planned, and the last test metrics; the exception
+        is raised again. Running out of memory (a model or batch too large) raises
+        :class:`OutOfMemory` with a one-line message; the last checkpoint, if any, is kept.
         """
         try:
             return self._fit(resume)
+        except Interrupted:
+            self._write_unfinished("interrupted")
+            raise
         except Exception as e:
             if not is_out_of_memory(e):
+                self._write_unfinished("failed", e)
                 raise
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             where = f"at step {self.step + 1}" if self._built else "building the model"
-            raise OutOfMemory(
+            size = f" ({', '.join(self.size_flags)})" if self.size_flags else ""
+            error = OutOfMemory(
                 f"out of memory {where} on {self.device} ({first[:200]}); lower --batch-size or the "
-                "model's size (--width, --g-width/--d-width, --latent-dim); the last checkpoint, if "
-                "any, is kept") from e
+                f"model's size{size}; the last checkpoint, if any, is kept")
+            self._write_unfinished("failed", error)
+            raise error from e
+
+    def _write_unfinished(self, status: str, error: BaseException | None = None) -> None:
+        """summary.json of a run that stopped early: its status, how far it got, and why."""
+        if self.rank != 0:
+            return
+        try:
+            self.run.write_summary({
+                "status": status, "kind": self.kind, "dataset": self.config.dataset,
+                "epochs": self.epoch, "epochs_planned": self.config.epochs, "steps": self.step,
+                **({"error": f"{type(error).__name__}: {str(error).strip()[:300]}"} if error else {}),
+                **self._last_test, "best": self.best,
+            })
+        except OSError:  # the disk that failed the run may refuse this too: the error is the news
+            pass
 
     def _fit(self, resume: bool) -> dict:
         self.build()
         self._built = True
         if self.distributed and self.rank > 0:
             # rank 0 keeps the single-process stream; the others draw their own noise
-            seed_everything(rank_seed(int(self.config["seed"]), self.rank))
+            seed_everything(rank_seed(self.config.seed, self.rank))
         if resume:
             self.load_state(self.run.load_checkpoint("last", map_location=self.device))
             self.run.truncate_metrics(self.step)
-        epochs = int(self.config["epochs"])
-        log_every = max(1, int(self.config.get("log_every", 10)))
-        ckpt_every = int(self.config.get("checkpoint_every", 0))
-        train_loader = self.loader("train", shuffle=True, augment=bool(self.config.get("augment", True)),
-                                   drop_last=True)
+        epochs = self.config.epochs
+        log_every = self.config.log_every
+        ckpt_every = self.config.checkpoint_every
+        train_loader = self.loader("train", shuffle=True, augment=self.config.augment, drop_last=True)
         if len(train_loader) == 0:
             raise ValueError(
-                f"batch size {self.config['batch_size']} is larger than the training set "
+                f"batch size {self.config.batch_size} is larger than the training set "
                 f"({len(self.data.train_y)} examples{' per rank' if self.distributed else ''}); "
                 "lower --batch-size or raise --limit"
             )
@@ -491,8 +714,6 @@ class Trainer:
                                quiet=self.quiet or self.rank != 0, initial=self.batch_in_epoch)
                 t_epoch = time.perf_counter()
                 for x, y in train_loader.iterate(start=self.batch_in_epoch):
-                    self._backup_buffers()
-                    self._step_skipped = False
                     metrics = self.train_step(x, y)
                     if not self._step_skipped:
                         self._nonfinite_run = 0
@@ -521,6 +742,7 @@ class Trainer:
                 self.epoch += 1
                 self.batch_in_epoch = 0
                 test_metrics = self._evaluate_on_rank0()
+                self._last_test = {k: v for k, v in test_metrics.items() if not isinstance(v, (list, dict))}
                 self.run.log({"split": "test", "step": self.step, "epoch": self.epoch,
                               **{k.removeprefix("test_"): v for k, v in test_metrics.items()}})
                 if self._improved(test_metrics):
@@ -566,12 +788,14 @@ class Trainer:
     def summary(self, test_metrics: dict) -> dict:
         params = {k: sum(p.numel() for p in unwrap(m).parameters()) for k, m in self.modules().items()}
         return {
+            "status": "complete",
             "kind": self.kind,
-            "dataset": self.config.get("dataset"),
+            "dataset": self.config.dataset,
             **{k: v for k, v in test_metrics.items() if not isinstance(v, (list, dict))},
             "params": sum(params.values()) if len(params) != 1 else next(iter(params.values())),
             **({f"params_{k}": v for k, v in params.items()} if len(params) > 1 else {}),
             "epochs": self.epoch,
+            "epochs_planned": self.config.epochs,
             "steps": self.step,
             "train_seconds": round(self.train_seconds, 2),
             "images_per_second": round(self.images_seen / self.train_seconds, 2)

@@ -3,7 +3,7 @@
 ``dllab sweep KIND --flag v1 v2 ... [--other v]`` takes any ``dllab train KIND`` flag with several
 values and trains one run per combination (the product of all multi-valued flags), each in its own
 folder under the sweep folder. Every combination is parsed and checked before the first run
-starts. A finished run (one with summary.json) is not trained again, so an interrupted sweep
+starts. A complete run (`Run.complete`) is not trained again, so an interrupted sweep
 continues where it stopped. The results go to ``sweep.md`` and ``sweep.csv`` and overlaid test
 curves to ``sweep_curves.png``.
 """
@@ -16,7 +16,7 @@ import io
 import itertools
 from pathlib import Path
 
-from dllab.runs import read_json, read_metrics
+from dllab.runs import Run, read_json, read_metrics
 
 
 def _columns(kind: str) -> list[str]:
@@ -79,16 +79,16 @@ def run_all(kind: str, combos, out: Path, quiet: bool) -> list[dict]:
     rows = []
     for name, argv, chosen in combos:
         run_dir = out / name
-        if (run_dir / "summary.json").exists():
-            summary = read_json(run_dir / "summary.json")
-        else:
+        run = Run.open(run_dir) if (run_dir / "config.json").exists() else None
+        if run is None or not run.complete:
             args = parser.parse_args([*argv, "--out", str(run_dir)])
             config, _, q = split_train_args(kind, args)
-            resume = (run_dir / "config.json").exists()  # train() starts one with no checkpoint yet
-            if resume:  # as the CLI does: the flags given, the rest as the run saved them
+            if run is not None:  # as the CLI does: the flags given, the rest as the run saved them
                 given = given_settings(kind, [*argv, "--out", str(run_dir)])
                 config = {k: v for k, v in config.items() if k in given}
-            summary = train(kind, config, resume=resume, quiet=quiet or q)
+            # a run stopped before its first checkpoint starts again from the beginning
+            run = train(kind, config, resume=run is not None, quiet=quiet or q)
+        summary = run.summary()
         rows.append({**summary, "run": name, **{k.lstrip("-"): v for k, v in chosen.items()},
                      "_path": str(run_dir)})
     return rows

@@ -28,13 +28,12 @@ fully connected layer) and upsamples 7 -> 14 -> 28; the discriminator mirrors it
 and reads the logit with a 7x7 convolution over the whole map. Nothing is generated at 32 and
 cropped, and no 28x28 input is padded, so real and fake images pass through the same pixels.
 
-This file holds only the models (and the weight-EMA helper used to sample from them); the losses
+This file holds only the models (the weight average of G is the engine's `EMA`); the losses
 are in ``dllab.losses.gan``, the metrics in ``dllab.metrics.gan``.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -279,38 +278,3 @@ def check_budget(config: DCGANConfig, max_params: int | None) -> dict[str, int]:
             f"discriminator {counts['discriminator']}), more than max_params={max_params}; "
             f"reduce g_width={config.g_width} / d_width={config.d_width} or nz={config.nz}")
     return counts
-
-
-def make_ema(model: nn.Module) -> nn.Module:
-    """A frozen copy of ``model`` to hold its exponential moving average (see ``ema_update``)."""
-    ema = copy.deepcopy(model)
-    ema.requires_grad_(False)
-    return ema
-
-
-@torch.no_grad()
-def ema_update(ema_model: nn.Module, model: nn.Module, decay: float) -> None:
-    """In place: theta_ema <- decay * theta_ema + (1 - decay) * theta, for every parameter and
-    every floating-point buffer (batch-norm running mean/var); integer buffers
-    (``num_batches_tracked``) are copied.
-
-    Yazici et al. (2019), "The Unusual Effectiveness of Averaging in GAN Training" (ICLR): an
-    exponential moving average of the generator's weights gives better samples (lower FID) than
-    the last iterate, at no training cost. Typical decay 0.999 (per optimiser step). decay=0
-    copies ``model``; decay=1 leaves the EMA unchanged.
-    """
-    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay <= 1.0:
-        raise ValueError(f"decay={decay!r} must be a number in [0, 1]")
-    ema_state, state = ema_model.state_dict(keep_vars=True), model.state_dict(keep_vars=True)
-    if ema_state.keys() != state.keys():
-        missing = sorted(set(state) ^ set(ema_state))[:5]
-        raise ValueError(f"ema_model and model have different state dict keys, e.g. {missing}")
-    for name, ema_t in ema_state.items():
-        t = state[name].detach()
-        if ema_t.shape != t.shape:
-            raise ValueError(f"{name}: ema shape {tuple(ema_t.shape)} != "
-                             f"model shape {tuple(t.shape)}")
-        if ema_t.dtype.is_floating_point:
-            ema_t.lerp_(t.to(ema_t.dtype), 1.0 - decay)
-        else:
-            ema_t.copy_(t)

@@ -7,9 +7,15 @@ Each kind's module (``dllab.train.classifier``, ``.vae``, ``.dcgan``) provides:
   are its settings (defaults, bounds, help) and make its ``dllab train KIND`` flags;
 - ``data_options(config) -> dict``: extra keyword arguments for :func:`dllab.data.load`;
 - ``model_config(config, data)``: the model's config dataclass (raises ValueError when bad), and
-  optionally ``validate(config, data)`` for further checks, both run before a folder is written;
+  optionally ``validate(config, data)`` for further checks, both run before a folder is written
+  (``config`` is the typed ``CONFIG``);
 - a :class:`dllab.engine.Trainer` subclass named ``TRAINER``;
+- ``load_model(state)``: the model of a checkpoint, the one loader that train, eval,
+  :func:`load_run` and the DCGAN's classifier features use;
 - ``evaluate_run(run, device, options) -> dict``: what ``dllab eval RUN`` does for that kind.
+
+:func:`train` runs a kind and returns its :class:`dllab.runs.Run`; :func:`load_run` rebuilds a
+run's model from its folder.
 
 :func:`train_parser` and :func:`add_train_arguments` build a kind's flags from its ``CONFIG``; the
 CLI and the sweep both use them.
@@ -26,6 +32,7 @@ from pathlib import Path
 from types import ModuleType
 
 from dllab import config as config_lib
+from dllab.runs import Run
 
 KINDS = ("classifier", "vae", "dcgan")
 
@@ -134,59 +141,124 @@ def default_out(kind: str, dataset: str) -> Path:
     return Path("runs") / f"{kind}-{safe}-{stamp}"
 
 
-def train(kind: str, config: dict | None = None, *, resume: bool = False, quiet: bool = False) -> dict:
-    """Train a model of ``kind`` with ``config`` (missing keys take their defaults).
+def train(kind: str, config: config_lib.TrainConfig | dict | None = None, *, resume: bool = False,
+          quiet: bool = False) -> Run:
+    """Train a model of ``kind`` with ``config`` and return its :class:`dllab.runs.Run`.
 
-    Returns the summary metrics (also written to ``summary.json`` in the run folder, whose path
-    is ``summary["run"]``). With ``resume``, ``config["out"]`` names the run to continue, where it
-    lies now (a copied or moved run continues in its new folder, which is the only one written);
-    ``config`` then holds only the settings to change: each keeps the run's saved value unless
-    given, and a given value that differs is applied if the setting may change mid-run
-    (:func:`dllab.config.resumable`) and refused otherwise (ValueError naming every such setting).
-    Each change, a move included, is recorded in config.json's ``resumed`` list.
+    ``config`` is the kind's typed config (``ClassifierTrainConfig(width=8)``) or a dict of
+    settings (missing ones take their defaults; an unknown name or a bad value is a ValueError
+    naming it, before anything is written). The run's ``summary()`` holds the final metrics and
+    ``status`` says whether it completed. With ``resume``, ``config`` (a dict) names the run to
+    continue in ``"out"``, where it lies now (a copied or moved run continues in its new folder,
+    which is the only one written), and holds only the settings to change: each keeps the run's
+    saved value unless given, and a given value that differs is applied if the setting may change
+    mid-run (:func:`dllab.config.resumable`) and refused otherwise (ValueError naming every such
+    setting). Each change, a move included, is recorded in config.json's ``resumed`` list.
     """
+    import torch
     import torch.distributed as dist
 
     from dllab.data import load
     from dllab.engine import create_run, init_distributed, validate_config
-    import torch
-
     from dllab.utils import resolve_device, resolve_precision, seed_everything
 
     module = kind_module(kind)
+    cls = config_class(kind)
+    given = dataclasses.asdict(config) if isinstance(config, config_lib.TrainConfig) else dict(config or {})
+    if given.get("kind", kind) != kind:
+        raise ValueError(f"the settings are for a {given['kind']!r} run, not {kind!r}")
+    given.pop("kind", None)
     changes: dict = {}
     if resume:
-        config, changes = _resumed_config(kind, dict(config or {}))
+        settings, changes = _resumed_config(kind, given)
+        cfg = config_lib.from_mapping(cls, settings)
     else:
-        config = {**defaults(kind), **(config or {})}
-    device = resolve_device(config["device"])
-    validate_config(config, device)  # e.g. fp16 or --sync-bn on a CPU: refused before any file is written
+        cfg = config_lib.from_mapping(cls, given, strict=True)
+    device = resolve_device(cfg.device)
+    validate_config(cfg, device)  # e.g. fp16 or --sync-bn on a CPU: refused before any file is written
     distributed = init_distributed(device)
-    if not config.get("out"):
-        out = [str(default_out(kind, config["dataset"]))]
+    if not cfg.out:
+        out = [str(default_out(kind, cfg.dataset))]
         if distributed:  # every rank must write to (and read from) rank 0's folder
             dist.broadcast_object_list(out, src=0)
-        config["out"] = out[0]
-    seed_everything(int(config["seed"]))
-    data = load(config["dataset"], data_dir=config.get("data_dir"), download=bool(config.get("download")),
-                limit=config.get("limit"), verify=bool(config.get("verify", True)),
-                **module.data_options(config))
+        cfg = dataclasses.replace(cfg, out=out[0])
+    seed_everything(cfg.seed)
+    data = load(cfg.dataset, data_dir=cfg.data_dir, download=cfg.download, limit=cfg.limit,
+                verify=cfg.verify, **module.data_options(cfg))
     # a bad or over-budget model configuration is refused before anything is written
     world = dist.get_world_size() if distributed else 1
-    if int(config["batch_size"]) > len(data.train_y) // world:
-        raise ValueError(f"batch size {config['batch_size']} is larger than the training set "
+    if cfg.batch_size > len(data.train_y) // world:
+        raise ValueError(f"batch size {cfg.batch_size} is larger than the training set "
                          f"({len(data.train_y) // world} examples{' per rank' if world > 1 else ''}); "
                          "lower --batch-size or raise --limit")
-    module.model_config(config, data)
+    module.model_config(cfg, data)
     if hasattr(module, "validate"):
-        module.validate(config, data)
-    if config["precision"] == "auto":  # what auto picked here is what the run is (and resumes with)
-        config["precision"] = {None: "fp32", torch.bfloat16: "bf16"}[resolve_precision("auto", device)]
-    run = create_run(config["out"], config, resume=resume)  # rank 0 writes, the others read
+        module.validate(cfg, data)
+    check_param_budget(kind, cfg, data)
+    if cfg.precision == "auto":  # what auto picked here is what the run is (and resumes with)
+        picked = {None: "fp32", torch.bfloat16: "bf16"}[resolve_precision("auto", device)]
+        cfg = dataclasses.replace(cfg, precision=picked)
+    run = create_run(cfg.out, {**dataclasses.asdict(cfg), "kind": kind}, resume=resume)  # rank 0 writes
     if resume:  # e.g. more epochs, or the folder it was moved to: recorded in config.json
-        run.update_config({**changes, "out": config["out"]})
+        run.update_config({**changes, "out": cfg.out})
     trainer = module.TRAINER(run.config, data, run, device, quiet=quiet)
     # a run stopped before its first checkpoint (e.g. Ctrl-C while building) starts from the beginning
-    summary = trainer.fit(resume=resume and run.has_checkpoint("last"))
-    summary["run"] = str(run.path)
-    return summary
+    trainer.fit(resume=resume and run.has_checkpoint("last"))
+    return run
+
+
+def check_param_budget(kind: str, config: config_lib.TrainConfig, data) -> dict[str, int]:
+    """The kind's parameter counts (``param_counts``, on the meta device); a ValueError naming
+    them and the flags that size the model when they exceed ``config.max_params``."""
+    module = kind_module(kind)
+    counts = module.param_counts(config, data)
+    total = sum(counts.values())
+    if config.max_params is not None and total > config.max_params:
+        parts = " + ".join(f"{name} {n:,}" for name, n in counts.items()) if len(counts) > 1 else ""
+        raise ValueError(f"the {kind} has {total:,} parameters{f' ({parts})' if parts else ''}, more "
+                         f"than --max-params {config.max_params:,}; reduce "
+                         f"{' / '.join(module.TRAINER.size_flags)}")
+    return counts
+
+
+@dataclasses.dataclass
+class LoadedRun:
+    """A finished (or stopped) run with its model rebuilt: what :func:`load_run` returns.
+
+    ``model`` is the run's model in eval mode on ``device``: the classifier (its weight average
+    when it kept one), the VAE, or the DCGAN's generator (its average when it kept one).
+    ``config`` is the run's typed config; ``extra`` the checkpoint's kind-specific facts (class
+    names, and for a classifier the normalisation mean and std).
+    """
+
+    run: Run
+    config: config_lib.TrainConfig
+    model: "torch.nn.Module"
+    checkpoint: str
+    epoch: int
+    extra: dict
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.extra.get("classes", []))
+
+
+def load_run(path: str | os.PathLike, checkpoint: str = "best", device: str = "cpu") -> LoadedRun:
+    """Rebuild a run's model from its folder, with no flag repeated: the model's config is in the
+    checkpoint. ``checkpoint`` is ``best`` (falling back to ``last``) or ``last``."""
+    from dllab.runs import Run, RunFolderError
+    from dllab.utils import resolve_device
+
+    run = Run.open(path)
+    kind = run.kind
+    if kind not in KINDS:
+        raise RunFolderError(f"{path}: config.json names no dllab model kind ({kind!r})")
+    name = checkpoint
+    if not run.has_checkpoint(name):
+        name = "last" if checkpoint == "best" else checkpoint
+        if not run.has_checkpoint(name):
+            raise RunFolderError(f"{path} has no checkpoint (checkpoints/{checkpoint}.pt is missing)")
+    state = run.load_checkpoint(name, map_location="cpu")
+    model = kind_module(kind).load_model(state).to(resolve_device(device))
+    return LoadedRun(run=run, config=config_lib.from_mapping(config_class(kind), run.config),
+                     model=model, checkpoint=name, epoch=int(state["epoch"]), extra=dict(state["extra"]))

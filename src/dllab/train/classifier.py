@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dllab.config import (TrainConfig, nonnegative_float, positive_int, redefault, setting,
-                          unit_float)
-from dllab.engine import Trainer
+from dllab.config import (TrainConfig, from_mapping, nonnegative_float, positive_int, redefault,
+                          setting, unit_float)
+from dllab.engine import EMA, Trainer, Update, plain_state_dict
 from dllab.train import MetricNames
 from dllab.models.resnet import ResNet, ResNetConfig
 from dllab.utils import optimizer_options, resolve_precision
@@ -61,15 +61,27 @@ CONFIG = ClassifierTrainConfig
 METRICS = MetricNames(headline=("test_acc", "test_loss", "ece"), curves=("acc", "loss", "ece"))
 
 
-def data_options(config: dict) -> dict:
-    return {"image_size": config.get("image_size")}
+def data_options(config: ClassifierTrainConfig) -> dict:
+    return {"image_size": config.image_size}
 
 
-def model_config(config: dict, data) -> ResNetConfig:
-    maxpool = {"default": None, "on": True, "off": False}[config.get("maxpool", "default")]
+def model_config(config: ClassifierTrainConfig, data) -> ResNetConfig:
+    maxpool = {"default": None, "on": True, "off": False}[config.maxpool]
     return ResNetConfig(num_classes=data.num_classes, in_channels=data.in_channels,
-                        stem=config["stem"], layers=config["layers"], norm=bool(config["norm"]),
-                        maxpool=maxpool, width=int(config["width"]))
+                        stem=config.stem, layers=config.layers, norm=config.norm,
+                        maxpool=maxpool, width=config.width)
+
+
+def validate(config: ClassifierTrainConfig, data) -> None:
+    """Refuse, before any folder is written, what the classifier could not train with."""
+    from dllab.utils import dist_info
+
+    if config.optimizer == "sgd" and config.nesterov and config.momentum == 0:
+        raise ValueError("Nesterov momentum needs --momentum above 0: give --momentum or --no-nesterov")
+    if config.sync_bn and config.layers == "scratch" and dist_info()[2] > 1:
+        raise ValueError("--sync-bn converts torch.nn BatchNorm layers only; --layers scratch uses "
+                         "dllab's from-scratch BatchNorm2d, which would stay per-rank: use "
+                         "--layers torch or leave --sync-bn off")
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -81,20 +93,20 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def make_scheduler(optimizer, config: dict, steps_per_epoch: int):
+def make_scheduler(optimizer, config: ClassifierTrainConfig, steps_per_epoch: int):
     """One-cycle (Smith & Topin 2019), linear warm-up + cosine decay, or constant."""
-    total = int(config["epochs"]) * steps_per_epoch
-    warmup = int(round(float(config["warmup_epochs"]) * steps_per_epoch))
-    kind = config["schedule"]
+    total = config.epochs * steps_per_epoch
+    warmup = int(round(config.warmup_epochs * steps_per_epoch))
+    kind = config.schedule
     if kind == "onecycle" and total < 4:  # too short for one-cycle's phases: warm-up + cosine
         kind = "cosine"
     if kind == "onecycle":
         # torch's OneCycleLR divides by (pct * total - 1): its warm-up must span 2+ steps
         pct = min(max(warmup / total, 0.01, 2 / total), 0.5)
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=float(config["lr"]), total_steps=max(total, 2), pct_start=pct,
+            optimizer, max_lr=config.lr, total_steps=max(total, 2), pct_start=pct,
             anneal_strategy="cos", div_factor=25.0, final_div_factor=1e3,
-            cycle_momentum=config["optimizer"] == "sgd")
+            cycle_momentum=config.optimizer == "sgd")
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -107,52 +119,68 @@ def make_scheduler(optimizer, config: dict, steps_per_epoch: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def build_model(config: dict, data, device: torch.device) -> ResNet:
+def build_model(config: ClassifierTrainConfig, data, device: torch.device) -> ResNet:
     model = ResNet(model_config(config, data)).to(device)
-    if config.get("channels_last"):
+    if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
 
 
+def param_counts(config: ClassifierTrainConfig, data) -> dict[str, int]:
+    """The ResNet's parameters (counted on the meta device: nothing is allocated)."""
+    with torch.device("meta"):
+        return {"model": sum(p.numel() for p in ResNet(model_config(config, data)).parameters())}
+
+
+def load_model(state: dict, *, average: bool = True) -> ResNet:
+    """The classifier of a checkpoint (on the CPU, in eval mode): its weight average when it has
+    one and ``average``, else its trained weights. Used by ``dllab eval``, :func:`dllab.load_run`
+    and the DCGAN's classifier-feature metrics."""
+    model = ResNet(ResNetConfig(**state["extra"]["model_config"]))
+    models = state["models"]
+    key = next((k for k in ("model_ema", "ema") if k in models), None) if average else None
+    model.load_state_dict(plain_state_dict(models[key or "model"]))
+    return model.eval()
+
+
 class ClassifierTrainer(Trainer):
     kind = "classifier"
+    config_class = ClassifierTrainConfig
     best_metric = "test_acc"
     best_mode = "max"
     scale = "standard"
+    size_flags = ("--width",)
 
     def build(self) -> None:
         c = self.config
-        self.amp_dtype = resolve_precision(c["precision"], self.device)
+        self.amp_dtype = resolve_precision(c.precision, self.device)
         self.net = build_model(c, self.data, self.device)
         self.model = self.wrap(self.net)
-        if c["optimizer"] == "sgd":
-            self.optimizer = torch.optim.SGD(param_groups(self.net, c["weight_decay"]), lr=c["lr"],
-                                             momentum=c["momentum"], nesterov=bool(c["nesterov"]),
+        groups = param_groups(self.net, c.weight_decay)
+        if c.optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum, nesterov=c.nesterov,
                                              **optimizer_options(self.device))
         else:
-            self.optimizer = torch.optim.AdamW(param_groups(self.net, c["weight_decay"]), lr=c["lr"],
-                                               **optimizer_options(self.device))
+            self.optimizer = torch.optim.AdamW(groups, lr=c.lr, **optimizer_options(self.device))
         self.steps_per_epoch = max(1, len(self.loader("train", shuffle=True, augment=False, drop_last=True)))
         self.scheduler = make_scheduler(self.optimizer, c, self.steps_per_epoch)
-        self.ema = None
-        if c["ema"] > 0:
-            self.ema = torch.optim.swa_utils.AveragedModel(
-                self.net, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(c["ema"]),
-                use_buffers=True)
+        self.ema = EMA(self.net, c.ema) if c.ema > 0 else None
         self.test_loader = self.loader("test", shuffle=False, augment=False, drop_last=False,
-                                       batch_size=int(c["eval_batch_size"]))
+                                       batch_size=c.eval_batch_size)
 
     def modules(self):
-        mods = {"model": self.net}
-        if self.ema is not None:
-            mods["ema"] = self.ema
-        return mods
+        return {"model": self.net}
 
-    def optimizers(self):
-        return {"optimizer": self.optimizer}
+    def updates(self):
+        return [Update("model", self.loss, self.optimizer, self.net, scheduler=self.scheduler,
+                       ema=self.ema)]
 
-    def schedulers(self):
-        return {"scheduler": self.scheduler}
+    def loss(self, batch: dict):
+        x, y = batch["x"], batch["y"]
+        with self.autocast():
+            logits = self.model(x)  # (B, num_classes)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=self.config.label_smoothing)
+        return loss, {"loss": loss.detach(), "acc": (logits.detach().argmax(1) == y).float().mean()}
 
     def extra_state(self) -> dict:
         return {"model_config": dataclasses.asdict(self.net.config), "classes": list(self.data.classes),
@@ -167,10 +195,11 @@ class ClassifierTrainer(Trainer):
         loaded, whose parameter groups replace the ones the new schedule set up (a run too short
         for one-cycle ran on warm-up + cosine, whose groups lack one-cycle's ``max_lr``).
         """
-        replan = int(state.get("config", {}).get("epochs", self.config["epochs"])) != int(self.config["epochs"])
+        replan = int(state.get("config", {}).get("epochs", self.config.epochs)) != self.config.epochs
         super().load_state({**state, "schedulers": {}} if replan else state)
         if replan:
             self.scheduler = make_scheduler(self.optimizer, self.config, self.steps_per_epoch)
+            self.declared_updates()[0].scheduler = self.scheduler
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)  # "step() before optimizer.step()"
                 for _ in range(self.step):
@@ -179,22 +208,6 @@ class ClassifierTrainer(Trainer):
     def step_extras(self) -> dict:
         return {"lr": self.optimizer.param_groups[0]["lr"]}
 
-    def train_step(self, x, y):
-        self.model.train()
-        with self.autocast():
-            logits = self.model(x)  # (B, num_classes)
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=float(self.config["label_smoothing"]))
-        self.optimizer.zero_grad(set_to_none=True)
-        if not self.finite(loss):
-            self.scheduler.step()  # keep the schedule aligned with the step count
-            return {}
-        loss.backward()
-        self.optimizer.step()
-        self.scheduler.step()
-        if self.ema is not None:
-            self.ema.update_parameters(self.net)
-        return {"loss": loss.detach(), "acc": (logits.detach().argmax(1) == y).float().mean()}
-
     def eval_model(self) -> nn.Module:
         return self.ema.module if self.ema is not None else self.net
 
@@ -202,7 +215,7 @@ class ClassifierTrainer(Trainer):
         from dllab.metrics.classification import evaluate_classifier
 
         result = evaluate_classifier(self.eval_model(), self.test_loader, self.device,
-                                     self.data.num_classes, tta_flip=bool(self.config["tta"]),
+                                     self.data.num_classes, tta_flip=self.config.tta,
                                      autocast_dtype=self.amp_dtype)
         self._last_eval = result
         return {"test_loss": result["test_loss"], "test_acc": result["test_acc"], "ece": result["ece"]}
@@ -241,17 +254,11 @@ def evaluate_run(run, device: torch.device, options: dict) -> dict:
     from dllab.data import load
     from dllab.metrics.classification import evaluate_classifier
 
-    c = run.config
+    c = from_mapping(ClassifierTrainConfig, run.config)
     state = run.load_checkpoint(options.get("checkpoint", "best"), map_location="cpu")
-    data = load(c["dataset"], data_dir=options.get("data_dir") or c.get("data_dir"),
-                limit=c.get("limit"), **data_options(c))
-    model = ResNet(ResNetConfig(**state["extra"]["model_config"]))
-    key = "ema" if "ema" in state["models"] else "model"
-    weights = state["models"][key]
-    if key == "ema":  # AveragedModel's keys are "module.<name>" plus "n_averaged"
-        weights = {k[len("module."):]: v for k, v in weights.items() if k.startswith("module.")}
-    model.load_state_dict(weights)
-    model.to(device).eval()
+    data = load(c.dataset, data_dir=options.get("data_dir") or c.data_dir, limit=c.limit,
+                **data_options(c))
+    model = load_model(state).to(device)
     loader = data.loader("test", batch_size=int(options.get("batch_size") or 256), shuffle=False,
                          augment=False, scale="standard", device=device, drop_last=False)
     result = evaluate_classifier(model, loader, device, data.num_classes,

@@ -13,12 +13,12 @@ import dataclasses
 
 import torch
 
-from dllab.config import (TrainConfig, nonnegative_float, nonnegative_int, positive_float, positive_int,
-                          redefault, setting, unit_float)
-from dllab.engine import Trainer
+from dllab.config import (TrainConfig, from_mapping, nonnegative_float, nonnegative_int, positive_float,
+                          positive_int, redefault, setting, unit_float)
+from dllab.engine import EMA, Trainer, Update
 from dllab.train import MetricNames
-from dllab.models.dcgan import (DCGANConfig, Discriminator, Generator, check_budget, ema_update,
-                                make_ema)
+from dllab.models.dcgan import DCGANConfig, Discriminator, Generator
+from dllab.models.dcgan import param_counts as dcgan_param_counts
 from dllab.utils import optimizer_options, resolve_precision
 
 @dataclasses.dataclass
@@ -50,8 +50,6 @@ class DCGANTrainConfig(TrainConfig):
     instance_noise_steps: int = setting(0, "steps to anneal the instance noise to 0", type=nonnegative_int)
     ema: float = setting(0.0, "decay of an EMA of G's weights used for sampling (e.g. 0.999; 0 = off)",
                          type=unit_float)
-    max_params: int | None = setting(None, "refuse a configuration whose G + D parameter count exceeds this",
-                                     type=positive_int, default_text="no limit")
     classifier_run: str | None = setting(None, "run folder of a dllab classifier on the same dataset: its "
                                          "features give per-epoch FID/precision/recall and class coverage "
                                          "(NOT Inception FID)", default_text="none: no quality metrics")
@@ -66,51 +64,59 @@ METRICS = MetricNames(
     cost=("params_generator", "params_discriminator", "epochs", "train_seconds", "images_per_second"))
 
 
-def data_options(config: dict) -> dict:
+def data_options(config: DCGANTrainConfig) -> dict:
     return {}
 
 
-def model_config(config: dict, data) -> DCGANConfig:
-    return DCGANConfig(nz=int(config["nz"]), g_width=int(config["g_width"]),
-                       d_width=int(config["d_width"]),
-                       image_size=int(config.get("image_size") or data.image_size),
-                       channels=data.in_channels, g_norm=not config["no_g_norm"],
-                       d_norm=not config["no_d_norm"], spectral_norm=bool(config["spectral_norm"]))
+def model_config(config: DCGANTrainConfig, data) -> DCGANConfig:
+    return DCGANConfig(nz=config.nz, g_width=config.g_width, d_width=config.d_width,
+                       image_size=config.image_size or data.image_size,
+                       channels=data.in_channels, g_norm=not config.no_g_norm,
+                       d_norm=not config.no_d_norm, spectral_norm=config.spectral_norm)
 
 
-def validate(config: dict, data) -> None:
-    """Refuse an over-budget model, a bad config or an unusable --classifier-run before any run
-    folder is written."""
+def validate(config: DCGANTrainConfig, data) -> None:
+    """Refuse a bad config or an unusable --classifier-run before any run folder is written (the
+    parameter budget is checked for every kind by :func:`dllab.train.check_param_budget`)."""
     cfg = model_config(config, data)
-    check_budget(cfg, config.get("max_params"))
-    if config.get("classifier_run"):
+    if config.classifier_run:
         from dllab.runs import Run
 
-        clf = Run.open(config["classifier_run"])  # RunFolderError when missing or not a run
+        clf = Run.open(config.classifier_run)  # RunFolderError when missing or not a run
         if clf.kind != "classifier":
             raise ValueError(f"--classifier-run {clf.path} is a {clf.kind!r} run, not a classifier")
-        if clf.config.get("dataset") != config["dataset"]:
+        if clf.config.get("dataset") != config.dataset:
             raise ValueError(f"--classifier-run {clf.path} was trained on {clf.config.get('dataset')!r}, "
-                             f"not on {config['dataset']!r}: its features would not describe these images")
+                             f"not on {config.dataset!r}: its features would not describe these images")
         if not (clf.has_checkpoint("best") or clf.has_checkpoint("last")):
             raise ValueError(f"--classifier-run {clf.path} has no checkpoint yet")
     if cfg.image_size != data.image_size:
-        raise ValueError(f"--image-size {cfg.image_size} differs from the {config['dataset']} images' "
+        raise ValueError(f"--image-size {cfg.image_size} differs from the {config.dataset} images' "
                          f"size {data.image_size}")
 
 
-def grad_norm(module: torch.nn.Module) -> torch.Tensor:
-    """L2 norm of all gradients of ``module`` (a 0-d tensor; no host sync)."""
-    norms = [p.grad.detach().norm() for p in module.parameters() if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+def param_counts(config: DCGANTrainConfig, data) -> dict[str, int]:
+    """Parameters of G and D (counted on the meta device: nothing is allocated)."""
+    counts = dcgan_param_counts(model_config(config, data))
+    return {"generator": counts["generator"], "discriminator": counts["discriminator"]}
+
+
+def load_model(state: dict, *, average: bool = True) -> Generator:
+    """The generator of a checkpoint (on the CPU, in eval mode): its weight average when it has
+    one and ``average``, else its trained weights. Used by ``dllab eval`` and
+    :func:`dllab.load_run`."""
+    generator = Generator(DCGANConfig(**state["extra"]["model_config"]))
+    key = "generator_ema" if average and "generator_ema" in state["models"] else "generator"
+    generator.load_state_dict(state["models"][key])
+    return generator.eval()
 
 
 class ClassifierFeatures:
     """A trained dllab classifier seen from GAN images in [-1, 1]: features and logits."""
 
     def __init__(self, run_path, device: torch.device):
-        from dllab.models.resnet import ResNet, ResNetConfig
         from dllab.runs import Run
+        from dllab.train.classifier import load_model as load_classifier
 
         run = Run.open(run_path)
         if run.kind != "classifier":
@@ -118,11 +124,7 @@ class ClassifierFeatures:
         name = "best" if run.has_checkpoint("best") else "last"
         state = run.load_checkpoint(name, map_location="cpu")
         extra = state["extra"]
-        self.model = ResNet(ResNetConfig(**extra["model_config"]))
-        weights = state["models"]["ema"] if "ema" in state["models"] else state["models"]["model"]
-        weights = {k.removeprefix("module."): v for k, v in weights.items() if k != "n_averaged"}
-        self.model.load_state_dict(weights)
-        self.model.to(device).eval()
+        self.model = load_classifier(state).to(device)
         self.mean = torch.tensor(extra["mean"], device=device).view(1, -1, 1, 1)
         self.std = torch.tensor(extra["std"], device=device).view(1, -1, 1, 1)
         self.classes = extra["classes"]
@@ -169,18 +171,20 @@ def quality_metrics(generator, data, clf: ClassifierFeatures, n: int, seed: int,
 
 class DCGANTrainer(Trainer):
     kind = "dcgan"
+    config_class = DCGANTrainConfig
     best_metric = "clf_fid"
     best_mode = "min"
     scale = "tanh"
+    size_flags = ("--g-width", "--d-width", "--nz")
 
     def build(self) -> None:
         from dllab.losses.gan import d_loss, g_loss
 
         self._d_loss, self._g_loss = d_loss, g_loss
         c = self.config
-        self.amp_dtype = resolve_precision(c["precision"], self.device)
+        self.amp_dtype = resolve_precision(c.precision, self.device)
         cfg = model_config(c, self.data)
-        self.counts = check_budget(cfg, c.get("max_params"))
+        self.counts = dcgan_param_counts(cfg)
         self.gen = Generator(cfg).to(self.device)
         self.disc = Discriminator(cfg).to(self.device)
         # D runs three times per step (real, fake, fake again for G) before its graphs are used.
@@ -190,25 +194,24 @@ class DCGANTrainer(Trainer):
         # ("modified by an inplace operation"). D's running statistics are never used (D only
         # ever runs in training mode), so D does not broadcast them.
         self.G, self.D = self.wrap(self.gen), self.wrap(self.disc, broadcast_buffers=False)
-        betas = (float(c["beta1"]), 0.999)
+        betas = (c.beta1, 0.999)
         fused = optimizer_options(self.device)
-        self.opt_g = torch.optim.Adam(self.gen.parameters(), lr=float(c["lr"]), betas=betas, **fused)
-        self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=float(c["lr_d"] or c["lr"]), betas=betas,
-                                      **fused)
-        self.ema = make_ema(self.gen) if c["ema"] > 0 else None
-        gen = torch.Generator().manual_seed(int(c["seed"]) + 1)
+        self.opt_g = torch.optim.Adam(self.gen.parameters(), lr=c.lr, betas=betas, **fused)
+        self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=c.lr_d or c.lr, betas=betas, **fused)
+        self.ema = EMA(self.gen, c.ema) if c.ema > 0 else None
+        gen = torch.Generator().manual_seed(c.seed + 1)
         self.fixed_noise = self.gen.sample_noise(64, generator=gen, device=self.device)
-        self.clf = ClassifierFeatures(c["classifier_run"], self.device) if c.get("classifier_run") else None
-        self.noise_gen = None
+        self.clf = ClassifierFeatures(c.classifier_run, self.device) if c.classifier_run else None
 
     def modules(self):
-        mods = {"generator": self.gen, "discriminator": self.disc}
-        if self.ema is not None:
-            mods["generator_ema"] = self.ema
-        return mods
+        return {"generator": self.gen, "discriminator": self.disc}
 
-    def optimizers(self):
-        return {"generator": self.opt_g, "discriminator": self.opt_d}
+    def updates(self):
+        """D's step on real and fake, then G's step against the updated D (Goodfellow et al. 2014,
+        algorithm 1, with k = 1)."""
+        return [Update("discriminator", self.d_loss, self.opt_d, self.disc, grad_norm_key="grad_norm_d"),
+                Update("generator", self.g_loss, self.opt_g, self.gen, ema=self.ema,
+                       grad_norm_key="grad_norm_g")]
 
     def extra_state(self) -> dict:
         return {"model_config": dataclasses.asdict(self.gen.config), "fixed_noise": self.fixed_noise.cpu(),
@@ -218,56 +221,49 @@ class DCGANTrainer(Trainer):
         self.fixed_noise = state["fixed_noise"].to(self.device)
 
     def sampler(self) -> Generator:
-        return self.ema if self.ema is not None else self.gen
+        return self.ema.module if self.ema is not None else self.gen
 
-    def train_step(self, x, y):
-        from dllab.losses.gan import add_instance_noise, instance_noise_std
+    def prepare(self, x, y) -> dict:
+        from dllab.losses.gan import instance_noise_std
 
-        c = self.config
-        self.G.train()
-        self.D.train()
-        n = x.shape[0]
-        std = instance_noise_std(self.step, float(c["instance_noise"]), int(c["instance_noise_steps"]))
-        # --- discriminator step: maximise log D(x) + log(1 - D(G(z)))
-        z = torch.randn(n, self.gen.config.nz, device=self.device)
+        batch = super().prepare(x, y)
+        batch["noise_std"] = instance_noise_std(self.step, self.config.instance_noise,
+                                                self.config.instance_noise_steps)
+        return batch
+
+    def d_loss(self, batch: dict):
+        """The discriminator's loss: maximise log D(x) + log(1 - D(G(z))). Leaves G(z) in ``batch``."""
+        from dllab.losses.gan import add_instance_noise
+
+        x, std = batch["x"], batch["noise_std"]
+        z = torch.randn(x.shape[0], self.gen.config.nz, device=self.device)
         with self.autocast():
             fake = self.G(z)
             real_logits = self.D(add_instance_noise(x, std))
             fake_logits = self.D(add_instance_noise(fake.detach(), std))
-        loss_d, loss_real, loss_fake = self._d_loss(real_logits.float(), fake_logits.float(), c["loss"],
-                                                    smooth=float(c["label_smoothing"]))
-        self.opt_d.zero_grad(set_to_none=True)
-        if not self.finite(loss_d):
-            return {}
-        loss_d.backward()
-        gn_d = grad_norm(self.disc)
-        self.opt_d.step()
-        # --- generator step: non-saturating, maximise log D(G(z))
+        loss_d, loss_real, loss_fake = self._d_loss(real_logits.float(), fake_logits.float(), self.config.loss,
+                                                    smooth=self.config.label_smoothing)
+        batch["fake"] = fake
+        return loss_d, {"d_loss": loss_d.detach(), "d_loss_real": loss_real.detach(),
+                        "d_loss_fake": loss_fake.detach(),
+                        "d_real": torch.sigmoid(real_logits.detach().float()).mean(),
+                        "d_fake_before": torch.sigmoid(fake_logits.detach().float()).mean()}
+
+    def g_loss(self, batch: dict):
+        """The generator's non-saturating loss, maximise log D(G(z)), against the updated D."""
+        from dllab.losses.gan import add_instance_noise
+
         with self.autocast():
-            fake_logits_after = self.D(add_instance_noise(fake, std))
-        loss_g = self._g_loss(fake_logits_after.float(), c["loss"])
-        self.opt_g.zero_grad(set_to_none=True)
-        if not self.finite(loss_g):
-            return {}
-        loss_g.backward()
-        gn_g = grad_norm(self.gen)
-        self.opt_g.step()
-        if self.ema is not None:
-            ema_update(self.ema, self.gen, float(c["ema"]))
-        return {
-            "d_loss": loss_d.detach(), "d_loss_real": loss_real.detach(), "d_loss_fake": loss_fake.detach(),
-            "g_loss": loss_g.detach(),
-            "d_real": torch.sigmoid(real_logits.detach().float()).mean(),
-            "d_fake_before": torch.sigmoid(fake_logits.detach().float()).mean(),
-            "d_fake_after": torch.sigmoid(fake_logits_after.detach().float()).mean(),
-            "grad_norm_d": gn_d, "grad_norm_g": gn_g,
-        }
+            fake_logits_after = self.D(add_instance_noise(batch["fake"], batch["noise_std"]))
+        loss_g = self._g_loss(fake_logits_after.float(), self.config.loss)
+        return loss_g, {"g_loss": loss_g.detach(),
+                        "d_fake_after": torch.sigmoid(fake_logits_after.detach().float()).mean()}
 
     def evaluate(self) -> dict:
         if self.clf is None:
             return {}
-        m = quality_metrics(self.sampler(), self.data, self.clf, int(self.config["eval_samples"]),
-                            int(self.config["seed"]), self.device)
+        m = quality_metrics(self.sampler(), self.data, self.clf, self.config.eval_samples,
+                            self.config.seed, self.device)
         return {k: m[k] for k in ("clf_fid", "clf_precision", "clf_recall", "clf_modes_covered",
                                   "clf_kl_gen_data")}
 
@@ -290,7 +286,7 @@ class DCGANTrainer(Trainer):
 
     def finish(self, test_metrics) -> dict:
         return analyse(self.sampler(), self.data, self.run, self.device, self.config, self.clf,
-                       n=int(self.config["eval_samples"]), counts=self.counts)
+                       n=self.config.eval_samples, counts=self.counts)
 
 
 def progress_grids(run) -> list[torch.Tensor]:
@@ -298,15 +294,15 @@ def progress_grids(run) -> list[torch.Tensor]:
     return [torch.load(p, weights_only=True).float() for p in sorted(folder.glob("epoch_*.pt"))]
 
 
-def analyse(generator, data, run, device, config: dict, clf: ClassifierFeatures | None, n: int,
-            counts: dict | None = None, prefix: str = "") -> dict:
+def analyse(generator, data, run, device, config: DCGANTrainConfig, clf: ClassifierFeatures | None,
+            n: int, counts: dict | None = None, prefix: str = "") -> dict:
     """Final samples, progress strip/GIF, nearest training neighbours and the classifier metrics."""
     from dllab.figures.common import save_image_grid
     from dllab.figures.gan import (plot_class_histogram, plot_nearest_neighbours, save_progress_gif,
                                    save_progress_strip)
     from dllab.metrics.gan import nearest_neighbours
 
-    seed = int(config["seed"])
+    seed = config.seed
     samples = generate(generator, 64, seed + 2, device)
     save_image_grid(samples, run.figure_path(f"{prefix}samples.png"), nrow=8, scale="tanh",
                     title="samples")
@@ -327,7 +323,7 @@ def analyse(generator, data, run, device, config: dict, clf: ClassifierFeatures 
                              run.figure_path(f"{prefix}class_histogram.png"))
         out.update({k: v for k, v in m.items() if not isinstance(v, (list, dict))})
         out["clf_class_hist"] = m["clf_class_hist"]
-        out["classifier_run"] = str(config.get("classifier_run"))
+        out["classifier_run"] = str(config.classifier_run)
     return out
 
 
@@ -336,25 +332,22 @@ def evaluate_run(run, device: torch.device, options: dict) -> dict:
     (with local weights) Inception FID/IS."""
     from dllab.data import load
 
-    c = run.config
+    c = from_mapping(DCGANTrainConfig, run.config)
     state = run.load_checkpoint(options.get("checkpoint", "best"), map_location="cpu")
-    data = load(c["dataset"], data_dir=options.get("data_dir") or c.get("data_dir"),
-                limit=c.get("limit"))
-    generator = Generator(DCGANConfig(**state["extra"]["model_config"]))
+    data = load(c.dataset, data_dir=options.get("data_dir") or c.data_dir, limit=c.limit)
+    generator = load_model(state).to(device)
     key = "generator_ema" if "generator_ema" in state["models"] else "generator"
-    generator.load_state_dict(state["models"][key])
-    generator.to(device).eval()
-    clf_path = options.get("classifier") or c.get("classifier_run")
+    clf_path = options.get("classifier") or c.classifier_run
     clf = ClassifierFeatures(clf_path, device) if clf_path else None
     n = int(options.get("num_samples") or 5000)
     result = {"checkpoint": options.get("checkpoint", "best"), "epoch": state["epoch"],
               "sampler": key, "num_samples": n}
-    result.update(analyse(generator, data, run, device, {**c, "classifier_run": clf_path}, clf, n=n,
-                          prefix="eval_"))
+    result.update(analyse(generator, data, run, device, dataclasses.replace(c, classifier_run=clf_path),
+                          clf, n=n, prefix="eval_"))
     if options.get("inception_weights"):
         from dllab.metrics.gan import inception_metrics
 
-        fake = generate(generator, n, int(c["seed"]), device)
+        fake = generate(generator, n, c.seed, device)
         real = data.train_x[:n].float() / 127.5 - 1
         result.update(inception_metrics(fake, real, weights_path=options["inception_weights"]))
     return result

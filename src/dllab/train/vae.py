@@ -12,9 +12,9 @@ import dataclasses
 
 import torch
 
-from dllab.config import (TrainConfig, nonnegative_float, nonnegative_int, positive_int, redefault,
-                          setting)
-from dllab.engine import Trainer
+from dllab.config import (TrainConfig, from_mapping, nonnegative_float, nonnegative_int, positive_int,
+                          redefault, setting)
+from dllab.engine import Trainer, Update
 from dllab.train import MetricNames
 from dllab.models.vae import VAE, VAEConfig
 from dllab.utils import optimizer_options, resolve_precision
@@ -54,7 +54,7 @@ METRICS = MetricNames(
     curves=("loss", "elbo", "recon", "kl", "active_units", "bits_per_dim"))
 
 
-def data_options(config: dict) -> dict:
+def data_options(config: VAETrainConfig) -> dict:
     return {}
 
 
@@ -67,39 +67,54 @@ def tsne_perplexities(n: int) -> tuple[int, ...]:
     return tuple(p for p in TSNE_PERPLEXITIES if p < n)
 
 
-def validate(config: dict, data) -> None:
+def validate(config: VAETrainConfig, data) -> None:
     """Refuse, before any folder is written, a final analysis that could not run."""
-    n = min(int(config["tsne_points"]), len(data.test_y))
+    n = min(config.tsne_points, len(data.test_y))
     if not tsne_perplexities(n):
-        raise ValueError(f"t-SNE of {n} test points (--tsne-points {config['tsne_points']}, "
+        raise ValueError(f"t-SNE of {n} test points (--tsne-points {config.tsne_points}, "
                          f"{len(data.test_y)} test images) cannot take perplexity {TSNE_PERPLEXITIES[0]} "
                          f"or more: give at least {TSNE_PERPLEXITIES[0] + 1} points")
 
 
-def model_config(config: dict, data) -> VAEConfig:
-    return VAEConfig(latent_dim=int(config["latent_dim"]), in_channels=data.in_channels,
-                     image_size=data.image_size, arch=config["arch"], likelihood=config["likelihood"],
-                     gaussian_variance=config["gaussian_variance"], beta=float(config["beta"]),
-                     kl_warmup_steps=int(config["kl_warmup_steps"]), free_bits=float(config["free_bits"]),
-                     binarize=config["binarize"])
+def model_config(config: VAETrainConfig, data) -> VAEConfig:
+    return VAEConfig(latent_dim=config.latent_dim, in_channels=data.in_channels,
+                     image_size=data.image_size, arch=config.arch, likelihood=config.likelihood,
+                     gaussian_variance=config.gaussian_variance, beta=config.beta,
+                     kl_warmup_steps=config.kl_warmup_steps, free_bits=config.free_bits,
+                     binarize=config.binarize)
+
+
+def param_counts(config: VAETrainConfig, data) -> dict[str, int]:
+    """The VAE's parameters (counted on the meta device: nothing is allocated)."""
+    with torch.device("meta"):
+        return {"model": sum(p.numel() for p in VAE(model_config(config, data)).parameters())}
+
+
+def load_model(state: dict) -> VAE:
+    """The VAE of a checkpoint (on the CPU, in eval mode); used by ``dllab eval`` and
+    :func:`dllab.load_run`."""
+    model = VAE(VAEConfig(**state["extra"]["model_config"]))
+    model.load_state_dict(state["models"]["model"])
+    return model.eval()
 
 
 class VAETrainer(Trainer):
     kind = "vae"
+    config_class = VAETrainConfig
     best_metric = "test_loss"
     best_mode = "min"
     scale = "unit"
+    size_flags = ("--latent-dim",)
 
     def build(self) -> None:
         from dllab.losses.vae import binarize, vae_loss
 
         self._binarize, self._loss = binarize, vae_loss
         c = self.config
-        self.amp_dtype = resolve_precision(c["precision"], self.device)
+        self.amp_dtype = resolve_precision(c.precision, self.device)
         self.net = VAE(model_config(c, self.data)).to(self.device)
         self.model = self.wrap(self.net)
-        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=float(c["lr"]),
-                                          **optimizer_options(self.device))
+        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=c.lr, **optimizer_options(self.device))
         self.test_loader = self.loader("test", shuffle=False, augment=False, drop_last=False,
                                        batch_size=512)
         # fixed test images for the progress pictures, so epochs compare
@@ -111,31 +126,26 @@ class VAETrainer(Trainer):
     def modules(self):
         return {"model": self.net}
 
-    def optimizers(self):
-        return {"optimizer": self.optimizer}
+    def updates(self):
+        return [Update("model", self.loss, self.optimizer, self.net)]
 
     def extra_state(self) -> dict:
         return {"model_config": dataclasses.asdict(self.net.config), "classes": list(self.data.classes)}
 
-    def train_step(self, x, y):
-        self.model.train()
+    def loss(self, batch: dict):
+        x = batch["x"]
         if self.net.config.binarize == "dynamic":
             x = self._binarize(x)
         with self.autocast():
             out = self.model(x)
         out = {k: (v.float() if torch.is_tensor(v) else v) for k, v in out.items()}
         losses = self._loss(out, x, self.net.config, step=self.step)
-        self.optimizer.zero_grad(set_to_none=True)
-        if not self.finite(losses["loss"]):
-            return {}
-        losses["loss"].backward()
-        self.optimizer.step()
-        return {k: losses[k].detach() for k in ("loss", "recon", "kl", "beta")}
+        return losses["loss"], {k: losses[k].detach() for k in ("loss", "recon", "kl", "beta")}
 
     def evaluate(self) -> dict:
         from dllab.metrics.vae import evaluate_vae
 
-        result = evaluate_vae(self.net, self.test_loader, self.device, seed=int(self.config["seed"]))
+        result = evaluate_vae(self.net, self.test_loader, self.device, seed=self.config.seed)
         self._last_eval = result
         keys = ("test_loss", "test_elbo", "test_recon", "test_kl", "bits_per_dim", "active_units")
         return {k: result[k] for k in keys}
@@ -151,16 +161,17 @@ class VAETrainer(Trainer):
 
     def finish(self, test_metrics) -> dict:
         return analyse(self.net, self.data, self.run, self.device, self.config,
-                       iw_samples=int(self.config.get("iw_samples", 0)))
+                       iw_samples=self.config.iw_samples)
 
 
-def analyse(model: VAE, data, run, device, config: dict, iw_samples: int = 0, prefix: str = "") -> dict:
+def analyse(model: VAE, data, run, device, config: VAETrainConfig, iw_samples: int = 0,
+            prefix: str = "") -> dict:
     """Final VAE figures and latent-space numbers: samples, t-SNE, interpolation, k-NN, (IWAE)."""
     from dllab.figures.vae import plot_interpolation, plot_manifold, plot_samples, plot_tsne
     from dllab.metrics.vae import collect_latents, evaluate_vae, knn_accuracy
 
     model.eval()
-    seed = int(config["seed"])
+    seed = config.seed
     gen = torch.Generator().manual_seed(seed)
     test_loader = data.loader("test", batch_size=512, shuffle=False, augment=False, scale="unit",
                               device=device, drop_last=False)
@@ -176,7 +187,7 @@ def analyse(model: VAE, data, run, device, config: dict, iw_samples: int = 0, pr
     z_train, y_train = collect_latents(model, train_loader, device, seed=seed)
     z_test, y_test = collect_latents(model, test_loader, device, seed=seed)
     out["knn_acc"] = knn_accuracy(z_train, y_train, z_test, y_test, k=5)
-    n = min(int(config.get("tsne_points", 2000)), len(z_test))
+    n = min(config.tsne_points, len(z_test))
     plot_tsne(z_test[:n], y_test[:n], run.figure_path(f"{prefix}tsne.png"), seed=seed,
               class_names=list(data.classes), perplexities=tsne_perplexities(n))
     plot_samples(model, run.figure_path(f"{prefix}samples.png"), generator=gen)
@@ -201,16 +212,13 @@ def evaluate_run(run, device: torch.device, options: dict) -> dict:
     from dllab.data import load
     from dllab.metrics.vae import evaluate_vae
 
-    c = run.config
+    c = from_mapping(VAETrainConfig, run.config)
     state = run.load_checkpoint(options.get("checkpoint", "best"), map_location="cpu")
-    data = load(c["dataset"], data_dir=options.get("data_dir") or c.get("data_dir"),
-                limit=c.get("limit"))
-    model = VAE(VAEConfig(**state["extra"]["model_config"]))
-    model.load_state_dict(state["models"]["model"])
-    model.to(device).eval()
+    data = load(c.dataset, data_dir=options.get("data_dir") or c.data_dir, limit=c.limit)
+    model = load_model(state).to(device)
     loader = data.loader("test", batch_size=int(options.get("batch_size") or 256), shuffle=False,
                          augment=False, scale="unit", device=device, drop_last=False)
-    result = evaluate_vae(model, loader, device, seed=int(c["seed"]))
+    result = evaluate_vae(model, loader, device, seed=c.seed)
     summary = {k: v for k, v in result.items() if k != "latent_variances"}
     summary.update(analyse(model, data, run, device, c, iw_samples=int(options.get("iw_samples") or 0),
                            prefix="eval_"))
