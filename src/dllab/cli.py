@@ -238,7 +238,7 @@ def _main(argv: list[str]) -> int:
             command.error(f"unrecognized arguments: {' '.join(extra)}")
         from dllab.checkpoint import CheckpointError
         from dllab.data import CorruptDatasetError
-        from dllab.engine import Interrupted, NonFiniteLossError
+        from dllab.engine import AlarmStop, Interrupted, NonFiniteLossError
         from dllab.runs import RunFolderError
     except KeyboardInterrupt as e:  # Ctrl-C while the modules load: one line, no traceback
         print(f"dllab: {_stopped_by(e)}", file=sys.stderr)
@@ -255,7 +255,7 @@ def _main(argv: list[str]) -> int:
     except (UsageError, RunFolderError, ValueError) as e:
         print(f"dllab {args.command}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except (CheckpointError, NonFiniteLossError, FileNotFoundError, OSError) as e:
+    except (CheckpointError, NonFiniteLossError, AlarmStop, FileNotFoundError, OSError) as e:
         print(f"dllab {args.command}: error: {e}", file=sys.stderr)
         return 1
     except Interrupted as e:

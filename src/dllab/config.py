@@ -172,6 +172,10 @@ class TrainConfig:
     grad_clip: float = setting(0.0, "clip the gradient norm of each optimiser's parameters to this "
                                "before its step (0: off); the logged gradient norms are before "
                                "clipping", type=nonnegative_float, group=TRAINING)
+    on_alarm: str = setting("warn", "when an alarm fires (posterior or mode collapse, divergence, "
+                            "past the best FID; see dllab.metrics.alarms): warn, or stop the run "
+                            "with its checkpoint", choices=("warn", "stop"), group=TRAINING,
+                            resumable=True)
     max_nonfinite: int = setting(20, "stop after this many consecutive NaN/inf losses (each such step "
                                  "is skipped)", type=positive_int, group=TRAINING, resumable=True)
     # run folder

@@ -38,6 +38,7 @@ import errno
 import inspect
 import math
 import signal
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -73,6 +74,15 @@ def is_out_of_memory(error: BaseException) -> bool:
         return True
     text = str(error)
     return isinstance(error, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)
+
+
+class AlarmStop(Exception):
+    """An alarm fired under ``--on-alarm stop``; last.pt holds the epoch it fired after."""
+
+    def __init__(self, name: str, message: str, run_path):
+        self.name, self.message, self.run_path = name, message, run_path
+        super().__init__(f"stopped by the {name} alarm: {message}. The run is kept in {run_path} "
+                         f"(continue it with --resume --out {run_path} --on-alarm warn)")
 
 
 class Interrupted(Exception):
@@ -296,6 +306,8 @@ class Trainer:
         self.train_seconds = 0.0
         self.images_seen = 0
         self.nonfinite_total = 0
+        self.history: list[dict] = []  # per epoch: test metrics and train_* epoch means (alarms)
+        self.alarms_fired: list[dict] = []  # {"alarm", "epoch", "message"}, each alarm once
         self._nonfinite_run = 0
         self._step_skipped = False
         self._buffers: list[torch.Tensor] | None = None  # see _backup_buffers
@@ -353,6 +365,11 @@ class Trainer:
         if self._updates is None:
             self._updates = list(self.updates())
         return self._updates
+
+    def alarms(self, history: list[dict]) -> list[tuple[str, str | None]]:
+        """The kind's alarm rules (:mod:`dllab.metrics.alarms`) on the per-epoch ``history``:
+        ``(name, message or None)`` pairs, run after every epoch."""
+        return []
 
     def extra_state(self) -> dict:
         """Kind-specific state to checkpoint (tensors and plain values only)."""
@@ -567,6 +584,8 @@ class Trainer:
             "train_seconds": self.train_seconds,
             "images_seen": self.images_seen,
             "nonfinite_total": self.nonfinite_total,
+            "history": self.history,
+            "alarms": self.alarms_fired,
         }
 
     def load_state(self, state: dict) -> None:
@@ -602,6 +621,8 @@ class Trainer:
         self.train_seconds = state.get("train_seconds", 0.0)
         self.images_seen = state.get("images_seen", 0)
         self.nonfinite_total = state.get("nonfinite_total", 0)
+        self.history = list(state.get("history", []))
+        self.alarms_fired = list(state.get("alarms", []))
 
     def save(self, name: str = "last") -> None:
         """Write checkpoints/NAME.pt (rank 0; every rank must call it under torchrun).
@@ -652,6 +673,9 @@ class Trainer:
         except Interrupted:
             self._write_unfinished("interrupted")
             raise
+        except AlarmStop as e:
+            self._write_unfinished("stopped", e)
+            raise
         except Exception as e:
             if not is_out_of_memory(e):
                 self._write_unfinished("failed", e)
@@ -674,7 +698,7 @@ class Trainer:
                 "status": status, "kind": self.kind, "dataset": self.config.dataset,
                 "epochs": self.epoch, "epochs_planned": self.config.epochs, "steps": self.step,
                 **({"error": f"{type(error).__name__}: {str(error).strip()[:300]}"} if error else {}),
-                **self._last_test, "best": self.best,
+                **self._last_test, "best": self.best, "alarms": self.alarms_fired,
             })
         except OSError:  # the disk that failed the run may refuse this too: the error is the news
             pass
@@ -709,8 +733,11 @@ class Trainer:
             while self.epoch < epochs:
                 train_loader.set_epoch(self.epoch)
                 sums: dict[str, torch.Tensor] = {}
-                since_log = 0
-                bar = progress(total=len(train_loader), desc=f"{self.kind} epoch {self.epoch + 1}/{epochs}",
+                epoch_sums: dict[str, torch.Tensor] = {}
+                since_log = epoch_steps = 0
+                alarm = f" [alarm: {', '.join(a['alarm'] for a in self.alarms_fired)}]" if self.alarms_fired else ""
+                bar = progress(total=len(train_loader),
+                               desc=f"{self.kind} epoch {self.epoch + 1}/{epochs}{alarm}",
                                quiet=self.quiet or self.rank != 0, initial=self.batch_in_epoch)
                 t_epoch = time.perf_counter()
                 for x, y in train_loader.iterate(start=self.batch_in_epoch):
@@ -722,7 +749,9 @@ class Trainer:
                     self.images_seen += x.shape[0] * self.world_size
                     for k, v in metrics.items():
                         sums[k] = sums.get(k, 0) + v.detach().float()
+                        epoch_sums[k] = epoch_sums.get(k, 0) + v.detach().float()
                     since_log += 1
+                    epoch_steps += 1
                     bar.update(1)
                     if self.step % log_every == 0 or self.batch_in_epoch == len(train_loader):
                         # every log_every steps, and the epoch's last steps too
@@ -749,10 +778,15 @@ class Trainer:
                     self.best = {"epoch": self.epoch, "step": self.step,
                                  self.best_metric: test_metrics[self.best_metric]}
                     self.save("best")
+                train_means = self._mean_over_ranks(epoch_sums, max(epoch_steps, 1))
+                self.history.append({**self._last_test, **{f"train_{k}": v for k, v in train_means.items()}})
+                fired = self._sound_alarms(bar)
                 self.save("last")
                 if self.rank == 0:
                     self.epoch_end(self.epoch, test_metrics)
                 self._check_stop()
+                if fired and self.config.on_alarm == "stop":
+                    raise AlarmStop(fired[0]["alarm"], fired[0]["message"], self.run.path)
             # The final phase (evaluation, analyses, figures) has no steps to stop between: a
             # signal stops it at once. last.pt holds the finished training, so --resume goes
             # straight back to this phase.
@@ -771,6 +805,20 @@ class Trainer:
             for sig, handler in old_handlers.items():
                 signal.signal(sig, handler)
             self.run.close()
+
+    def _sound_alarms(self, bar) -> list[dict]:
+        """Run the kind's alarm rules on the history; each alarm that fires for the first time is
+        logged (``{"split": "alarm"}``), written under the progress bar, and returned."""
+        already = {a["alarm"] for a in self.alarms_fired}
+        fired = [{"alarm": name, "epoch": self.epoch, "step": self.step, "message": message}
+                 for name, message in self.alarms(self.history) if message and name not in already]
+        for alarm in fired:
+            self.alarms_fired.append(alarm)
+            self.run.log({"split": "alarm", **alarm})
+            if self.rank == 0 and not self.quiet:
+                bar.write(f"dllab {self.kind}: ALARM after epoch {self.epoch}: {alarm['message']}",
+                          file=sys.stderr)
+        return fired
 
     def step_extras(self) -> dict:
         """Values logged with every train record (e.g. learning rate)."""
@@ -801,6 +849,7 @@ class Trainer:
             "images_per_second": round(self.images_seen / self.train_seconds, 2)
             if self.train_seconds > 0 else None,
             "nonfinite_steps_skipped": self.nonfinite_total,
+            "alarms": self.alarms_fired,
             "best": self.best,
             "device": str(self.device),
             "precision": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "fp32",

@@ -146,6 +146,14 @@ class RunData:
         return str(self.summary.get("status", COMPLETE))
 
     @property
+    def alarms(self) -> list[dict]:
+        """The alarms the run sounded (summary.json's ``alarms``; metrics.jsonl's while it runs)."""
+        fired = self.summary.get("alarms")
+        if not isinstance(fired, list):
+            fired = [r for r in self.records if r.get("split") == "alarm"]
+        return [a for a in fired if isinstance(a, dict)]
+
+    @property
     def state(self) -> str:
         """The status in words, with how far an unfinished run got: "interrupted at epoch 2 of 5"."""
         if self.status == COMPLETE:
@@ -573,6 +581,9 @@ def render_html(runs: Sequence[RunData], overlays: Sequence[Overlay], generated:
             body.append(f'<p class="warn">This run is {esc(run.state)}: its numbers are not final '
                         f"(finish it with <code>dllab train {esc(run.kind or 'KIND')} --resume --out "
                         f"{esc(str(run.path))}</code>).</p>")
+        for alarm in run.alarms:
+            body.append(f'<p class="warn">ALARM after epoch {esc(str(alarm.get("epoch", "?")))}: '
+                        f'{esc(str(alarm.get("message", alarm.get("alarm", ""))))}</p>')
         body.append(_html_metrics_block(run.summary, "No summary.json: the run has not finished "
                                         "(resume it with --resume)."))
         if run.eval is not None:
@@ -689,6 +700,9 @@ def render_markdown(runs: Sequence[RunData], overlays: Sequence[Overlay], genera
                   f"Folder: {md_text(str(run.path))}", "", "### Summary", ""]
         if run.status != COMPLETE:
             lines += [f"**This run is {md_text(run.state)}: its numbers are not final.**", ""]
+        lines += [f"**ALARM after epoch {md_text(str(a.get('epoch', '?')))}:** "
+                  f"{md_text(str(a.get('message', a.get('alarm', ''))))}" for a in run.alarms]
+        lines += [""] if run.alarms else []
         lines += _md_metrics_block(run.summary, "No summary.json: the run has not finished.")
         if run.eval is not None:
             lines += ["### Evaluation (eval.json)", ""]

@@ -104,7 +104,8 @@ def environment() -> dict:
 
 
 #: a run's states (:attr:`Run.status`)
-COMPLETE, INTERRUPTED, FAILED, UNFINISHED = "complete", "interrupted", "failed", "unfinished"
+COMPLETE, INTERRUPTED, FAILED, STOPPED, UNFINISHED = ("complete", "interrupted", "failed", "stopped",
+                                                     "unfinished")
 
 
 class Run:
@@ -245,7 +246,8 @@ class Run:
     @property
     def status(self) -> str:
         """``complete``, ``interrupted`` (SIGINT/SIGTERM), ``failed`` (an error, named in the
-        summary's ``error``) or ``unfinished`` (no summary: training now, or killed outright).
+        summary's ``error``), ``stopped`` (an alarm under ``--on-alarm stop``) or ``unfinished``
+        (no summary: training now, or killed outright).
 
         A summary without ``status`` was written by a dllab that wrote one only at the end: complete.
         """
@@ -287,4 +289,4 @@ class Run:
 
 
 __all__ = ["Run", "RunFolderError", "CheckpointError", "read_metrics", "read_json", "write_json",
-           "COMPLETE", "INTERRUPTED", "FAILED", "UNFINISHED"]
+           "COMPLETE", "INTERRUPTED", "FAILED", "STOPPED", "UNFINISHED"]

@@ -208,6 +208,11 @@ class ClassifierTrainer(Trainer):
     def step_extras(self) -> dict:
         return {"lr": self.optimizer.param_groups[0]["lr"]}
 
+    def alarms(self, history):
+        from dllab.metrics.alarms import classifier_divergence
+
+        return [("diverged", classifier_divergence(history, self.data.num_classes))]
+
     def eval_model(self) -> nn.Module:
         return self.ema.module if self.ema is not None else self.net
 

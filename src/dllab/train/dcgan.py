@@ -55,6 +55,8 @@ class DCGANTrainConfig(TrainConfig):
                                          "(NOT Inception FID)", default_text="none: no quality metrics")
     eval_samples: int = setting(1000, "generated samples for the per-epoch and final metrics",
                                 type=positive_int)
+    fid_patience: int = setting(5, "alarm when the classifier-feature FID has not improved on its best "
+                                "for this many epochs", type=positive_int, resumable=True)
 
 
 CONFIG = DCGANTrainConfig
@@ -258,6 +260,15 @@ class DCGANTrainer(Trainer):
         loss_g = self._g_loss(fake_logits_after.float(), self.config.loss)
         return loss_g, {"g_loss": loss_g.detach(),
                         "d_fake_after": torch.sigmoid(fake_logits_after.detach().float()).mean()}
+
+    def alarms(self, history):
+        from dllab.metrics.alarms import gan_divergence, mode_collapse, past_best
+
+        rules = [("divergence", gan_divergence(history))]
+        if self.clf is not None:  # coverage and FID need the classifier's features
+            rules += [("mode_collapse", mode_collapse(history, len(self.clf.classes))),
+                      ("past_best_fid", past_best(history, "clf_fid", self.config.fid_patience))]
+        return rules
 
     def evaluate(self) -> dict:
         if self.clf is None:

@@ -142,6 +142,13 @@ class VAETrainer(Trainer):
         losses = self._loss(out, x, self.net.config, step=self.step)
         return losses["loss"], {k: losses[k].detach() for k in ("loss", "recon", "kl", "beta")}
 
+    def alarms(self, history):
+        from dllab.metrics.alarms import posterior_collapse
+
+        if self.step < self.config.kl_warmup_steps:  # the KL is not yet fully weighted
+            return []
+        return [("posterior_collapse", posterior_collapse(history, self.config.latent_dim))]
+
     def evaluate(self) -> dict:
         from dllab.metrics.vae import evaluate_vae
 
