@@ -138,3 +138,32 @@ def test_the_fid_alarm_through_the_engine(tmp_path, classifier_run, monkeypatch)
     alarm = fired(out)["past_best_fid"]
     assert alarm["epoch"] == 4 and "10 at epoch 1" in alarm["message"]
     assert json.loads((out / "summary.json").read_text())["best"]["epoch"] == 1
+
+
+# ---- the protocol card of every generative metric -------------------------------------------
+def test_generative_metrics_carry_their_protocol_in_summary_eval_and_report(tmp_path, classifier_run,
+                                                                            capsys):
+    from dllab.checkpoint import sha256_file
+
+    out = tmp_path / "gan"
+    assert main(["train", "dcgan", *BASE, "--epochs", "1", "--g-width", "8", "--d-width", "8", "--nz", "16",
+                 "--eval-samples", "200", "--ema", "0.9", "--classifier-run", str(classifier_run),
+                 "--out", str(out)]) == 0
+    card = Run.open(out).summary()["protocol"]
+    assert card["feature_extractor_sha256"] == sha256_file(classifier_run / "checkpoints" / "best.pt")
+    assert "NOT Inception" in card["feature_extractor"]
+    assert (card["generated_samples"], card["reference_samples"], card["noise_seed"]) == (200, 200, 0)
+    assert card["generator"] == "generator_ema" and "train, the first 200" in card["reference_split"]
+    capsys.readouterr()
+    assert main(["eval", str(out), "--num-samples", "300"]) == 0
+    printed = capsys.readouterr().out
+    assert "protocol.generated_samples" in printed and "protocol.feature_extractor_sha256" in printed
+    assert json.loads((out / "eval.json").read_text())["protocol"]["generated_samples"] == 300
+    report = tmp_path / "r.html"
+    assert main(["report", str(out), "--out", str(report)]) == 0
+    assert card["feature_extractor_sha256"] in report.read_text()
+    vae = tmp_path / "vae"
+    assert main(["train", "vae", *BASE, "--epochs", "1", "--latent-dim", "4", "--tsne-points", "60",
+                 "--iw-samples", "5", "--out", str(vae)]) == 0
+    card = Run.open(vae).summary()["protocol"]
+    assert card["iw_samples"] == 5 and "k=5" in card["metrics"] and "all 256 images" in card["split"]

@@ -99,6 +99,17 @@ def pickled_imports(path: str | os.PathLike) -> list[str]:
     return [g for g in dict.fromkeys(found) if not g.startswith(_SAFE_IMPORTS)]
 
 
+def sha256_file(path: str | os.PathLike) -> str:
+    """The sha256 of a file's bytes (hex), read in 1 MiB blocks: names weights in a protocol."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
     """Load a dllab checkpoint with ``torch.load(weights_only=True)``.
 

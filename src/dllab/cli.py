@@ -179,12 +179,14 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def _print_summary(summary: dict) -> None:
-    width = max((len(k) for k in summary), default=0)
-    for key, value in summary.items():
+    """Scalars one per line; a protocol card (how a metric was measured) after them, flattened."""
+    cards = {k: v for k, v in summary.items() if k.endswith("protocol") and isinstance(v, dict)}
+    rows = {k: v for k, v in summary.items() if not isinstance(v, (list, dict))}
+    rows.update({f"{card}.{k}": v for card, entries in cards.items() for k, v in entries.items()})
+    width = max((len(k) for k in rows), default=0)
+    for key, value in rows.items():
         if isinstance(value, float):
             value = f"{value:.6g}"
-        elif isinstance(value, (list, dict)):
-            continue
         print(f"{key:<{width}}  {value}")
 
 

@@ -123,10 +123,15 @@ class ClassifierFeatures:
         run = Run.open(run_path)
         if run.kind != "classifier":
             raise ValueError(f"--classifier-run {run_path} is a {run.kind!r} run, not a classifier")
+        from dllab.checkpoint import sha256_file
+
         name = "best" if run.has_checkpoint("best") else "last"
         state = run.load_checkpoint(name, map_location="cpu")
         extra = state["extra"]
         self.model = load_classifier(state).to(device)
+        self.checkpoint = run.checkpoint_path(name)
+        self.sha256 = sha256_file(self.checkpoint)
+        self.averaged = any(k in state["models"] for k in ("model_ema", "ema"))
         self.mean = torch.tensor(extra["mean"], device=device).view(1, -1, 1, 1)
         self.std = torch.tensor(extra["std"], device=device).view(1, -1, 1, 1)
         self.classes = extra["classes"]
@@ -158,6 +163,26 @@ def generate(generator: Generator, n: int, seed: int, device: torch.device,
         out.append(generator(z).float().cpu())
     generator.train(was)
     return torch.cat(out)
+
+
+def protocol(clf: ClassifierFeatures, data, n: int, seed: int, sampler: str) -> dict:
+    """How the classifier-feature metrics were measured: what a number needs beside it to be
+    compared (FIDs disagree between tools when this goes unstated: pytorch-fid #11 and #118,
+    StudioGAN #76)."""
+    return {
+        "metrics": "clf_fid (Frechet distance), clf_precision / clf_recall (Kynkaanniemi et al. 2019, "
+                   "k=3), class coverage and KL",
+        "feature_extractor": f"dllab classifier (NOT Inception): penultimate layer of {clf.checkpoint}"
+                             f"{' (its weight average)' if clf.averaged else ''}",
+        "feature_extractor_sha256": clf.sha256,
+        "generated_samples": n,
+        "generator": sampler,
+        "reference_samples": min(n, len(data.train_y)),
+        "reference_split": f"{data.name} train, the first {min(n, len(data.train_y))} images",
+        "resize": f"none ({data.image_size}x{data.image_size}, the classifier's input size)",
+        "dtype": "float32 features, float64 statistics",
+        "noise_seed": seed,
+    }
 
 
 def quality_metrics(generator, data, clf: ClassifierFeatures, n: int, seed: int, device) -> dict:
@@ -297,7 +322,8 @@ class DCGANTrainer(Trainer):
 
     def finish(self, test_metrics) -> dict:
         return analyse(self.sampler(), self.data, self.run, self.device, self.config, self.clf,
-                       n=self.config.eval_samples, counts=self.counts)
+                       n=self.config.eval_samples, counts=self.counts,
+                       sampler="generator_ema" if self.ema is not None else "generator")
 
 
 def progress_grids(run) -> list[torch.Tensor]:
@@ -306,7 +332,7 @@ def progress_grids(run) -> list[torch.Tensor]:
 
 
 def analyse(generator, data, run, device, config: DCGANTrainConfig, clf: ClassifierFeatures | None,
-            n: int, counts: dict | None = None, prefix: str = "") -> dict:
+            n: int, counts: dict | None = None, prefix: str = "", sampler: str = "generator") -> dict:
     """Final samples, progress strip/GIF, nearest training neighbours and the classifier metrics."""
     from dllab.figures.common import save_image_grid
     from dllab.figures.gan import (plot_class_histogram, plot_nearest_neighbours, save_progress_gif,
@@ -335,6 +361,7 @@ def analyse(generator, data, run, device, config: DCGANTrainConfig, clf: Classif
         out.update({k: v for k, v in m.items() if not isinstance(v, (list, dict))})
         out["clf_class_hist"] = m["clf_class_hist"]
         out["classifier_run"] = str(config.classifier_run)
+        out["protocol"] = protocol(clf, data, n, seed, sampler)
     return out
 
 
@@ -354,13 +381,24 @@ def evaluate_run(run, device: torch.device, options: dict) -> dict:
     result = {"checkpoint": options.get("checkpoint", "best"), "epoch": state["epoch"],
               "sampler": key, "num_samples": n}
     result.update(analyse(generator, data, run, device, dataclasses.replace(c, classifier_run=clf_path),
-                          clf, n=n, prefix="eval_"))
+                          clf, n=n, prefix="eval_", sampler=key))
     if options.get("inception_weights"):
         from dllab.metrics.gan import inception_metrics
 
         fake = generate(generator, n, c.seed, device)
         real = data.train_x[:n].float() / 127.5 - 1
+        from dllab.checkpoint import sha256_file
+        from dllab.metrics.gan import find_inception_weights
+
         result.update(inception_metrics(fake, real, weights_path=options["inception_weights"]))
+        weights = find_inception_weights(options["inception_weights"])
+        result["inception_protocol"] = {
+            "feature_extractor": f"Inception-v3 (torch-fidelity's TF port) from {weights}",
+            "feature_extractor_sha256": sha256_file(weights),
+            "generated_samples": n, "generator": key, "reference_samples": int(real.shape[0]),
+            "reference_split": f"{data.name} train, the first {int(real.shape[0])} images",
+            "resize": "to 299x299 inside the network (bilinear), grey images repeated to RGB",
+            "dtype": "uint8 images, float64 statistics", "noise_seed": c.seed}
     return result
 
 

@@ -211,7 +211,23 @@ def analyse(model: VAE, data, run, device, config: VAETrainConfig, iw_samples: i
         plot_interpolation(model, xa, xb, run.figure_path(f"{prefix}interpolation.png"))
     if model.config.latent_dim == 2:
         plot_manifold(model, run.figure_path(f"{prefix}manifold.png"))
+    out["protocol"] = protocol(model, data, iw_samples, seed)
     return out
+
+
+def protocol(model: VAE, data, iw_samples: int, seed: int) -> dict:
+    """How the likelihood numbers were measured, so that they are compared only with like ones
+    (grey-level MNIST-5k ELBOs are not binarised-MNIST ELBOs)."""
+    cfg = model.config
+    return {
+        "metrics": "test ELBO, reconstruction and KL in nats per image (per-image sums); bits/dim; "
+                   + (f"IWAE bound with k={iw_samples} (Burda et al. 2016)" if iw_samples else "no IWAE bound"),
+        "split": f"{data.name} test, all {len(data.test_y)} images",
+        "pixels": ("dynamically binarised" if cfg.binarize == "dynamic" else "grey levels in [0, 1]")
+                  + f", {cfg.likelihood} likelihood",
+        "iw_samples": iw_samples,
+        "noise_seed": seed,
+    }
 
 
 def evaluate_run(run, device: torch.device, options: dict) -> dict:
