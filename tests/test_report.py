@@ -259,10 +259,13 @@ def test_single_run_report_has_every_section(runs, tmp_path):
     # scalar metrics to 4 significant digits, nested ones in details
     assert "<td class=\"num\">0.9812</td>" in page and "<td class=\"num\">11173962</td>" in page
     assert "<details><summary>per_class_acc</summary>" in page
-    # every figure embedded once with its caption; trained figures before eval_ ones
+    # every figure embedded once with its caption: the one that says the most at the top (At a
+    # glance), then the others, trained figures before eval_ ones
     imgs = [a for t, a in parse(page).tags if t == "img"]
-    assert [a["alt"] for a in imgs] == ["curves.png", "lr_schedule.png", "confusion_matrix.png",
+    assert [a["alt"] for a in imgs] == ["confusion_matrix.png", "curves.png", "lr_schedule.png",
                                         "eval_confusion_matrix.png"]
+    assert text.index("At a glance") < text.index("Details") < text.index("Summary")
+    assert "98.1% test accuracy on mnist5k" in text
     assert caption_for("confusion_matrix.png", "classifier") in text
     assert "Recomputed by dllab eval" in text
 

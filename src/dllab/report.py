@@ -457,7 +457,38 @@ figcaption { font-size: 13px; color: #444; margin-top: 6px; }
 figcaption b { color: #1d1d1f; } details { margin: 6px 0; } summary { cursor: pointer; }
 pre { background: #f6f6f9; padding: 8px; overflow-x: auto; font-size: 12.5px; }
 .warn { color: #a33; } .wide { overflow-x: auto; } .wide table { white-space: nowrap; }
+.glance { display: flex; gap: 18px; align-items: flex-start; padding: 12px 0;
+          border-bottom: 1px solid #e3e3e8; }
+.glance .text { flex: 1 1 auto; min-width: 0; } .glance .pic { flex: 0 0 380px; }
+.glance .pic figure { padding: 6px; } .glance .pic figcaption { font-size: 12px; }
+.glance .head { font-size: 18px; margin: 2px 0 6px; } .glance .kind { font-weight: 600; }
+.pass { color: #17663a; font-weight: 600; } .fail { color: #a33; font-weight: 600; }
+td .key, th .key { color: #888; font-weight: 400; font-size: 12px; }
 """
+
+#: A metric's name in words, for the report's tables (the key is shown beside it, smaller)
+METRIC_WORDS = {
+    "test_acc": "test accuracy", "test_loss": "test loss", "ece": "calibration error (ECE)",
+    "test_elbo": "test ELBO (nats per image)", "test_recon": "reconstruction (nats per image)",
+    "test_kl": "KL (nats per image)", "bits_per_dim": "bits per dimension",
+    "active_units": "active latent units", "knn_acc": "k-NN accuracy of the latent means",
+    "iw_log_likelihood": "IWAE log-likelihood", "clf_fid": "FID (classifier features)",
+    "clf_precision": "precision (classifier features)", "clf_recall": "recall (classifier features)",
+    "clf_modes_covered": "classes covered", "clf_kl_gen_data": "KL(generated || data classes)",
+    "params": "parameters", "params_generator": "generator parameters",
+    "params_discriminator": "discriminator parameters", "epochs": "epochs trained",
+    "epochs_planned": "epochs planned", "steps": "optimiser steps",
+    "train_seconds": "training time (s)", "images_per_second": "images per second",
+    "nonfinite_steps_skipped": "steps skipped (non-finite loss)", "status": "status",
+    "precision": "arithmetic precision", "world_size": "processes", "device": "device",
+    "dataset": "dataset", "kind": "model kind",
+}
+
+#: The picture that says the most about a run of each kind, first found first
+GLANCE_FIGURES = {"classifier": ("confusion_matrix.png", "curves.png"),
+                  "vae": ("tsne.png", "samples.png", "reconstructions.png"),
+                  "dcgan": ("samples.png", "progress_strip.png")}
+KIND_WORDS = {"classifier": "Classifier (ResNet-18)", "vae": "VAE", "dcgan": "DCGAN"}
 
 
 def esc(value: Any) -> str:
@@ -476,9 +507,15 @@ def _html_cell(value: Any, missing: bool = False) -> str:
     return f"<td{cls}>{esc(format_value(value))}</td>"
 
 
+def _html_key(key: str) -> str:
+    """A metric's words with its key beside them (the key alone when it has no words)."""
+    words = METRIC_WORDS.get(key)
+    return f'{esc(words)} <span class="key">{esc(key)}</span>' if words else esc(key)
+
+
 def _html_kv_table(rows: Iterable[tuple[str, Any]], head: tuple[str, str]) -> str:
     out = [f"<table><tr><th>{esc(head[0])}</th><th>{esc(head[1])}</th></tr>"]
-    out += [f"<tr><th>{esc(k)}</th>{_html_cell(v)}</tr>" for k, v in rows]
+    out += [f"<tr><th>{_html_key(k)}</th>{_html_cell(v)}</tr>" for k, v in rows]
     out.append("</table>")
     return "\n".join(out)
 
@@ -531,6 +568,67 @@ def _html_figure(path: Path, title: str, caption: str) -> str:
             f"<figcaption><b>{esc(title)}</b>: {esc(caption)}</figcaption></figure>")
 
 
+def headline_words(run: RunData) -> str:
+    """The run's result in one sentence, in words."""
+    s, c = run.summary, run.config
+
+    def num(key):
+        v = s.get(key)
+        return v if is_number(v) else None
+
+    if run.kind == "classifier" and num("test_acc") is not None:
+        return f"{num('test_acc'):.1%} test accuracy on {c.get('dataset', '?')}" + (
+            f" (calibration error {num('ece'):.3f})" if num("ece") is not None else "")
+    if run.kind == "vae" and num("test_elbo") is not None:
+        bits = [f"test ELBO {num('test_elbo'):.1f} nats per image"]
+        if num("active_units") is not None:
+            bits.append(f"{num('active_units'):.0f} of {c.get('latent_dim', '?')} latent units active")
+        if num("knn_acc") is not None:
+            bits.append(f"k-NN accuracy of the latent means {num('knn_acc'):.2f}")
+        return "; ".join(bits)
+    if run.kind == "dcgan":
+        if num("clf_fid") is None:
+            return "samples only (no --classifier-run, so no quality numbers)"
+        return (f"FID {num('clf_fid'):.1f} in a dllab classifier's features (not Inception), "
+                f"{num('clf_modes_covered'):.0f} of {num('clf_num_classes') or 10:.0f} classes covered")
+    return "no final numbers yet" if run.status != COMPLETE else "no headline metric"
+
+
+def glance_figure(run: RunData) -> Path | None:
+    names = {p.name: p for p in run.figures}
+    return next((names[n] for n in GLANCE_FIGURES.get(run.kind, ()) if n in names), None)
+
+
+def verdicts(run: RunData) -> list:
+    """The claims of ``claims.json`` that apply to the run, judged (empty when none applies)."""
+    from dllab.metrics.claims import judge
+
+    return judge(run.config, run.summary) if run.summary else []
+
+
+def _html_glance(run: RunData, anchor: str) -> str:
+    lines = [f'<div class="glance"><div class="text"><div class="kind"><a href="#{anchor}">'
+             f"{esc(KIND_WORDS.get(run.kind, run.kind or 'run'))}: {esc(run.label)}</a></div>",
+             f'<div class="head">{esc(headline_words(run))}</div>']
+    if run.status != COMPLETE:
+        lines.append(f'<div class="fail">{esc(run.state)}: not final</div>')
+    for v in verdicts(run):
+        mark = {True: '<span class="pass">pass</span>', False: '<span class="fail">FAIL</span>',
+                None: '<span class="meta">not measured</span>'}[v.passed]
+        lines.append(f"<div>{mark} {esc(METRIC_WORDS.get(v.claim.metric, v.claim.metric))} "
+                     f"{esc(format_value(v.value) if v.value is not None else '-')}, expected "
+                     f"{esc(v.claim.range_text())} <span class=\"meta\">({esc(v.claim.source)})</span></div>")
+    for alarm in run.alarms:
+        lines.append(f'<div class="fail">ALARM after epoch {esc(str(alarm.get("epoch", "?")))}: '
+                     f'{esc(str(alarm.get("message", "")))}</div>')
+    lines.append("</div>")
+    fig = glance_figure(run)
+    if fig is not None:
+        lines.append(f'<div class="pic">{_html_figure(fig, fig.name, caption_for(fig.name, run.kind))}</div>')
+    lines.append("</div>")
+    return "\n".join(lines)
+
+
 def _run_headline(run: RunData) -> str:
     c = run.config
     bits = [run.state.upper() if run.status != COMPLETE else COMPLETE,
@@ -553,6 +651,9 @@ def render_html(runs: Sequence[RunData], overlays: Sequence[Overlay], generated:
             f'<p class="meta">Generated {esc(generated)} by dllab {esc(__version__)} from '
             f"{len(runs)} run folder{'s' if len(runs) != 1 else ''}. Self-contained: figures are "
             "embedded, no scripts, no network.</p>"]
+    body.append('<h2 id="glance">At a glance</h2>')
+    body += [_html_glance(run, anchors[id(run)]) for run in runs]
+    body.append('<h2 id="details">Details</h2>')
     body.append("<ul>" + "".join(
         f'<li><a href="#{anchors[id(run)]}">{esc(run.label)}</a> '
         f'<span class="meta">({esc(run.kind or "unknown kind")}, {esc(str(run.path))})</span></li>'
@@ -590,11 +691,14 @@ def render_html(runs: Sequence[RunData], overlays: Sequence[Overlay], generated:
             body.append("<h3>Evaluation (eval.json)</h3>")
             body.append(_html_metrics_block(run.eval, "eval.json is empty."))
         body.append("<h3>Figures</h3>")
-        if run.figures:
+        shown = glance_figure(run)  # embedded once, at the top
+        if shown is not None:
+            body.append(f'<p class="meta">{esc(shown.name)} is shown at the top (At a glance).</p>')
+        if [p for p in run.figures if p != shown]:
             body.append('<div class="figs">' + "\n".join(
-                _html_figure(p, p.name, caption_for(p.name, run.kind)) for p in run.figures)
+                _html_figure(p, p.name, caption_for(p.name, run.kind)) for p in run.figures if p != shown)
                 + "</div>")
-        else:
+        elif shown is None:
             body.append('<p class="meta">No figures in figures/.</p>')
         config = {k: v for k, v in run.config.items() if k != "environment"}
         body.append("<h3>Config</h3>")
@@ -675,6 +779,19 @@ def render_markdown(runs: Sequence[RunData], overlays: Sequence[Overlay], genera
     lines = ["# dllab report: " + ", ".join(md_text(run.label) for run in runs), "",
              f"Generated {md_text(generated)} by dllab {md_text(__version__)} from {len(runs)} "
              f"run folder{'s' if len(runs) != 1 else ''}.", ""]
+    lines += ["## At a glance", ""]
+    for run in runs:
+        lines.append(f"- **{md_text(KIND_WORDS.get(run.kind, run.kind or 'run'))}: {md_text(run.label)}**: "
+                     f"{md_text(headline_words(run))}"
+                     + ("" if run.status == COMPLETE else f" ({md_text(run.state)}: not final)"))
+        for v in verdicts(run):
+            mark = {True: "pass", False: "**FAIL**", None: "not measured"}[v.passed]
+            lines.append(f"  - {mark}: {md_text(METRIC_WORDS.get(v.claim.metric, v.claim.metric))} "
+                         f"{md_text(format_value(v.value) if v.value is not None else '-')}, expected "
+                         f"{md_text(v.claim.range_text())} ({md_text(v.claim.source)})")
+        lines += [f"  - **ALARM** after epoch {md_text(str(a.get('epoch', '?')))}: "
+                  f"{md_text(str(a.get('message', '')))}" for a in run.alarms]
+    lines += ["", "## Details", ""]
     lines += [f"- **{md_text(run.label)}** ({md_text(run.kind or 'unknown kind')}): "
               f"{md_text(str(run.path))}" for run in runs] + [""]
     if len(runs) > 1:
