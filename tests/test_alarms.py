@@ -27,9 +27,11 @@ def test_posterior_collapse_rule():
 
 
 def test_mode_collapse_rule_waits_for_the_warm_up_then_watches_coverage():
-    early = [{"clf_modes_covered": 1}] * A.MODE_WARMUP_EPOCHS
+    early = [{"clf_modes_covered": 1, "clf_fid": 100.0}] * A.MODE_WARMUP_EPOCHS
     assert A.mode_collapse(early, 10) is None  # every GAN starts from one or two "classes"
-    assert "1 of 10 classes" in A.mode_collapse([*early, {"clf_modes_covered": 1}], 10)
+    assert "1 of 10 classes" in A.mode_collapse([*early, {"clf_modes_covered": 1, "clf_fid": 95.0}], 10)
+    # few classes but the FID falling fast: still learning, not collapsed
+    assert A.mode_collapse([*early, {"clf_modes_covered": 2, "clf_fid": 70.0}], 10) is None
     healthy = [*early, *({"clf_modes_covered": m} for m in (7, 8, 6, 7, 5))]
     assert A.mode_collapse(healthy, 10) is None
     assert "fell from 8 to 4" in A.mode_collapse([*healthy, {"clf_modes_covered": 4}], 10)

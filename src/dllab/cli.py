@@ -12,6 +12,7 @@ import argparse
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from dllab.config import DEVICES, EXIT_USAGE, Parser, dataset_name, nonnegative_int, positive_int
 
@@ -108,6 +109,18 @@ def build_parser() -> Parser:
                     "~/.cache/dllab/data)")
     dm.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    rr = sub.add_parser("reproduce", help="train the studies behind dllab's claims and check them",
+                        description="Train (or reuse) the runs of each study and check them against "
+                        "the expected ranges in dllab's claims file, each with its source; print a "
+                        "pass/fail table, write claims.md and an HTML report.")
+    rr.add_argument("studies", nargs="*", help="studies to run (default: demo; see --list)")
+    rr.add_argument("--list", action="store_true", help="print the studies and their claims, and exit")
+    rr.add_argument("--quick", action="store_true", help="smoke-test size (256 images, 1 epoch): checks "
+                    "that a study runs; nothing is judged")
+    rr.add_argument("--seeds", type=positive_int, default=1, help="seeds per study (runs seed 0..N-1)")
+    rr.add_argument("--out", default="runs/reproduce", help="folder of the studies' runs and the report")
+    rr.add_argument("--quiet", action="store_true", help="no progress bars")
+
     rp = sub.add_parser("report", help="write a self-contained HTML (and Markdown) report of runs",
                         description="Write one HTML file (figures embedded, no scripts) and a Markdown "
                         "twin describing one or more runs, with comparison tables and curves.")
@@ -157,6 +170,22 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
         from dllab.sweep import ablate_main
 
         return ablate_main(args, argv)
+    if args.command == "reproduce":
+        from dllab.reproduce import STUDIES, list_studies, reproduce, verdict_rows
+
+        if args.list:
+            print(list_studies())
+            return 0
+        unknown = [s for s in args.studies if s not in STUDIES]
+        if unknown:
+            raise UsageError(f"unknown study {', '.join(unknown)}; choose from {', '.join(STUDIES)}")
+        outcomes, html = reproduce(args.studies or ["demo"], Path(args.out), seeds=args.seeds,
+                                   quick=args.quick, quiet=args.quiet)
+        rows = verdict_rows(outcomes)
+        for row in rows:
+            print("  ".join(row[:5]))
+        print(f"report: {html}")
+        return 1 if any("FAIL" in row[4] for row in rows) else 0
     if args.command == "demo":
         from dllab.demo import demo
 
