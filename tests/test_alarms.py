@@ -20,10 +20,12 @@ def fired(run_dir) -> dict[str, dict]:
 
 
 # ---- the rules -----------------------------------------------------------------------------
-def test_posterior_collapse_rule():
-    assert A.posterior_collapse([{"active_units": 16, "test_kl": 20.0}], 16) is None
-    assert "8 of 16 latent units active" in A.posterior_collapse([{"active_units": 8, "test_kl": 20.0}], 16)
-    assert "KL 0.010 nats" in A.posterior_collapse([{"active_units": 16, "test_kl": 0.16}], 16)
+def test_posterior_collapse_rule_waits_for_the_warm_up():
+    warm = [{"active_units": 0, "test_kl": 0.3}] * A.POSTERIOR_WARMUP_EPOCHS  # a VAE starts collapsed
+    assert A.posterior_collapse(warm, 16) is None
+    assert A.posterior_collapse([*warm, {"active_units": 16, "test_kl": 20.0}], 16) is None
+    assert "8 of 16 latent units active" in A.posterior_collapse([*warm, {"active_units": 8, "test_kl": 20.0}], 16)
+    assert "KL 0.010 nats" in A.posterior_collapse([*warm, {"active_units": 16, "test_kl": 0.16}], 16)
 
 
 def test_mode_collapse_rule_waits_for_the_warm_up_then_watches_coverage():
@@ -70,29 +72,31 @@ def test_classifier_divergence_rule():
 # ---- real runs built to trigger them ------------------------------------------------------------
 def test_a_vae_with_a_huge_beta_sounds_posterior_collapse_everywhere(tmp_path):
     out = tmp_path / "vae"
-    assert main(["train", "vae", *BASE, "--epochs", "2", "--latent-dim", "4", "--beta", "50",
+    judged = A.POSTERIOR_WARMUP_EPOCHS + 1
+    assert main(["train", "vae", *BASE, "--epochs", str(judged), "--latent-dim", "4", "--beta", "50",
                  "--tsne-points", "60", "--out", str(out)]) == 0
     alarm = fired(out)["posterior_collapse"]
-    assert alarm["epoch"] == 1  # sounded once, after the first epoch
+    assert alarm["epoch"] == judged  # sounded once, at the first epoch after the warm-up
     summary = Run.open(out).summary()
     assert summary["status"] == "complete" and [a["alarm"] for a in summary["alarms"]] == ["posterior_collapse"]
     report = tmp_path / "report.html"
     assert main(["report", str(out), "--out", str(report)]) == 0
-    assert "ALARM after epoch 1: posterior collapse" in report.read_text()
+    assert f"ALARM after epoch {judged}: posterior collapse" in report.read_text()
 
 
 def test_on_alarm_stop_stops_the_run_and_a_resume_with_warn_finishes_it(tmp_path, capsys):
     out = tmp_path / "vae"
-    argv = ["train", "vae", *BASE, "--epochs", "3", "--latent-dim", "4", "--beta", "50",
+    judged = A.POSTERIOR_WARMUP_EPOCHS + 1
+    argv = ["train", "vae", *BASE, "--epochs", str(judged + 1), "--latent-dim", "4", "--beta", "50",
             "--tsne-points", "60", "--out", str(out)]
     assert main([*argv, "--on-alarm", "stop"]) == 1
     err = capsys.readouterr().err
     assert "stopped by the posterior_collapse alarm" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1 and f"--resume --out {out} --on-alarm warn" in err
     run = Run.open(out)
-    assert run.status == "stopped" and run.summary()["epochs"] == 1 and run.resumable
+    assert run.status == "stopped" and run.summary()["epochs"] == judged and run.resumable
     assert main(["train", "vae", "--resume", "--out", str(out), "--on-alarm", "warn", "--quiet"]) == 0
-    assert Run.open(out).complete and Run.open(out).summary()["epochs"] == 3
+    assert Run.open(out).complete and Run.open(out).summary()["epochs"] == judged + 1
     assert len([r for r in read_metrics(out) if r["split"] == "alarm"]) == 1  # once per run
 
 

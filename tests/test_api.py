@@ -252,3 +252,50 @@ def test_every_kind_refuses_a_model_over_its_parameter_budget_before_writing(tmp
     from dllab.data import load
 
     assert sum(check_param_budget(kind, cfg, load("mnist5k", limit=64)).values()) == summary["params"]
+
+
+def test_python_settings_as_python_writes_them(tmp_path):
+    """Paths, numpy numbers and the dataset aliases dllab.data.load takes are settings too."""
+    import numpy as np
+
+    cfg = from_mapping(config_class("classifier"), {"out": tmp_path / "x", "epochs": np.int64(3),
+                                                    "lr": np.float32(0.5), "dataset": "MNIST-5k"},
+                       strict=True)
+    assert (cfg.out, cfg.epochs, cfg.lr, cfg.dataset) == (str(tmp_path / "x"), 3, 0.5, "MNIST-5k")
+    assert type(cfg.epochs) is int and type(cfg.lr) is float
+    with pytest.raises(ValueError, match=r"image_size=32.5: invalid integer"):
+        from_mapping(config_class("classifier"), {"image_size": 32.5})
+    with pytest.raises(ValueError, match=r"image_size=32.5: invalid literal"):  # type=int names it too
+        from_mapping(config_class("dcgan"), {"image_size": 32.5})
+    with pytest.raises(ValueError, match="out=5: out takes a string"):
+        from_mapping(config_class("classifier"), {"out": 5})
+
+
+def test_a_resume_checks_the_settings_it_changes(tmp_path):
+    out = tmp_path / "run"
+    train("classifier", {**TINY_CLF, "out": str(out)}, quiet=True)
+    with pytest.raises(ValueError, match="epochs='3': invalid integer"):
+        train("classifier", {"out": str(out), "epochs": "3"}, resume=True)
+    assert json.loads((out / "config.json").read_text())["epochs"] == 1
+
+
+def test_a_failed_resume_of_a_complete_run_keeps_its_numbers(tmp_path, capsys):
+    """Resuming a complete run for more epochs, with a damaged last.pt: the run says it failed,
+    and keeps the final numbers and the epochs it had."""
+    out = tmp_path / "run"
+    run = train("classifier", {**TINY_CLF, "out": str(out)}, quiet=True)
+    before = run.summary()
+    (out / "checkpoints" / "last.pt").write_bytes(b"not a checkpoint")
+    assert main(["train", "classifier", "--resume", "--out", str(out), "--epochs", "2", "--quiet"]) == 1
+    after = Run.open(out).summary()
+    assert after["status"] == "failed" and "last.pt" in after["error"]
+    assert (after["epochs"], after["steps"], after["test_acc"]) == (1, before["steps"], before["test_acc"])
+    assert after["epochs_planned"] == 2 and Run.open(out).status == "failed"
+
+
+def test_a_complete_run_resumed_for_more_epochs_is_not_complete_until_it_finishes(tmp_path):
+    out = tmp_path / "run"
+    train("classifier", {**TINY_CLF, "out": str(out)}, quiet=True)
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "epochs": 3}))  # as a resume records it
+    assert Run.open(out).status == "unfinished" and not Run.open(out).complete

@@ -77,9 +77,10 @@ def test_a_quick_study_trains_reuses_and_reports(tmp_path, capsys):
     assert main(["reproduce", "tsne", "--quick", "--seeds", "2", "--out", str(out), "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert "not judged" in printed and f"report: {out / 'report.html'}" in printed
-    runs = sorted(p.name for p in (out / "tsne").iterdir())
+    runs = sorted(p.name for p in (out / "tsne-quick").iterdir())  # apart from full-size runs
     assert runs == ["vae-seed0", "vae-seed1"]
     assert (out / "claims.md").exists() and "At a glance" in (out / "report.html").read_text()
-    stamps = {p: p.stat().st_mtime_ns for p in out.glob("tsne/*/summary.json")}
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("tsne-quick/*/summary.json")}
+    assert len(stamps) == 2
     assert main(["reproduce", "tsne", "--quick", "--seeds", "2", "--out", str(out), "--quiet"]) == 0
-    assert {p: p.stat().st_mtime_ns for p in out.glob("tsne/*/summary.json")} == stamps  # reused
+    assert {p: p.stat().st_mtime_ns for p in out.glob("tsne-quick/*/summary.json")} == stamps  # reused

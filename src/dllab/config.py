@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import numbers
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -105,13 +107,19 @@ def unit_float(text: str) -> float:
 
 
 def dataset_name(text: str) -> str:
+    """A dataset name as ``dllab.data.load`` takes it (aliases such as ``mnist-5k`` and
+    ``fashion`` included), kept as written."""
     from dllab.data import DATASETS
+    from dllab.data.registry import _canonical
 
-    if text in DATASETS or (text.startswith("folder:") and len(text) > len("folder:")):
+    if text.startswith("folder:") and len(text) > len("folder:"):
         return text
-    raise argparse.ArgumentTypeError(
-        f"unknown dataset {text!r}; choose from {', '.join(DATASETS)} or folder:PATH"
-    )
+    try:
+        _canonical(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"unknown dataset {text!r}; choose from {', '.join(DATASETS)} or folder:PATH") from None
+    return text
 
 
 # ---- declaring settings ------------------------------------------------------------------------
@@ -264,21 +272,29 @@ def from_mapping(cls: type[TrainConfig], mapping: dict, *, strict: bool = False)
     Python caller's typo); otherwise they are ignored (config.json also holds ``kind``, the
     environment and the resume history).
     """
+    return cls(**checked_settings(cls, mapping, strict=strict))
+
+
+def checked_settings(cls: type[TrainConfig], mapping: dict, *, strict: bool = False) -> dict:
+    """The settings of ``cls`` in ``mapping``, each checked as its flag would check it (see
+    :func:`from_mapping`); other keys are refused with ``strict`` and dropped otherwise."""
     known = {f.name: f for f in fields(cls)}
     unknown = sorted(k for k in mapping if k not in known)
     if strict and unknown:
         raise ValueError(f"{', '.join(map(repr, unknown))} {'is' if len(unknown) == 1 else 'are'} not "
                          f"{cls.__name__} settings")
-    values = {}
-    for name, value in mapping.items():
-        if name in known:
-            values[name] = _checked(known[name], value)
-    return cls(**values)
+    return {name: _checked(known[name], value) for name, value in mapping.items() if name in known}
 
 
 def _checked(f: dataclasses.Field, value: Any) -> Any:
     """``value`` for the setting ``f``, as its flag would parse it; ValueError naming both."""
     meta, what = f.metadata, f"{f.name}={value!r}"
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    elif isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        value = int(value)  # numpy integers, say
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+        value = float(value)
     if value is None:
         if f.default is None:
             return None
@@ -292,11 +308,11 @@ def _checked(f: dataclasses.Field, value: Any) -> Any:
     if meta.get("type") is not None:
         try:
             value = meta["type"](str(value))
-        except argparse.ArgumentTypeError as e:
+        except (argparse.ArgumentTypeError, ValueError) as e:
             raise ValueError(f"{what}: {e}") from None
     elif isinstance(f.default, float) and isinstance(value, int):
         value = float(value)
-    elif isinstance(f.default, str) and not isinstance(value, str):
+    elif (isinstance(f.default, str) or f.default is None) and not isinstance(value, str):
         raise ValueError(f"{what}: {f.name} takes a string")
     if meta.get("choices") is not None and value not in meta["choices"]:
         raise ValueError(f"{what}: choose from {', '.join(map(str, meta['choices']))}")

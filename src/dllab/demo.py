@@ -42,7 +42,7 @@ def default_out(dataset: str = "mnist5k", full: bool = False, epochs: int | None
     return Path("runs") / "-".join(["demo", *parts])
 
 
-def check_same_settings(run_dir: Path, config: dict) -> None:
+def check_same_settings(run_dir: Path, config: dict, what: str = "the demo") -> None:
     """Refuse to reuse the finished run in ``run_dir`` unless it was trained with ``config``."""
     from dllab.runs import RunFolderError, read_json
 
@@ -51,7 +51,7 @@ def check_same_settings(run_dir: Path, config: dict) -> None:
               if k not in NOT_COMPARED and saved.get(k) != v]
     if differ:
         raise RunFolderError(f"{run_dir} holds a finished {saved.get('kind')} run with other settings "
-                             f"({'; '.join(differ)}); give the demo another --out")
+                             f"({'; '.join(differ)}); give {what} another --out")
 
 
 def demo(dataset: str = "mnist5k", epochs: int | None = None, full: bool = False,

@@ -621,8 +621,11 @@ class Trainer:
         self.train_seconds = state.get("train_seconds", 0.0)
         self.images_seen = state.get("images_seen", 0)
         self.nonfinite_total = state.get("nonfinite_total", 0)
-        self.history = list(state.get("history", []))
+        # a checkpoint from before the alarms has no history: its epochs count, with no numbers
+        self.history = list(state.get("history", [{}] * int(state["epoch"])))
         self.alarms_fired = list(state.get("alarms", []))
+        if self.history:  # an interrupted resume still reports the last epoch's test metrics
+            self._last_test = {k: v for k, v in self.history[-1].items() if not k.startswith("train_")}
 
     def save(self, name: str = "last") -> None:
         """Write checkpoints/NAME.pt (rank 0; every rank must call it under torchrun).
@@ -690,15 +693,30 @@ class Trainer:
             raise error from e
 
     def _write_unfinished(self, status: str, error: BaseException | None = None) -> None:
-        """summary.json of a run that stopped early: its status, how far it got, and why."""
+        """summary.json of a run that stopped early: its status, how far it got, and why.
+
+        What an earlier summary of the run held (the final numbers of a complete run resumed for
+        more epochs, say) is kept, under the new status; a run that stopped before its checkpoint
+        was read keeps the epochs and steps that summary gave.
+        """
         if self.rank != 0:
             return
         try:
+            previous = self.run.summary()
+        except (OSError, ValueError):  # unreadable: write a fresh one
+            previous = {}
+        previous = previous if isinstance(previous, dict) else {}
+        loaded = self.step > 0 or not previous
+        try:
             self.run.write_summary({
+                **{k: v for k, v in previous.items() if k not in ("status", "error")},
                 "status": status, "kind": self.kind, "dataset": self.config.dataset,
-                "epochs": self.epoch, "epochs_planned": self.config.epochs, "steps": self.step,
+                "epochs": self.epoch if loaded else previous.get("epochs", 0),
+                "epochs_planned": self.config.epochs,
+                "steps": self.step if loaded else previous.get("steps", 0),
                 **({"error": f"{type(error).__name__}: {str(error).strip()[:300]}"} if error else {}),
-                **self._last_test, "best": self.best, "alarms": self.alarms_fired,
+                **self._last_test, "best": self.best or previous.get("best", {}),
+                "alarms": self.alarms_fired or previous.get("alarms", []),
             })
         except OSError:  # the disk that failed the run may refuse this too: the error is the news
             pass

@@ -143,7 +143,11 @@ class RunData:
         """As :attr:`dllab.runs.Run.status`: complete, interrupted, failed or unfinished."""
         if not self.summary:
             return UNFINISHED
-        return str(self.summary.get("status", COMPLETE))
+        status = str(self.summary.get("status", COMPLETE))
+        planned, reached = self.config.get("epochs"), self.summary.get("epochs")
+        if status == COMPLETE and is_number(planned) and is_number(reached) and reached < planned:
+            return UNFINISHED  # resumed for more epochs: training now, or killed outright
+        return status
 
     @property
     def alarms(self) -> list[dict]:

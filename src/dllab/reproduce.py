@@ -4,7 +4,8 @@ A study is a set of runs that together test one claim of the seed project (batch
 max-pool change a ResNet; beta trades reconstruction for posterior collapse; ...). Its expected
 results live in the package's ``claims.json`` (:mod:`dllab.metrics.claims`), each with its
 source. ``reproduce`` trains the study's runs into ``--out`` (default ``runs/reproduce``),
-reusing every complete run whose settings match exactly and resuming unfinished ones, then
+reusing every complete run whose settings match exactly and resuming unfinished ones (``--quick``
+runs go to ``--out/STUDY-quick``), then
 prints one pass/fail line per claim, writes the same table to ``claims.md`` and an HTML report
 of the runs (which opens with each run's verdicts).
 
@@ -137,7 +138,7 @@ def _train_or_reuse(spec: Spec, folder: Path, quiet: bool) -> Path:
     settings["out"] = str(folder)
     existing = Run.open(folder) if (folder / "config.json").exists() else None
     if existing is not None and existing.complete:
-        check_same_settings(folder, settings)  # reused only when the settings match exactly
+        check_same_settings(folder, settings, "dllab reproduce")  # reused only when they match exactly
         return folder
     train(spec.kind, settings, resume=existing is not None, quiet=quiet)
     return folder
@@ -150,14 +151,15 @@ def run_study(name: str, out: Path, seeds: int = 1, quick: bool = False, quiet: 
 
     claims = load_claims() if claims is None else claims
     specs = STUDIES[name].runs(seeds, quick)
+    base = out / (f"{name}-quick" if quick else name)  # never mixed with the full-size runs
     folders = []
     for i, spec in enumerate(specs):
         if not quiet:
             print(f"dllab reproduce {name}: run {i + 1}/{len(specs)} {spec.label}", file=sys.stderr,
                   flush=True)
-        folders.append(_train_or_reuse(spec, out / name / spec.label, quiet))
+        folders.append(_train_or_reuse(spec, base / spec.label, quiet))
     runs = [(Run.open(f).config, Run.open(f).summary()) for f in folders]
-    study_claims = [c for c in claims if c.study == name]
+    study_claims = [c for c in claims if c.study == name and not quick]  # a smoke test judges nothing
     verdicts = [(f.name, v) for f, (config, summary) in zip(folders, runs)
                 for v in judge(config, summary, study_claims)]
     verdicts += [("all runs", judge_order(c, runs)) for c in study_claims if c.order_by is not None]

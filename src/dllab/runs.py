@@ -247,7 +247,8 @@ class Run:
     def status(self) -> str:
         """``complete``, ``interrupted`` (SIGINT/SIGTERM), ``failed`` (an error, named in the
         summary's ``error``), ``stopped`` (an alarm under ``--on-alarm stop``) or ``unfinished``
-        (no summary: training now, or killed outright).
+        (no summary, or a complete one for fewer epochs than config.json now plans: training now,
+        or killed outright).
 
         A summary without ``status`` was written by a dllab that wrote one only at the end: complete.
         """
@@ -255,7 +256,13 @@ class Run:
         if not path.exists():
             return UNFINISHED
         summary = read_json(path)
-        return summary.get("status", COMPLETE) if isinstance(summary, dict) else UNFINISHED
+        if not isinstance(summary, dict):
+            return UNFINISHED
+        status = summary.get("status", COMPLETE)
+        planned = self.config.get("epochs")
+        if status == COMPLETE and isinstance(planned, int) and summary.get("epochs", planned) < planned:
+            return UNFINISHED  # a complete run resumed for more epochs, training now or killed
+        return status
 
     @property
     def complete(self) -> bool:

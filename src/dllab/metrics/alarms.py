@@ -21,6 +21,11 @@ from collections.abc import Sequence
 #: most this fraction of the latent units is active.
 ACTIVE_FRACTION = 0.5
 
+#: Epochs before the VAE is judged: a VAE often starts collapsed and recovers. The default VAE on
+#: MNIST-5k had 0 of 16 units active and 0.02 nats of KL per dimension after epoch 1, 10 of 16
+#: after epoch 2 and 15 of 16 after epoch 3.
+POSTERIOR_WARMUP_EPOCHS = 2
+
 #: KL(q(z|x) || p(z)) per latent dimension, in nats, below which the posterior carries almost no
 #: information about x: the collapse of Bowman et al. (2016, "Generating Sentences from a
 #: Continuous Space", section 3.1), where the KL term goes to zero. A healthy beta = 1 VAE on
@@ -74,7 +79,10 @@ def _last(history: Sequence[dict], key: str) -> float | None:
 
 
 def posterior_collapse(history: Sequence[dict], latent_dim: int) -> str | None:
-    """VAE: too few active units, or a KL term that has fallen to almost nothing per dimension."""
+    """VAE, after its warm-up: too few active units, or a KL term that has fallen to almost
+    nothing per dimension."""
+    if len(history) <= POSTERIOR_WARMUP_EPOCHS:
+        return None
     active, kl = _last(history, "active_units"), _last(history, "test_kl")
     if active is not None and active <= ACTIVE_FRACTION * latent_dim:
         return (f"posterior collapse: {active:.0f} of {latent_dim} latent units active (alarm at "
@@ -148,7 +156,7 @@ def classifier_divergence(history: Sequence[dict], num_classes: int) -> str | No
     return None
 
 
-__all__ = ["posterior_collapse", "mode_collapse", "gan_divergence", "past_best",
+__all__ = ["POSTERIOR_WARMUP_EPOCHS", "posterior_collapse", "mode_collapse", "gan_divergence", "past_best",
            "classifier_divergence", "ACTIVE_FRACTION", "KL_PER_DIM_MIN", "MODE_WARMUP_EPOCHS",
            "MODES_FRACTION", "MODE_FID_PROGRESS", "DROP_MODES", "D_FAKE_MIN", "FID_PATIENCE", "FID_TOLERANCE",
            "DIVERGED_FROM_EPOCH",

@@ -122,6 +122,7 @@ def _resumed_config(kind: str, given: dict) -> tuple[dict, dict]:
     if unknown:
         raise ValueError(f"--resume: {', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} not "
                          f"{kind} settings")
+    given = config_lib.checked_settings(config_class(kind), given)  # e.g. epochs="3" is refused
     if given.get("precision") == "auto":  # the run recorded what auto picked when it began
         given.pop("precision")
     changes = {k: v for k, v in given.items() if base.get(k) != v}
