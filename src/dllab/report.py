@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from dllab.checkpoint import atomic_write_bytes
-from dllab.runs import COMPLETE, UNFINISHED, RunFolderError, read_metrics
+from dllab.runs import COMPLETE, RunFolderError, read_metrics, run_status
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
@@ -141,13 +141,7 @@ class RunData:
     @property
     def status(self) -> str:
         """As :attr:`dllab.runs.Run.status`: complete, interrupted, failed or unfinished."""
-        if not self.summary:
-            return UNFINISHED
-        status = str(self.summary.get("status", COMPLETE))
-        planned, reached = self.config.get("epochs"), self.summary.get("epochs")
-        if status == COMPLETE and is_number(planned) and is_number(reached) and reached < planned:
-            return UNFINISHED  # resumed for more epochs: training now, or killed outright
-        return status
+        return run_status(self.config, self.summary)
 
     @property
     def alarms(self) -> list[dict]:

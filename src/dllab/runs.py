@@ -108,6 +108,19 @@ COMPLETE, INTERRUPTED, FAILED, STOPPED, UNFINISHED = ("complete", "interrupted",
                                                      "unfinished")
 
 
+def run_status(config: dict, summary: Any) -> str:
+    """The state of a run with ``config`` and ``summary`` (None when it has none): the one rule
+    that :attr:`Run.status` and the report both apply."""
+    if not isinstance(summary, dict) or not summary:
+        return UNFINISHED
+    status = str(summary.get("status", COMPLETE))  # older dllab wrote a summary only when complete
+    planned, reached = config.get("epochs"), summary.get("epochs")
+    if (status == COMPLETE and isinstance(planned, int) and isinstance(reached, int)
+            and reached < planned):
+        return UNFINISHED  # a complete run resumed for more epochs: training now, or killed
+    return status
+
+
 class Run:
     """A run folder. Make one with :meth:`create` (new or ``resume``) or :meth:`open` (read).
 
@@ -253,16 +266,7 @@ class Run:
         A summary without ``status`` was written by a dllab that wrote one only at the end: complete.
         """
         path = self.path / "summary.json"
-        if not path.exists():
-            return UNFINISHED
-        summary = read_json(path)
-        if not isinstance(summary, dict):
-            return UNFINISHED
-        status = summary.get("status", COMPLETE)
-        planned = self.config.get("epochs")
-        if status == COMPLETE and isinstance(planned, int) and summary.get("epochs", planned) < planned:
-            return UNFINISHED  # a complete run resumed for more epochs, training now or killed
-        return status
+        return run_status(self.config, read_json(path) if path.exists() else None)
 
     @property
     def complete(self) -> bool:
@@ -295,5 +299,5 @@ class Run:
             self._tb = None
 
 
-__all__ = ["Run", "RunFolderError", "CheckpointError", "read_metrics", "read_json", "write_json",
+__all__ = ["Run", "RunFolderError", "run_status", "CheckpointError", "read_metrics", "read_json", "write_json",
            "COMPLETE", "INTERRUPTED", "FAILED", "STOPPED", "UNFINISHED"]
