@@ -226,7 +226,7 @@ def test_status_of_a_run_and_how_report_and_compare_show_it(tmp_path, capsys):
     report = tmp_path / "report.html"
     assert main(["report", str(out), str(stopped), "--out", str(report)]) == 0
     html = report.read_text()
-    assert "This run is interrupted at epoch 1 of 3: its numbers are not final" in html
+    assert "This run is interrupted at epoch 1 of 3: its numbers are not final." in html
     assert "INTERRUPTED AT EPOCH 1 OF 3" in html
 
 
@@ -274,23 +274,54 @@ def test_python_settings_as_python_writes_them(tmp_path):
 def test_a_resume_checks_the_settings_it_changes(tmp_path):
     out = tmp_path / "run"
     train("classifier", {**TINY_CLF, "out": str(out)}, quiet=True)
-    with pytest.raises(ValueError, match="epochs='3': invalid integer"):
-        train("classifier", {"out": str(out), "epochs": "3"}, resume=True)
+    with pytest.raises(ValueError, match="epochs='three': invalid integer"):
+        train("classifier", {"out": str(out), "epochs": "three"}, resume=True)
     assert json.loads((out / "config.json").read_text())["epochs"] == 1
+    train("classifier", {"out": str(out), "epochs": "2"}, resume=True, quiet=True)  # as the flag parses it
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["epochs"] == 2 and saved["resumed"][-1]["changed"]["epochs"] == [1, 2]
 
 
-def test_a_failed_resume_of_a_complete_run_keeps_its_numbers(tmp_path, capsys):
-    """Resuming a complete run for more epochs, with a damaged last.pt: the run says it failed,
-    and keeps the final numbers and the epochs it had."""
+def test_a_resume_that_cannot_read_its_checkpoint_changes_nothing(tmp_path, capsys):
+    """Resuming a complete run for more epochs, with a damaged last.pt: one line, exit code 1, and
+    config.json and summary.json stay as they were (the run is still the complete 1-epoch run)."""
     out = tmp_path / "run"
-    run = train("classifier", {**TINY_CLF, "out": str(out)}, quiet=True)
-    before = run.summary()
+    train("classifier", {**TINY_CLF, "out": str(out)}, quiet=True)
+    before = {name: (out / name).read_bytes() for name in ("config.json", "summary.json")}
     (out / "checkpoints" / "last.pt").write_bytes(b"not a checkpoint")
     assert main(["train", "classifier", "--resume", "--out", str(out), "--epochs", "2", "--quiet"]) == 1
+    assert "last.pt" in capsys.readouterr().err
+    assert {name: (out / name).read_bytes() for name in before} == before
+    assert Run.open(out).complete
+
+
+def test_resume_of_a_complete_run_with_nothing_to_change_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "run"
+    train("classifier", {**TINY_CLF, "out": str(out)}, quiet=True)
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    assert main(["train", "classifier", "--resume", "--out", str(out), "--quiet"]) == 0
+    assert "test_acc" in capsys.readouterr().out  # its summary, as a finished run prints it
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == stamps
+
+
+def test_a_failed_resume_after_its_checkpoint_keeps_the_numbers_it_had(tmp_path, monkeypatch):
+    """Resumed for more epochs, the run fails in its second epoch: summary.json says failed, with
+    the epochs reached and planned, and keeps the first run's final numbers."""
+    from dllab.train.classifier import ClassifierTrainer
+
+    out = tmp_path / "run"
+    before = train("classifier", {**TINY_CLF, "out": str(out)}, quiet=True).summary()
+
+    def broken(self, x, y):
+        raise RuntimeError("a test stand-in for a failure mid-epoch")
+
+    monkeypatch.setattr(ClassifierTrainer, "train_step", broken)
+    with pytest.raises(RuntimeError, match="stand-in"):
+        train("classifier", {"out": str(out), "epochs": 2}, resume=True)
     after = Run.open(out).summary()
-    assert after["status"] == "failed" and "last.pt" in after["error"]
-    assert (after["epochs"], after["steps"], after["test_acc"]) == (1, before["steps"], before["test_acc"])
-    assert after["epochs_planned"] == 2 and Run.open(out).status == "failed"
+    assert after["status"] == "failed" and "stand-in" in after["error"]
+    assert (after["epochs"], after["epochs_planned"], after["test_acc"]) == (1, 2, before["test_acc"])
+    assert json.loads((out / "config.json").read_text())["epochs"] == 2  # the run now plans 2
 
 
 def test_a_complete_run_resumed_for_more_epochs_is_not_complete_until_it_finishes(tmp_path):

@@ -79,20 +79,22 @@ def is_out_of_memory(error: BaseException) -> bool:
 class AlarmStop(Exception):
     """An alarm fired under ``--on-alarm stop``; last.pt holds the epoch it fired after."""
 
-    def __init__(self, name: str, message: str, run_path):
+    def __init__(self, name: str, message: str, run_path, kind: str = "KIND"):
         self.name, self.message, self.run_path = name, message, run_path
         super().__init__(f"stopped by the {name} alarm: {message}. The run is kept in {run_path} "
-                         f"(continue it with --resume --out {run_path} --on-alarm warn)")
+                         f"(continue it with: dllab train {kind} --resume --out {run_path} --on-alarm warn)")
 
 
 class Interrupted(Exception):
     """SIGINT/SIGTERM arrived; a checkpoint was saved and the run can be resumed."""
 
-    def __init__(self, signum: int, run_path):
+    def __init__(self, signum: int, run_path, kind: str = "KIND", saved: bool = True):
         self.signum = signum
         self.run_path = run_path
-        super().__init__(f"interrupted by {signal.Signals(signum).name}; checkpoint saved in "
-                         f"{run_path}/checkpoints/last.pt (continue with --resume --out {run_path})")
+        where = (f"checkpoint saved in {run_path}/checkpoints/last.pt" if saved else
+                 f"before the first checkpoint of {run_path}, which --resume starts from the beginning")
+        super().__init__(f"interrupted by {signal.Signals(signum).name}; {where} (continue with: "
+                         f"dllab train {kind} --resume --out {run_path})")
 
 
 def init_distributed(device: torch.device) -> bool:
@@ -315,6 +317,7 @@ class Trainer:
         self._stop_signal: int | None = None
         self._built = False
         self._last_test: dict = {}  # the last epoch's test metrics, for an unfinished run's summary
+        self._resuming = self._loaded = False  # see _write_unfinished
         self._updates: list[Update] | None = None
         self._wrapped: list[nn.Module] = []
         self.max_nonfinite = self.config.max_nonfinite
@@ -649,7 +652,7 @@ class Trainer:
         self._stop_signal = signum
 
     def _interrupt_now(self, signum, frame):  # noqa: ARG002
-        raise Interrupted(signum, self.run.path)
+        raise Interrupted(signum, self.run.path, self.kind)
 
     def _check_stop(self) -> None:
         signum = self._stop_signal
@@ -659,7 +662,7 @@ class Trainer:
             signum = int(t.item()) or None
         if signum is not None:
             self.save("last")
-            raise Interrupted(signum, self.run.path)
+            raise Interrupted(signum, self.run.path, self.kind)
 
     def fit(self, resume: bool = False) -> dict:
         """Train for ``config.epochs`` epochs (continuing from last.pt with ``resume``).
@@ -679,6 +682,10 @@ class Trainer:
         except AlarmStop as e:
             self._write_unfinished("stopped", e)
             raise
+        except KeyboardInterrupt as e:  # a signal while the models are built, before our handlers
+            self._write_unfinished("interrupted")
+            signum = getattr(e, "signum", signal.SIGINT)
+            raise Interrupted(signum, self.run.path, self.kind, saved=self.run.has_checkpoint("last")) from None
         except Exception as e:
             if not is_out_of_memory(e):
                 self._write_unfinished("failed", e)
@@ -699,8 +706,8 @@ class Trainer:
         more epochs, say) is kept, under the new status; a run that stopped before its checkpoint
         was read keeps the epochs and steps that summary gave.
         """
-        if self.rank != 0:
-            return
+        if self.rank != 0 or (self._resuming and not self._loaded):
+            return  # a resume that never read its checkpoint changed nothing: the run stays as it was
         try:
             previous = self.run.summary()
         except (OSError, ValueError):  # unreadable: write a fresh one
@@ -727,9 +734,12 @@ class Trainer:
         if self.distributed and self.rank > 0:
             # rank 0 keeps the single-process stream; the others draw their own noise
             seed_everything(rank_seed(self.config.seed, self.rank))
+        self._resuming = resume
         if resume:
             self.load_state(self.run.load_checkpoint("last", map_location=self.device))
+            self._loaded = True
             self.run.truncate_metrics(self.step)
+        self.run.write_config()  # settings changed on resume are recorded once the run goes on
         epochs = self.config.epochs
         log_every = self.config.log_every
         ckpt_every = self.config.checkpoint_every
@@ -804,14 +814,14 @@ class Trainer:
                     self.epoch_end(self.epoch, test_metrics)
                 self._check_stop()
                 if fired and self.config.on_alarm == "stop":
-                    raise AlarmStop(fired[0]["alarm"], fired[0]["message"], self.run.path)
+                    raise AlarmStop(fired[0]["alarm"], fired[0]["message"], self.run.path, self.kind)
             # The final phase (evaluation, analyses, figures) has no steps to stop between: a
             # signal stops it at once. last.pt holds the finished training, so --resume goes
             # straight back to this phase.
             for sig in old_handlers:
                 signal.signal(sig, self._interrupt_now)
             if self._stop_signal is not None:
-                raise Interrupted(self._stop_signal, self.run.path)
+                raise Interrupted(self._stop_signal, self.run.path, self.kind)
             if not test_metrics:  # resumed a finished run: measure again
                 test_metrics = self._evaluate_on_rank0()
             summary = self.summary(test_metrics)

@@ -60,7 +60,7 @@ FIGURE_TYPES = {".png": "image/png", ".gif": "image/gif", ".jpg": "image/jpeg",
 MAX_OVERLAYS_PER_KIND = 4
 WIDE_FIGURE = 1.9  # figures wider than this (width / height) span the whole row
 # Summary entries that label a run rather than measure it: not columns of comparison tables.
-LABEL_KEYS = ("run", "kind", "status")
+LABEL_KEYS = ("run", "kind", "status", "error")  # error: shown with the run's state, not a column
 
 # (substring of the lower-cased file stem, caption): the first match wins; kind-specific lists are
 # searched before the shared one. Captions say what to look for, in one line.
@@ -677,9 +677,10 @@ def render_html(runs: Sequence[RunData], overlays: Sequence[Overlay], generated:
                     f"<code>{esc(str(run.path))}</code></p>")
         body.append("<h3>Summary</h3>")
         if run.status != COMPLETE:
-            body.append(f'<p class="warn">This run is {esc(run.state)}: its numbers are not final '
-                        f"(finish it with <code>dllab train {esc(run.kind or 'KIND')} --resume --out "
-                        f"{esc(str(run.path))}</code>).</p>")
+            error = f" {run.summary['error']}." if isinstance(run.summary.get("error"), str) else ""
+            body.append(f'<p class="warn">This run is {esc(run.state)}: its numbers are not final.'
+                        f"{esc(error)} (Finish it with <code>dllab train {esc(run.kind or 'KIND')} "
+                        f"--resume --out {esc(str(run.path))}</code>.)</p>")
         for alarm in run.alarms:
             body.append(f'<p class="warn">ALARM after epoch {esc(str(alarm.get("epoch", "?")))}: '
                         f'{esc(str(alarm.get("message", alarm.get("alarm", ""))))}</p>')

@@ -155,7 +155,8 @@ class Run:
         else:
             if has_run:
                 raise RunFolderError(
-                    f"{path} already holds a run; pass --resume to continue it or choose another --out"
+                    f"{path} already holds a run; continue it with --resume (resume=True from Python) "
+                    "or choose another --out"
                 )
             config = {**config, "environment": environment(),
                       "created": _dt.datetime.now().isoformat(timespec="seconds")}
@@ -184,7 +185,8 @@ class Run:
         return cls(path, read_json(path / "config.json"), writer=False)
 
     def update_config(self, changes: dict) -> None:
-        """Apply settings changed on resume (e.g. more ``epochs``) to ``config`` and config.json.
+        """Apply settings changed on resume (e.g. more ``epochs``) to ``config``; :meth:`write_config`
+        writes them to config.json.
 
         config.json then describes the run as it is continued; each resume that changed something
         appends ``{"at": time, "changed": {key: [old, new]}}`` to its ``"resumed"`` list.
@@ -195,11 +197,19 @@ class Run:
         self.config.update({k: new for k, (_, new) in changed.items()})
         stamp = _dt.datetime.now().isoformat(timespec="seconds")
         self.config["resumed"] = [*self.config.get("resumed", []), {"at": stamp, "changed": changed}]
-        if self.writer:
-            try:
-                write_json(self.path / "config.json", self.config)
-            except OSError as e:
-                raise RunFolderError(f"cannot write run folder {self.path}: {e.strerror or e}") from e
+        self._config_changed = True
+
+    def write_config(self) -> None:
+        """Write the changes :meth:`update_config` made to config.json. The trainer calls it once
+        the resumed run has read its checkpoint, so a resume that fails before that (a damaged
+        last.pt, say) leaves config.json as it was."""
+        if not (self.writer and getattr(self, "_config_changed", False)):
+            return
+        try:
+            write_json(self.path / "config.json", self.config)
+        except OSError as e:
+            raise RunFolderError(f"cannot write run folder {self.path}: {e.strerror or e}") from e
+        self._config_changed = False
 
     def _open_tensorboard(self) -> None:
         try:

@@ -173,6 +173,9 @@ def train(kind: str, config: config_lib.TrainConfig | dict | None = None, *, res
     if resume:
         settings, changes = _resumed_config(kind, given)
         cfg = config_lib.from_mapping(cls, settings)
+        done = Run.open(cfg.out)
+        if not changes and done.complete and done.config.get("out") == cfg.out:
+            return done  # nothing to continue and nothing to change: the run is left as it is
     else:
         cfg = config_lib.from_mapping(cls, given, strict=True)
     device = resolve_device(cfg.device)
