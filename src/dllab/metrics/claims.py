@@ -11,6 +11,7 @@ these verdicts); :func:`judge_order` checks an order claim on a study's runs.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -55,10 +56,15 @@ class Verdict:
     passed: bool | None  # None: the run has no value for the claim's metric (not finished)
 
 
+@functools.lru_cache(maxsize=1)
+def _packaged() -> str:
+    return resources.files("dllab").joinpath("claims.json").read_text()
+
+
 def load_claims(text: str | None = None) -> list[Claim]:
-    """The claims of ``claims.json`` in the package (or of ``text``); ValueError on a bad entry."""
-    raw = json.loads(text if text is not None else
-                     resources.files("dllab").joinpath("claims.json").read_text())
+    """The claims of ``claims.json`` in the package (read once; or of ``text``); ValueError on a
+    bad entry."""
+    raw = json.loads(text if text is not None else _packaged())
     claims = []
     for i, entry in enumerate(raw["claims"]):
         try:
