@@ -561,3 +561,11 @@ def test_chromium_enforces_the_reports_csp(runs, tmp_path):
         f'<meta http-equiv="Content-Security-Policy" content="{CSP}">', ""))
     dom = _dump_dom(no_csp, tmp_path / "profile2")
     assert 'data-ran="yes"' in dom
+
+
+def test_report_out_without_a_suffix_is_a_folder(tmp_path):
+    from dllab.report import report_paths
+
+    assert report_paths(["a", "b"], str(tmp_path / "rep1")) == (tmp_path / "rep1" / "report.html",
+                                                               tmp_path / "rep1" / "report.md")
+    assert report_paths(["a"], str(tmp_path / "r.html")) == (tmp_path / "r.html", tmp_path / "r.md")

@@ -125,8 +125,9 @@ def build_parser() -> Parser:
                         description="Write one HTML file (figures embedded, no scripts) and a Markdown "
                         "twin describing one or more runs, with comparison tables and curves.")
     rp.add_argument("runs", nargs="+", help="run folders")
-    rp.add_argument("--out", default=None, help="HTML file (default: RUN/report.html, or report.html "
-                    "for several runs); the Markdown goes beside it")
+    rp.add_argument("--out", default=None, help="HTML file, or a folder (any name without a suffix) "
+                    "that gets report.html (default: RUN/report.html, or report.html for several "
+                    "runs); the Markdown goes beside it")
 
     cp = sub.add_parser("compare", help="print a table of runs' summary metrics",
                         description="Print the runs' scalar summary metrics as an aligned table.")

@@ -842,13 +842,14 @@ def render_markdown(runs: Sequence[RunData], overlays: Sequence[Overlay], genera
 
 # ---- entry points ----------------------------------------------------------------------------
 def report_paths(runs: Sequence[str], out: str | os.PathLike | None) -> tuple[Path, Path]:
-    """(html, md): ``out`` (a folder gets report.html inside), else RUN/report.html for one run and
-    ./report.html for several; the Markdown sits beside the HTML with the same stem."""
+    """(html, md): ``out`` (a folder, or a name without a suffix, gets report.html inside), else
+    RUN/report.html for one run and ./report.html for several; the Markdown sits beside the HTML
+    with the same stem."""
     if out is None:
         html_path = Path(runs[0]) / "report.html" if len(runs) == 1 else Path("report.html")
     else:
         html_path = Path(out)
-        if html_path.is_dir() or str(out).endswith(("/", os.sep)):
+        if html_path.is_dir() or str(out).endswith(("/", os.sep)) or not html_path.suffix:
             html_path = html_path / "report.html"
     if html_path.suffix.lower() == ".md":
         raise ValueError(f"--out {out} ends in .md; give the HTML file (the Markdown goes beside it)")
