@@ -59,14 +59,29 @@ def check_same_settings(run_dir: Path, config: dict, what: str = "the demo") -> 
                              f"({'; '.join(differ)}); give {what} another --out")
 
 
+def train_or_reuse(kind: str, config: dict, what: str = "the demo", quiet: bool = False) -> Path:
+    """The run in ``config["out"]``: reused when it is complete and was trained with ``config``
+    (refused by :func:`check_same_settings` otherwise), continued when it is unfinished, trained
+    when there is none (train() starts one that has no checkpoint yet). The demo and
+    ``dllab reproduce`` both take their runs this way."""
+    from dllab.runs import Run
+    from dllab.train import train
+
+    run_dir = Path(config["out"])
+    existing = Run.open(run_dir) if (run_dir / "config.json").exists() else None
+    if existing is not None and existing.complete:
+        check_same_settings(run_dir, config, what)
+    else:
+        train(kind, config, resume=existing is not None, quiet=quiet)
+    return run_dir
+
+
 def demo(dataset: str = "mnist5k", epochs: int | None = None, full: bool = False,
          out: str | Path | None = None, device: str = "auto", data_dir: str | None = None,
          quiet: bool = False) -> Path:
     """Train the three models on ``dataset`` into ``out`` (default: :func:`default_out`) and
     return the report's path."""
     from dllab.report import write_report
-    from dllab.runs import Run
-    from dllab.train import train
     from dllab.utils import progress
 
     out = Path(out) if out is not None else default_out(dataset, full, epochs)
@@ -87,12 +102,7 @@ def demo(dataset: str = "mnist5k", epochs: int | None = None, full: bool = False
         if not quiet and not sys.stderr.isatty():  # no progress bars in a log: one line per stage
             print(f"dllab demo: {kind} ({stages.index(kind) + 1}/{len(stages)}) in {run_dir}",
                   file=sys.stderr, flush=True)
-        existing = Run.open(run_dir) if (run_dir / "config.json").exists() else None
-        if existing is not None and existing.complete:
-            check_same_settings(run_dir, config)
-        else:
-            # an interrupted run continues (train() starts one that has no checkpoint yet)
-            train(kind, config, resume=existing is not None, quiet=quiet)
+        train_or_reuse(kind, config, quiet=quiet)
         bar.update(1)
     bar.set_description("dllab demo: report")
     html, _ = write_report([str(runs[k]) for k in stages], str(out / "report.html"))

@@ -128,20 +128,12 @@ class Outcome:
 
 
 def _train_or_reuse(spec: Spec, folder: Path, quiet: bool) -> Path:
-    from dllab.demo import check_same_settings
-    from dllab.runs import Run
-    from dllab.train import train
+    from dllab.demo import train_or_reuse
 
-    settings = dict(spec.settings)
+    settings = {**spec.settings, "out": str(folder)}
     if "classifier_run" in settings:  # a label of the same study
         settings["classifier_run"] = str(folder.parent / settings["classifier_run"])
-    settings["out"] = str(folder)
-    existing = Run.open(folder) if (folder / "config.json").exists() else None
-    if existing is not None and existing.complete:
-        check_same_settings(folder, settings, "dllab reproduce")  # reused only when they match exactly
-        return folder
-    train(spec.kind, settings, resume=existing is not None, quiet=quiet)
-    return folder
+    return train_or_reuse(spec.kind, settings, "dllab reproduce", quiet)
 
 
 def run_study(name: str, out: Path, seeds: int = 1, quick: bool = False, quiet: bool = False,
@@ -158,7 +150,7 @@ def run_study(name: str, out: Path, seeds: int = 1, quick: bool = False, quiet: 
             print(f"dllab reproduce {name}: run {i + 1}/{len(specs)} {spec.label}", file=sys.stderr,
                   flush=True)
         folders.append(_train_or_reuse(spec, base / spec.label, quiet))
-    runs = [(Run.open(f).config, Run.open(f).summary()) for f in folders]
+    runs = [(run.config, run.summary()) for run in map(Run.open, folders)]
     study_claims = [c for c in claims if c.study == name and not quick]  # a smoke test judges nothing
     verdicts = [(f.name, v) for f, (config, summary) in zip(folders, runs)
                 for v in judge(config, summary, study_claims)]
