@@ -55,6 +55,11 @@ from dllab.utils import (autocast, dist_info, get_rng_state, progress, rank_seed
                          seed_everything, set_rng_state)
 
 
+#: the weight of a step in the logged means: 0 for a step skipped on the device (see
+#: :meth:`Trainer.train_step`), whose metrics are zeroed rather than left out
+STEP_KEPT = "_kept"
+
+
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive steps had a NaN/inf loss; the last good checkpoint is kept."""
 
@@ -158,7 +163,8 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def ema_update(ema_model: nn.Module, model: nn.Module, decay: float) -> None:
+def ema_update(ema_model: nn.Module, model: nn.Module, decay: float,
+               skip: torch.Tensor | None = None) -> None:
     """In place: theta_ema <- decay * theta_ema + (1 - decay) * theta, for every parameter and
     every floating-point buffer (batch-norm running mean/var); integer buffers
     (``num_batches_tracked``) are copied.
@@ -166,7 +172,9 @@ def ema_update(ema_model: nn.Module, model: nn.Module, decay: float) -> None:
     Yazici et al. (2019), "The Unusual Effectiveness of Averaging in GAN Training" (ICLR): an
     exponential moving average of the generator's weights gives better samples (lower FID) than
     the last iterate, at no training cost; Polyak & Juditsky (1992) for averaging in general.
-    decay=0 copies ``model``; decay=1 leaves the EMA unchanged.
+    decay=0 copies ``model``; decay=1 leaves the EMA unchanged. ``skip``, a 0-d tensor that is 1
+    when the step was skipped and 0 otherwise, is applied on the device (no host sync): the float
+    entries move by ``(1 - decay) * (1 - skip)``, the integer ones are copied either way.
     """
     if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay <= 1.0:
         raise ValueError(f"decay={decay!r} must be a number in [0, 1]")
@@ -185,8 +193,12 @@ def ema_update(ema_model: nn.Module, model: nn.Module, decay: float) -> None:
             targets.append(t.to(ema_t.dtype))
         else:
             ema_t.copy_(t)
-    if floats:
+    if floats and skip is None:
         torch._foreach_lerp_(floats, targets, 1.0 - decay)
+    elif floats:  # ema += (1 - decay) * (1 - skip) * (model - ema)
+        deltas = torch._foreach_sub(targets, floats)
+        torch._foreach_mul_(deltas, (1.0 - skip) * (1.0 - decay))
+        torch._foreach_add_(floats, deltas)
 
 
 def make_ema(model: nn.Module) -> nn.Module:
@@ -220,8 +232,10 @@ class EMA:
     def current_decay(self) -> float:
         return min(self.decay, (1 + self.updates) / (10 + self.updates))
 
-    def update(self, model: nn.Module) -> None:
-        ema_update(self.module, unwrap(model), self.current_decay())
+    def update(self, model: nn.Module, skip: torch.Tensor | None = None) -> None:
+        """One step towards ``model``; ``skip`` as in :func:`ema_update` (the step still counts
+        for the warm-up when it was skipped on the device)."""
+        ema_update(self.module, unwrap(model), self.current_decay(), skip)
         self.updates += 1
 
 
@@ -236,8 +250,10 @@ def plain_state_dict(state_dict: dict) -> dict:
 
 def grad_norm(module: nn.Module) -> torch.Tensor:
     """L2 norm of all gradients of ``module`` (a 0-d tensor; no host sync)."""
-    norms = [p.grad.detach().norm() for p in module.parameters() if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+    grads = [p.grad.detach() for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
 
 
 @dataclasses.dataclass
@@ -312,8 +328,9 @@ class Trainer:
         self.alarms_fired: list[dict] = []  # {"alarm", "epoch", "message"}, each alarm once
         self._nonfinite_run = 0
         self._step_skipped = False
-        self._buffers: list[torch.Tensor] | None = None  # see _backup_buffers
+        self._buffers: dict[tuple, list[torch.Tensor]] | None = None  # see _backup_buffers
         self._buffer_copies: list[torch.Tensor] = []
+        self._skips: torch.Tensor | None = None  # see _step_on_device
         self._stop_signal: int | None = None
         self._built = False
         self._last_test: dict = {}  # the last epoch's test metrics, for an unfinished run's summary
@@ -443,34 +460,40 @@ class Trainer:
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         """One training step: each :class:`Update` in turn. Returns detached scalar tensors to log
-        (no host sync), or ``{}`` for a skipped step.
+        (no host sync), or ``{}`` for a step known to be skipped.
 
-        For each update: zero_grad, its loss, the finite check (:meth:`finite`), backward,
-        gradient clipping, the optimiser step, the scheduler step and the weight average. A
-        non-finite loss skips that update and every update after it (their schedulers still
-        step); updates before it keep their step.
+        For each update: zero_grad, its loss, the finite check, backward, gradient clipping, the
+        optimiser step, the scheduler step and the weight average. A non-finite loss skips that
+        update and every update after it (their schedulers still step); updates before it keep
+        their step.
+
+        The finite check is made in one of two ways, with the same outcome:
+
+        - on the device (:meth:`_step_on_device`), when every optimiser is fused and has taken a
+          step: a flag tensor goes to the fused kernels as ``found_inf`` (the mechanism of torch's
+          GradScaler), which leave the weights and the optimiser's state untouched when it is
+          set; the buffers, the weight average and the logged metrics are masked by it. The host
+          never waits for the device, so a GPU runs ahead of Python. The skips are counted on
+          the device and read at the next log or checkpoint (:meth:`_settle_skips`), which is
+          also when too many in a row stop the run;
+        - on the host (:meth:`finite`, one host sync per update), for the first step (fused SGD
+          must not start its momentum from a skipped step) and for unfused optimisers.
         """
         self._backup_buffers()  # a skipped step restores them
         self._step_skipped = False
         batch = self.prepare(x, y)
         updates = self.declared_updates()
+        if self._skip_on_device(updates):
+            return self._step_on_device(batch, updates)
         logged: dict[str, torch.Tensor] = {}
-        clip = self.config.grad_clip
         for i, update in enumerate(updates):
             update.optimizer.zero_grad(set_to_none=True)
             loss, metrics = update.loss(batch)
             if not self.finite(loss):
-                with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": meant
-                    warnings.simplefilter("ignore", UserWarning)
-                    for later in updates[i:]:
-                        if later.scheduler is not None:
-                            later.scheduler.step()  # keep the schedule aligned with the step count
+                self._skipped(updates[i:])
                 return {}
             loss.backward()
-            if clip:  # the norm before clipping, as torch returns it
-                norm = torch.nn.utils.clip_grad_norm_(update.module.parameters(), clip)
-            elif update.grad_norm_key:
-                norm = grad_norm(update.module)
+            norm = self._clip(update)
             update.optimizer.step()
             if update.scheduler is not None:
                 update.scheduler.step()
@@ -480,6 +503,92 @@ class Trainer:
             if update.grad_norm_key:
                 logged[update.grad_norm_key] = norm.detach()
         return logged
+
+    def _step_on_device(self, batch: dict, updates: list[Update]) -> dict[str, torch.Tensor]:
+        """:meth:`train_step` with no host sync: see there."""
+        logged: dict[str, torch.Tensor] = {}
+        skip = None  # 1.0 from the first non-finite loss on (float32, as the fused kernels want it)
+        skips = []  # each update's flag
+        for update in updates:
+            update.optimizer.zero_grad(set_to_none=True)
+            loss, metrics = update.loss(batch)
+            flat = loss.detach() if loss.dim() == 0 else loss.detach().sum()
+            bad = torch.ne(flat * 0.0, 0.0).float()  # 0 * inf and 0 * nan are nan
+            if self.distributed:  # every rank skips if any rank must
+                dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+            skip = bad if skip is None else torch.maximum(skip, bad)
+            skips.append(skip)
+            loss.backward()
+            norm = self._clip(update)
+            update.optimizer.found_inf = skip  # read by the fused kernels, as GradScaler sets it
+            try:
+                update.optimizer.step()
+            finally:
+                del update.optimizer.found_inf
+            if update.scheduler is not None:
+                update.scheduler.step()
+            logged.update(metrics)
+            if update.grad_norm_key:
+                logged[update.grad_norm_key] = norm.detach()
+        skipped = skip > 0
+        self._restore_buffers(where=skipped)
+        for update, flag in zip(updates, skips):  # after the buffers are restored: none is NaN
+            if update.ema is not None:
+                update.ema.update(update.module, skip=flag)
+        if self._skips is None:
+            self._skips = torch.zeros(2, device=self.device)  # skipped since the last read, in a row
+        self._skips.add_(skip)
+        self._skips[1].mul_(skip)  # a good step ends the streak
+        if not logged:
+            return {}
+        keys = list(logged)
+        values = torch.where(skipped, 0.0, torch.stack([logged[k].float().reshape(()) for k in keys]))
+        return {**dict(zip(keys, values.unbind())), STEP_KEPT: 1.0 - skip}
+
+    def _skip_on_device(self, updates: list[Update]) -> bool:
+        """Whether this step checks its losses on the device (see :meth:`train_step`)."""
+        return all(u.optimizer.defaults.get("fused") and u.optimizer.state for u in updates)
+
+    def _clip(self, update: Update) -> torch.Tensor | None:
+        """``--grad-clip`` on the update's module; returns the gradient norm (before clipping,
+        as torch returns it) when it is clipped or logged."""
+        if self.config.grad_clip:
+            return torch.nn.utils.clip_grad_norm_(update.module.parameters(), self.config.grad_clip)
+        if update.grad_norm_key:
+            return grad_norm(update.module)
+        return None
+
+    @staticmethod
+    def _skipped(updates: list[Update]) -> None:
+        """What a skipped update still does: its scheduler steps, to keep the schedule aligned
+        with the step count, and its weight average counts the step for its warm-up (as on the
+        device, where the average is updated with a zero weight)."""
+        with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": meant
+            warnings.simplefilter("ignore", UserWarning)
+            for update in updates:
+                if update.scheduler is not None:
+                    update.scheduler.step()
+                if update.ema is not None:
+                    update.ema.updates += 1
+
+    def _settle_skips(self) -> None:
+        """Count the steps skipped on the device since the last call (one host sync), and stop
+        the run when ``max_nonfinite`` steps in a row were skipped. Called at every log point
+        and before every checkpoint."""
+        if self._skips is None:
+            return
+        skipped, streak = (int(v) for v in self._skips.tolist())
+        self._skips[0] = 0
+        self.nonfinite_total += skipped
+        self._nonfinite_run = streak
+        self._raise_if_streak()
+
+    def _raise_if_streak(self) -> None:
+        if self._nonfinite_run >= self.max_nonfinite:
+            raise NonFiniteLossError(
+                f"{self._nonfinite_run} steps in a row had a non-finite loss (at step {self.step}); "
+                "stopping. The last good checkpoint is kept; try a lower --lr or --precision fp32"
+            )
 
     def finite(self, loss: torch.Tensor) -> bool:
         """False (and counted) for a NaN/inf loss, whose step the caller must then skip.
@@ -511,18 +620,26 @@ class Trainer:
         return False
 
     def _backup_buffers(self) -> None:
-        """Copy every module's buffers aside before a step (cheap: BatchNorm statistics only)."""
+        """Copy every module's buffers aside before a step (cheap: BatchNorm statistics only),
+        into one flat tensor per dtype (one kernel each)."""
         if self._buffers is None:
-            self._buffers = [b for m in self.modules().values() for b in unwrap(m).buffers()]
-            self._buffers += [b for a in self.averages().values() for b in a.module.buffers()]
-            self._buffer_copies = [b.detach().clone() for b in self._buffers]
-        elif self._buffers:
-            torch._foreach_copy_(self._buffer_copies, self._buffers)
+            buffers = [b for m in self.modules().values() for b in unwrap(m).buffers()]
+            buffers += [b for a in self.averages().values() for b in a.module.buffers()]
+            self._buffers = {}
+            for b in buffers:
+                self._buffers.setdefault((b.dtype, b.device), []).append(b)
+        self._buffer_copies = [torch.cat([b.detach().reshape(-1) for b in group])
+                               for group in self._buffers.values()]
 
-    def _restore_buffers(self) -> None:
-        if self._buffers:
-            with torch.no_grad():
-                torch._foreach_copy_(self._buffers, self._buffer_copies)
+    @torch.no_grad()
+    def _restore_buffers(self, where: torch.Tensor | None = None) -> None:
+        """Put the buffers back as :meth:`_backup_buffers` found them: always, or where the 0-d
+        boolean tensor ``where`` is true (decided on the device)."""
+        for group, copy in zip(self._buffers.values(), self._buffer_copies):
+            if where is not None:
+                now = torch.cat([b.reshape(-1) for b in group])
+                copy = torch.where(where, copy, now)
+            torch._foreach_copy_(group, [c.view(b.shape) for c, b in zip(copy.split([b.numel() for b in group]), group)])
 
     def _any_rank(self, flag: bool) -> bool:
         """True if ``flag`` is True on any rank (one tiny all-reduce; just ``flag`` alone)."""
@@ -532,17 +649,19 @@ class Trainer:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item() > 0)
 
-    def _mean_over_ranks(self, sums: dict[str, torch.Tensor], count: int) -> dict[str, float]:
-        """Per-step means of the summed metrics, averaged over ranks, as Python floats."""
+    def _mean_over_ranks(self, sums: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Means of the summed metrics over the kept steps (``sums[STEP_KEPT]``) of every rank, as
+        Python floats (one host sync); ``{}`` when no step was kept."""
         if not sums:
             return {}
-        keys = list(sums)
-        values = torch.stack([sums[k].reshape(()) for k in keys]) / count
+        keys = [k for k in sums if k != STEP_KEPT]
+        values = torch.stack([torch.as_tensor(sums[k], device=self.device).float().reshape(())
+                              for k in (*keys, STEP_KEPT)])
         if self.distributed:
             values = values.to(self.device)
             dist.all_reduce(values, op=dist.ReduceOp.SUM)
-            values = values / self.world_size
-        return dict(zip(keys, values.tolist()))
+        *totals, kept = values.tolist()
+        return {k: v / kept for k, v in zip(keys, totals)} if kept else {}
 
     def _evaluate_on_rank0(self) -> dict:
         """``evaluate()`` on rank 0, its numbers sent to every rank (so all decide alike)."""
@@ -636,6 +755,7 @@ class Trainer:
         Refuses to write weights that are no longer finite (that would replace a good checkpoint
         with a useless one): raises :class:`NonFiniteLossError` instead.
         """
+        self._settle_skips()
         state = self.state()
         bad = next((f"{module_name}.{key}" for module_name, sd in state["models"].items()
                     for key, value in sd.items()
@@ -760,9 +880,8 @@ class Trainer:
         try:
             while self.epoch < epochs:
                 train_loader.set_epoch(self.epoch)
-                sums: dict[str, torch.Tensor] = {}
+                sums: dict[str, torch.Tensor] = {}  # summed over the steps since the last log
                 epoch_sums: dict[str, torch.Tensor] = {}
-                since_log = epoch_steps = 0
                 alarm = f" [alarm: {', '.join(a['alarm'] for a in self.alarms_fired)}]" if self.alarms_fired else ""
                 bar = progress(total=len(train_loader),
                                desc=f"{self.kind} epoch {self.epoch + 1}/{epochs}{alarm}",
@@ -775,20 +894,21 @@ class Trainer:
                     self.step += 1
                     self.batch_in_epoch += 1
                     self.images_seen += x.shape[0] * self.world_size
-                    for k, v in metrics.items():
-                        sums[k] = sums.get(k, 0) + v.detach().float()
-                        epoch_sums[k] = epoch_sums.get(k, 0) + v.detach().float()
-                    since_log += 1
-                    epoch_steps += 1
+                    if metrics:  # the kept steps are counted on the device, not known on the host
+                        metrics = {STEP_KEPT: 1.0, **{k: v.float() for k, v in metrics.items()}}
+                        for k, v in metrics.items():
+                            sums[k] = sums.get(k, 0) + v
+                            epoch_sums[k] = epoch_sums.get(k, 0) + v
                     bar.update(1)
                     if self.step % log_every == 0 or self.batch_in_epoch == len(train_loader):
                         # every log_every steps, and the epoch's last steps too
-                        record = self._mean_over_ranks(sums, since_log)
+                        self._settle_skips()
+                        record = self._mean_over_ranks(sums)
                         self.run.log({"split": "train", "step": self.step,
                                       "epoch": self.epoch + self.batch_in_epoch / len(train_loader),
                                       **record, **self.step_extras()})
                         bar.set_postfix({k: f"{v:.4g}" for k, v in list(record.items())[:3]})
-                        sums, since_log = {}, 0
+                        sums = {}
                     if ckpt_every and self.step % ckpt_every == 0:
                         self.train_seconds += time.perf_counter() - t_epoch
                         t_epoch = time.perf_counter()
@@ -806,7 +926,7 @@ class Trainer:
                     self.best = {"epoch": self.epoch, "step": self.step,
                                  self.best_metric: test_metrics[self.best_metric]}
                     self.save("best")
-                train_means = self._mean_over_ranks(epoch_sums, max(epoch_steps, 1))
+                train_means = self._mean_over_ranks(epoch_sums)
                 self.history.append({**self._last_test, **{f"train_{k}": v for k, v in train_means.items()}})
                 fired = self._sound_alarms(bar)
                 self.save("last")

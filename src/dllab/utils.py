@@ -202,3 +202,68 @@ def dist_info() -> tuple[int, int, int]:
     """(rank, local_rank, world_size) from torchrun's environment; (0, 0, 1) when not launched by it."""
     return (int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
             int(os.environ.get("WORLD_SIZE", 1)))
+
+
+# aten ops that make the host wait for the device on CUDA: a scalar read (.item(), bool(t),
+# float(t), int(t)) or an output whose shape depends on the data
+SYNC_OPS = frozenset({"aten._local_scalar_dense", "aten.is_nonzero", "aten.item", "aten.nonzero",
+                      "aten.masked_select", "aten.unique", "aten._unique2", "aten.repeat_interleave"})
+# aten ops that only make tensors or views (no kernel runs on a GPU for them)
+_NO_KERNEL = frozenset({"aten.empty", "aten.empty_like", "aten.empty_strided", "aten.detach",
+                        "aten.alias", "aten.lift_fresh", "aten._unsafe_view", "aten.set_",
+                        "aten.sym_size", "aten.sym_stride", "aten.sym_numel", "aten.sym_storage_offset"})
+
+
+def _is_view(func) -> bool:
+    """Whether an aten operation returns views of its inputs (t, view, split, unbind, ...):
+    every output aliases an input and none is written."""
+    returns = func._schema.returns
+    return bool(returns) and all(r.alias_info is not None and not r.alias_info.is_write for r in returns)
+
+
+class OpCounts:
+    """Counts of the aten operations run inside a :func:`count_ops` block.
+
+    ``kernels``: operations that run a kernel (views and bare allocations left out); on a GPU
+    each is one launch or more (a ``_foreach_*`` op launches one kernel per chunk of tensors).
+    ``syncs``: operations that make the host wait for the device there (:data:`SYNC_OPS`).
+    ``by_op``: the count of each operation, by name.
+    """
+
+    def __init__(self):
+        self.kernels = 0
+        self.syncs = 0
+        self.by_op: dict[str, int] = {}
+
+    def sync_ops(self) -> dict[str, int]:
+        return {k: v for k, v in self.by_op.items() if k.rsplit(".", 1)[0] in SYNC_OPS or k in SYNC_OPS}
+
+    def __repr__(self) -> str:
+        return f"OpCounts(kernels={self.kernels}, syncs={self.syncs})"
+
+
+@contextlib.contextmanager
+def count_ops():
+    """Count the aten operations a block runs (forward and backward alike), on any device.
+
+    ``with count_ops() as counts: step()`` then ``counts.kernels`` and ``counts.syncs``. It sees
+    the operations below autograd, so the CPU shows what a GPU would launch and where it would
+    wait: a test can hold the per-step figures of the CUDA code paths down without a GPU.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    counts = OpCounts()
+
+    class _Counter(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            packet = f"aten.{func.__name__.split('.')[0]}" if func.namespace == "aten" else str(func)
+            name = f"{packet}.{func._overloadname}"
+            counts.by_op[name] = counts.by_op.get(name, 0) + 1
+            if packet in SYNC_OPS:
+                counts.syncs += 1
+            if packet not in _NO_KERNEL and not _is_view(func):
+                counts.kernels += 1
+            return func(*args, **(kwargs or {}))
+
+    with _Counter():
+        yield counts

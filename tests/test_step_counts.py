@@ -1,0 +1,195 @@
+"""What one training step asks of a GPU, counted on the CPU: kernels and host syncs.
+
+:func:`dllab.utils.count_ops` sees every aten operation below autograd, on any device, so these
+tests hold the CUDA code path's per-step figures without a GPU. A host sync (``.item()``,
+``bool(tensor)``, ...) makes Python wait until the GPU has finished everything queued, so the
+GPU idles while Python prepares the next step; the engine's step has none (see
+``Trainer.train_step``). Before this test existed, every step read each loss's finiteness on the
+host: one sync per update (the "host" path below, still used for the very first step).
+
+The kernel budgets are the counts measured when the test was written (torch 2.14 and 2.4), with
+a few kernels of slack: an extra per-parameter loop (say, one norm per parameter: +62 kernels for
+the ResNet-18) fails them.
+"""
+
+import pytest
+import torch
+
+from dllab.config import from_mapping
+from dllab.data import load
+from dllab.engine import STEP_KEPT, Trainer
+from dllab.runs import Run
+from dllab.train import config_class, defaults, kind_module
+from dllab.utils import count_ops
+
+TINY = {"classifier": dict(width=8), "vae": dict(), "dcgan": dict(g_width=8, d_width=8, nz=16)}
+#: kernels of one step on the device path (ResNet-18, the MLP VAE, the DCGAN), at most
+KERNEL_BUDGET = {"classifier": 195, "vae": 99, "dcgan": 147}
+UPDATES = {"classifier": 1, "vae": 1, "dcgan": 2}
+
+
+def _trainer(kind, tmp_path, **settings):
+    cfg = from_mapping(config_class(kind), {**defaults(kind), "dataset": "mnist5k", "limit": 64,
+                                            "batch_size": 32, "device": "cpu", "precision": "fp32",
+                                            "out": str(tmp_path), **TINY[kind], **settings})
+    trainer = kind_module(kind).TRAINER(cfg, load("mnist5k", limit=64), Run(tmp_path, {}, writer=False),
+                                        torch.device("cpu"), quiet=True)
+    trainer.build()
+    batches = list(trainer.loader("train", shuffle=True, augment=False, drop_last=True))
+    return trainer, batches
+
+
+def _count_step(trainer, x, y):
+    with count_ops() as counts:
+        trainer.train_step(x, y)
+    return counts
+
+
+@pytest.mark.parametrize("kind", ["classifier", "vae", "dcgan"])
+def test_a_training_step_never_waits_for_the_device(kind, tmp_path, monkeypatch):
+    trainer, batches = _trainer(kind, tmp_path)
+    x, y = batches[0]
+    first = _count_step(trainer, x, y)  # the first step checks on the host (see train_step)
+    assert first.syncs == UPDATES[kind], first.sync_ops()
+    trainer.train_step(x, y)
+    after = _count_step(trainer, x, y)
+    assert after.syncs == 0, f"host syncs in a {kind} step: {after.sync_ops()}"
+    assert after.kernels <= KERNEL_BUDGET[kind], (after.kernels, sorted(after.by_op.items(), key=lambda kv: -kv[1]))
+    # before: the same step with the finite check on the host
+    monkeypatch.setattr(Trainer, "_skip_on_device", lambda self, updates: False)
+    before = _count_step(trainer, x, y)
+    assert before.syncs == UPDATES[kind] and before.sync_ops() == {"aten._local_scalar_dense.default": UPDATES[kind]}
+    print(f"{kind}: host syncs per step {before.syncs} -> {after.syncs}; kernels {before.kernels} -> {after.kernels}")
+
+
+def test_count_ops_sees_syncs_and_leaves_views_out():
+    x = torch.randn(4, 3)
+    with count_ops() as counts:
+        y = x.t().unsqueeze(0)  # views: no kernel
+        z = (y * 2).sum()
+        assert bool(z > -1e9)
+        _ = z.item()
+    assert counts.kernels == 3 + 2 and counts.syncs == 2  # mul, sum, gt, and the two reads
+    assert counts.sync_ops() == {"aten._local_scalar_dense.default": 2}
+    with count_ops() as counts:
+        x.t().reshape(12)  # not a view of x: a copy
+        x.split([1, 3])
+    assert counts.kernels == 1 and counts.by_op["aten.clone.default"] == 1
+
+
+def _trained(trainer):
+    """Every number a step changes but the weight averages: weights, buffers, optimiser state."""
+    tensors = [v for m in trainer.modules().values() for v in m.state_dict().values()]
+    for opt in trainer.optimizers().values():
+        for state in opt.state.values():
+            tensors += [v for v in state.values() if torch.is_tensor(v)]
+    return tensors
+
+
+def _model_state(trainer):
+    return [v for m in trainer.modules().values() for v in m.state_dict().values()]
+
+
+def _averaged(trainer):
+    return [v for a in trainer.averages().values() for v in a.module.state_dict().values()]
+
+
+@pytest.mark.parametrize("kind,settings", [("classifier", dict(ema=0.9, grad_clip=1.0)), ("vae", {}),
+                                           ("dcgan", dict(ema=0.9))])
+def test_the_device_skip_matches_the_host_skip(kind, settings, tmp_path, monkeypatch):
+    """Six steps, the 3rd and 4th with a NaN batch: the step that decides on the device leaves
+    everything as the host-checked step does (weights, BatchNorm statistics, optimiser state
+    bit for bit; the weight average to rounding), counts the same skips and logs the same
+    metrics, zeroed and weighted 0 for the skipped steps."""
+    runs = {}
+    for path in ("device", "host"):
+        torch.manual_seed(0)
+        trainer, batches = _trainer(kind, tmp_path / path, **settings)
+        if path == "host":
+            monkeypatch.setattr(Trainer, "_skip_on_device", lambda self, updates: False)
+        logged = []
+        for step in range(6):
+            x, y = batches[step % len(batches)]
+            if step in (2, 3):
+                x = torch.full_like(x, float("nan"))
+            logged.append(trainer.train_step(x, y))
+            trainer.step += 1
+        trainer._settle_skips()
+        runs[path] = (trainer, logged)
+        monkeypatch.undo()
+    (dev, dev_logged), (host, host_logged) = runs["device"], runs["host"]
+    assert dev.nonfinite_total == host.nonfinite_total == 2
+    assert dev._nonfinite_run == 0  # (the host path resets its count in fit)
+    assert len(_trained(dev)) == len(_trained(host)) > 0
+    for i, (a, b) in enumerate(zip(_trained(dev), _trained(host))):
+        assert torch.equal(a, b), i
+    assert _averaged(dev) and len(_averaged(dev)) == len(_averaged(host)) or kind == "vae"
+    for a, b in zip(_averaged(dev), _averaged(host)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert [a.updates for a in dev.averages().values()] == [a.updates for a in host.averages().values()]
+    for step, (d, h) in enumerate(zip(dev_logged, host_logged)):
+        if step in (2, 3):
+            assert h == {} and float(d[STEP_KEPT]) == 0.0 and all(float(v) == 0 for v in d.values())
+        else:
+            assert float(d.pop(STEP_KEPT, 1.0)) == 1.0 and d.keys() == h.keys()
+            for k in d:
+                torch.testing.assert_close(d[k], h[k].float(), msg=k)
+
+
+def test_a_streak_of_skips_on_the_device_stops_the_run_at_the_next_read(tmp_path):
+    from dllab.engine import NonFiniteLossError
+
+    trainer, batches = _trainer("vae", tmp_path, max_nonfinite=3)
+    x, y = batches[0]
+    trainer.train_step(x, y)
+    trainer.step += 1
+    nan = torch.full_like(x, float("nan"))
+    for _ in range(2):
+        trainer.train_step(nan, y)
+        trainer.step += 1
+    trainer._settle_skips()  # 2 in a row: goes on
+    assert trainer.nonfinite_total == 2 and trainer._nonfinite_run == 2
+    trainer.train_step(nan, y)
+    trainer.step += 1
+    with pytest.raises(NonFiniteLossError, match="3 steps in a row had a non-finite loss .at step 4"):
+        trainer._settle_skips()
+
+
+@pytest.mark.slow  # torch.compile builds for up to a minute on a 2-core CPU
+@pytest.mark.parametrize("kind,settings", [("vae", {}), ("classifier", dict(norm=False))])
+def test_a_compiled_step_gives_the_eager_results(kind, settings, tmp_path):
+    """``--compile``: three steps, the second with a NaN batch, compiled and eager from the same
+    start give the same weights (to float rounding: the compiled kernels fuse and reorder
+    arithmetic) and skip the same step. The classifier runs without batch norm here: with it, its
+    first steps amplify rounding differences into gradients that differ by up to 30 % (eager on 1
+    thread against eager on 2 threads does the same), which no tolerance can tell from a bug. (Compiled random draws, the VAE's noise, take eager's
+    stream only with inductor's ``fallback_random``. ``count_ops`` cannot look inside compiled
+    code: under a dispatch mode torch runs it eagerly.)"""
+    import torch._dynamo
+    import torch._inductor.config
+
+    results = {}
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        trainer, batches = _trainer(kind, tmp_path / str(compiled), compile=compiled, **settings)
+        start = [t.clone() for t in _model_state(trainer)]
+        with torch._inductor.config.patch(fallback_random=True):
+            for step in range(3):
+                x, y = batches[step % len(batches)]
+                if step == 1:
+                    x = torch.full_like(x, float("nan"))
+                trainer.train_step(x, y)
+                trainer.step += 1
+        assert (torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0) == compiled
+        trainer._settle_skips()
+        results[compiled] = (trainer.nonfinite_total, start, _model_state(trainer))
+    (eager_skips, start, eager), (compiled_skips, _, compiled) = results[False], results[True]
+    assert eager_skips == compiled_skips == 1
+    for i, (a, b) in enumerate(zip(eager, compiled)):
+        if a.is_floating_point():  # what the two updates did, compiled against eager
+            update = (a - start[i]).double().norm()
+            assert (b - a).double().norm() <= 1e-3 * update + 1e-6, i
+        else:
+            assert torch.equal(a, b), i
