@@ -71,6 +71,10 @@ def test_gpu_check_reads_the_figures_of_its_stages(tmp_path, monkeypatch):
     (run / "summary.json").write_text('{"test_acc": 0.9312, "train_seconds": 12.5, "precision": "bfloat16"}')
     assert gpu_check._figures("classifier", "", tmp_path) == \
         "test_acc 0.9312, train_seconds 12.5, precision bfloat16"
+    # the preset's stage is there only when asked for, and outside the budget
+    assert [s["name"] for s in gpu_check._stages(tmp_path, "fashion-mnist")][-1] == "dcgan"
+    preset = gpu_check._stages(tmp_path, "fashion-mnist", cifar10=True)[-1]
+    assert preset["name"] == "cifar10-fast" and preset["outside_budget"] and "--preset" in preset["argv"]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert gpu_check.main(["--out", str(tmp_path / "out")]) == 1
     assert not (tmp_path / "out").exists()

@@ -140,13 +140,11 @@ def build_parser() -> Parser:
 
 def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
     if args.command == "train":
-        from dllab.train import given_settings, split_train_args, train
+        from dllab.train import command_line_config, train
 
-        config, resume, quiet = split_train_args(args.kind, args)
-        if resume:  # a setting not on the command line keeps the run's saved value
-            given = given_settings(args.kind, argv[2:])
-            config = {k: v for k, v in config.items() if k in given}
-        run = train(args.kind, config, resume=resume, quiet=quiet)
+        resume = bool(args.resume)
+        config = command_line_config(args.kind, args, argv[2:], resume=resume)
+        run = train(args.kind, config, resume=resume, quiet=bool(args.quiet))
         from dllab.utils import dist_info
 
         if dist_info()[0] == 0:  # under torchrun, rank 0 speaks for all

@@ -73,7 +73,7 @@ def plan(kind: str, groups: list[tuple[str, list[str]]]) -> list[tuple[str, list
 
 
 def run_all(kind: str, combos, out: Path, quiet: bool) -> list[dict]:
-    from dllab.train import given_settings, split_train_args, train, train_parser
+    from dllab.train import command_line_config, train, train_parser
 
     parser = train_parser(kind)
     rows = []
@@ -81,13 +81,12 @@ def run_all(kind: str, combos, out: Path, quiet: bool) -> list[dict]:
         run_dir = out / name
         run = Run.open(run_dir) if (run_dir / "config.json").exists() else None
         if run is None or not run.complete:
-            args = parser.parse_args([*argv, "--out", str(run_dir)])
-            config, _, q = split_train_args(kind, args)
-            if run is not None:  # as the CLI does: the flags given, the rest as the run saved them
-                given = given_settings(kind, [*argv, "--out", str(run_dir)])
-                config = {k: v for k, v in config.items() if k in given}
+            run_argv = [*argv, "--out", str(run_dir)]
+            args = parser.parse_args(run_argv)
+            # as the CLI does: on resume the flags given, the rest as the run saved them
+            config = command_line_config(kind, args, run_argv, resume=run is not None)
             # a run stopped before its first checkpoint starts again from the beginning
-            run = train(kind, config, resume=run is not None, quiet=quiet or q)
+            run = train(kind, config, resume=run is not None, quiet=quiet or bool(args.quiet))
         summary = run.summary()
         rows.append({**summary, "run": name, **{k.lstrip("-"): v for k, v in chosen.items()},
                      "_path": str(run_dir)})

@@ -103,6 +103,17 @@ def given_settings(kind: str, argv: list[str]) -> set[str]:
     return set(vars(parser.parse_args(argv))) - {"resume", "quiet"}
 
 
+def command_line_config(kind: str, args: argparse.Namespace, argv: list[str], *, resume: bool) -> dict:
+    """The settings of ``kind``'s parsed flags ``args`` (parsed from ``argv``): all of them for a
+    new run; only those ``argv`` gives when the run resumes or names a ``--preset`` (the others
+    keep the run's saved values, or take the preset's)."""
+    config = config_lib.config_from_args(config_class(kind), args)
+    if resume or config.get("preset"):
+        given = given_settings(kind, argv)
+        config = {k: v for k, v in config.items() if k in given}
+    return config
+
+
 def _resumed_config(kind: str, given: dict) -> tuple[dict, dict]:
     """(config, changes) of the run in ``given["out"]`` resumed with the settings in ``given``."""
     from dllab.runs import RunFolderError, read_json
@@ -169,6 +180,8 @@ def train(kind: str, config: config_lib.TrainConfig | dict | None = None, *, res
     if given.get("kind", kind) != kind:
         raise ValueError(f"the settings are for a {given['kind']!r} run, not {kind!r}")
     given.pop("kind", None)
+    if not resume:
+        given = with_preset(kind, given, typed=isinstance(config, config_lib.TrainConfig))
     changes: dict = {}
     if resume:
         settings, changes = _resumed_config(kind, given)
@@ -209,6 +222,22 @@ def train(kind: str, config: config_lib.TrainConfig | dict | None = None, *, res
     # a run stopped before its first checkpoint (e.g. Ctrl-C while building) starts from the beginning
     trainer.fit(resume=resume and run.has_checkpoint("last"))
     return run
+
+
+def with_preset(kind: str, given: dict, *, typed: bool = False) -> dict:
+    """``given`` with the settings of its ``preset`` (the kind's ``PRESETS``) filled in where it
+    gives none: explicit settings win. ``typed``: ``given`` holds every setting (a typed config),
+    and those at their declared default count as not given."""
+    name = given.get("preset")
+    if not name:
+        return given
+    presets = getattr(kind_module(kind), "PRESETS", {})
+    if name not in presets:
+        raise ValueError(f"unknown {kind} preset {name!r}; expected one of {', '.join(presets) or 'none'}")
+    if typed:
+        declared = defaults(kind)
+        given = {k: v for k, v in given.items() if k == "preset" or declared.get(k) != v}
+    return {**presets[name], **given}
 
 
 def check_param_budget(kind: str, config: config_lib.TrainConfig, data) -> dict[str, int]:
