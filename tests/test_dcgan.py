@@ -320,6 +320,51 @@ def test_instance_noise_schedule_and_noise():
         add_instance_noise(x, -0.1)
 
 
+def test_minibatch_std_adds_the_spread_of_each_group():
+    from dllab.models.dcgan import MinibatchStd
+
+    layer = MinibatchStd(group=4)
+    same = torch.randn(1, 3, 2, 2).expand(8, 3, 2, 2)  # a collapsed batch: no spread at all
+    out = layer(same)
+    assert out.shape == (8, 4, 2, 2) and torch.equal(out[:, :3], same)
+    assert out[:, 3].abs().max() < 1e-3
+    x = torch.randn(8, 3, 2, 2, dtype=torch.float64)
+    out = layer(x)
+    # images i and i + 2 and i + 4 and i + 6 form a group (stride N/G = 2)
+    for i in range(8):
+        group = x[i % 2::2]
+        expected = (group.var(0, unbiased=False) + 1e-8).sqrt().mean()
+        torch.testing.assert_close(out[i, 3], expected.expand(2, 2))
+    assert layer(torch.randn(6, 3, 2, 2)).shape == (6, 4, 2, 2)  # groups of 3 when 4 does not divide
+    d = Discriminator(DCGANConfig(d_width=8, g_width=8, minibatch_std=True))
+    assert d(torch.randn(5, 1, 28, 28)).shape == (5,)
+    assert d.to_logit.in_channels == 8 * 2 + 1
+
+
+def test_diff_augment_translates_and_cuts_out_differentiably():
+    from dllab.losses.gan import diff_augment
+
+    torch.manual_seed(0)
+    x = torch.full((64, 1, 16, 16), -1.0)
+    x[:, :, 6:10, 6:10] = 1.0  # a white square on black
+    # translation only: the square moves by at most 2 pixels (1/8 of 16), whole, the rest black
+    moved = diff_augment(x, cutout=0.0)
+    assert moved.shape == x.shape
+    assert torch.equal((moved == 1).sum((1, 2, 3)), torch.full((64,), 16))
+    assert set(moved.unique().tolist()) == {-1.0, 1.0}
+    rows = (moved[:, 0] == 1).any(2).float().argmax(1)  # first white row of each image
+    assert rows.min() >= 4 and rows.max() <= 8 and len(rows.unique()) > 1  # 6 +- 2, and it varies
+    # cutout only: an 8x8 square (1/2 of 16), clipped at the border, set to 0
+    cut = diff_augment(x, translate=0.0)
+    zeros = (cut == 0).sum((1, 2, 3))
+    assert zeros.max() == 64 and zeros.min() >= 16 and (zeros < 64).any()
+    assert torch.equal(cut[cut != 0], x[cut != 0])
+    # gradients flow to the images through both
+    g = torch.randn(4, 1, 16, 16, requires_grad=True)
+    diff_augment(g).sum().backward()
+    assert g.grad is not None and g.grad.abs().sum() > 0 and set(g.grad.unique().tolist()) <= {0.0, 1.0}
+
+
 # ----------------------------------------------------------------------------- figures
 
 def _opens(path, fmt):

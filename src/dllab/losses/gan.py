@@ -124,3 +124,36 @@ def add_instance_noise(x: torch.Tensor, std: float,
     gen_device = generator.device if generator is not None else x.device
     noise = torch.randn(x.shape, generator=generator, device=gen_device, dtype=x.dtype)
     return x + std * noise.to(x.device)
+
+
+def diff_augment(x: torch.Tensor, *, translate: float = 0.125, cutout: float = 0.5,
+                 background: float = -1.0) -> torch.Tensor:
+    """DiffAugment (Zhao et al. 2020, "Differentiable Augmentation for Data-Efficient GAN
+    Training", NeurIPS): a random translation and a random cutout of a batch of D's inputs, made
+    of differentiable operations so that G's gradient flows through them. Apply it to the real and
+    the generated batch alike, in D's update and in G's: D then never sees an unaugmented image,
+    cannot memorise a small training set, and G is not pushed to generate the augmentations.
+
+    ``translate``: each image moves by up to that fraction of its size in each direction (1/8,
+    the paper's), the uncovered border filled with ``background`` (-1: the black of images in
+    [-1, 1]); ``cutout``: a square of that fraction of the size (1/2, the paper's), centred
+    anywhere in the image, is set to 0. The draws come from torch's generator on ``x``'s device.
+    """
+    from dllab.data.augment import crop_flip
+
+    b, _, h, w = x.shape
+    if translate:
+        pad = max(1, int(round(min(h, w) * translate)))
+        top = torch.randint(0, 2 * pad + 1, (b,), device=x.device)
+        left = torch.randint(0, 2 * pad + 1, (b,), device=x.device)
+        no_flip = torch.zeros(b, dtype=torch.bool, device=x.device)
+        x = crop_flip(x - background, top, left, no_flip, pad) + background  # padded with background
+    if cutout:
+        ch, cw = max(1, int(round(h * cutout))), max(1, int(round(w * cutout)))
+        cy = torch.randint(0, h, (b, 1), device=x.device) - ch // 2
+        cx = torch.randint(0, w, (b, 1), device=x.device) - cw // 2
+        rows, cols = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
+        in_rows = (rows >= cy) & (rows < cy + ch)  # (B, H)
+        in_cols = (cols >= cx) & (cols < cx + cw)  # (B, W)
+        x = x.masked_fill((in_rows[:, :, None] & in_cols[:, None, :])[:, None], 0.0)
+    return x

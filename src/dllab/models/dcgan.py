@@ -63,6 +63,9 @@ class DCGANConfig:
     leaky_slope: negative slope of the discriminator's LeakyReLU (0.2 in the paper).
     init_std: std of the N(0, init_std) initialisation of conv weights (0.02 in the paper); batch
         norm weights are drawn from N(1, init_std) and every bias starts at 0.
+    minibatch_std: give the discriminator's last layer one more feature map, the standard
+        deviation of its features across groups of 4 images (:class:`MinibatchStd`), so that D
+        sees how varied a batch is and G gains from varying its samples.
     """
 
     nz: int = 100
@@ -75,6 +78,7 @@ class DCGANConfig:
     spectral_norm: bool = False
     leaky_slope: float = 0.2
     init_std: float = 0.02
+    minibatch_std: bool = False
 
     def __post_init__(self):
         for name in ("nz", "g_width", "d_width"):
@@ -87,7 +91,7 @@ class DCGANConfig:
         if self.channels not in CHANNELS:
             raise ValueError(f"channels={self.channels!r} is not supported; "
                              f"expected one of {CHANNELS}")
-        for name in ("g_norm", "d_norm", "spectral_norm"):
+        for name in ("g_norm", "d_norm", "spectral_norm", "minibatch_std"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a bool")
         if not (isinstance(self.leaky_slope, (int, float)) and 0.0 <= self.leaky_slope < 1.0):
@@ -187,6 +191,28 @@ class Generator(nn.Module):
         return torch.randn(n, self.config.nz, generator=generator, device=gen_device).to(device)
 
 
+class MinibatchStd(nn.Module):
+    """Minibatch standard deviation (Karras et al. 2018, "Progressive Growing of GANs", sec. 3):
+    (N, C, H, W) -> (N, C + 1, H, W), the extra map being, for each image, the standard deviation
+    of every feature over its group of ``group`` images, averaged over features and pixels. A
+    collapsed generator gives batches of near-identical images, whose low spread D can then spot.
+    Images are grouped with a stride (image i with i + N/G, i + 2N/G, ...); the group is the
+    largest size up to ``group`` that divides N.
+    """
+
+    def __init__(self, group: int = 4):
+        super().__init__()
+        self.group = group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        g = next(k for k in range(min(self.group, n), 0, -1) if n % k == 0)
+        y = x.float().reshape(g, n // g, *x.shape[1:])                # (G, N/G, C, H, W)
+        std = (y.var(0, unbiased=False) + 1e-8).sqrt().mean((1, 2, 3))  # (N/G,)
+        std = std.to(x.dtype).repeat(g).reshape(n, 1, 1, 1).expand(n, 1, h, w)
+        return torch.cat([x, std], 1)
+
+
 class Discriminator(nn.Module):
     """image (N, C, S, S) in [-1, 1] -> logits (N,) (real > 0 > fake).
 
@@ -205,8 +231,9 @@ class Discriminator(nn.Module):
         blocks += [down_block(widths[i], widths[i + 1], c.d_norm, c.leaky_slope)
                    for i in range(n - 1)]
         self.blocks = nn.Sequential(*blocks)
+        self.minibatch_std = MinibatchStd() if c.minibatch_std else nn.Identity()
         # the logit: one b x b convolution over the whole last map
-        self.to_logit = nn.Conv2d(widths[-1], 1, b, 1, 0, bias=True)
+        self.to_logit = nn.Conv2d(widths[-1] + int(c.minibatch_std), 1, b, 1, 0, bias=True)
         self.apply(lambda m: init_weights(m, c.init_std))
         if c.spectral_norm:
             for module in list(self.modules()):
@@ -219,6 +246,7 @@ class Discriminator(nn.Module):
             raise ValueError(f"images have shape {tuple(x.shape)}; expected "
                              f"(N, {c.channels}, {c.image_size}, {c.image_size})")
         x = self.blocks(x)       # (N, ndf * 2^(n-1), b, b): each block halves the side
+        x = self.minibatch_std(x)  # (+1 channel with --minibatch-std)
         x = self.to_logit(x)     # (N, 1, 1, 1)
         return x.flatten()       # (N,)
 

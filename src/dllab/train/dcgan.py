@@ -48,6 +48,11 @@ class DCGANTrainConfig(TrainConfig):
     instance_noise: float = setting(0.0, "initial std of Gaussian noise added to D's inputs",
                                     type=nonnegative_float)
     instance_noise_steps: int = setting(0, "steps to anneal the instance noise to 0", type=nonnegative_int)
+    minibatch_std: bool = setting(False, "a minibatch standard-deviation map before D's last layer "
+                                  "(Karras et al. 2018): D sees how varied a batch is")
+    diff_augment: bool = setting(False, "DiffAugment (Zhao et al. 2020): a random translation (1/8) "
+                                 "and cutout (1/2) of every input of D, real and generated, in both "
+                                 "updates; keeps D from memorising a small training set")
     ema: float = setting(0.0, "decay of an EMA of G's weights used for sampling (e.g. 0.999; 0 = off)",
                          type=unit_float)
     classifier_run: str | None = setting(None, "run folder of a dllab classifier on the same dataset: its "
@@ -74,7 +79,8 @@ def model_config(config: DCGANTrainConfig, data) -> DCGANConfig:
     return DCGANConfig(nz=config.nz, g_width=config.g_width, d_width=config.d_width,
                        image_size=config.image_size or data.image_size,
                        channels=data.in_channels, g_norm=not config.no_g_norm,
-                       d_norm=not config.no_d_norm, spectral_norm=config.spectral_norm)
+                       d_norm=not config.no_d_norm, spectral_norm=config.spectral_norm,
+                       minibatch_std=config.minibatch_std)
 
 
 def validate(config: DCGANTrainConfig, data) -> None:
@@ -258,16 +264,23 @@ class DCGANTrainer(Trainer):
                                                 self.config.instance_noise_steps)
         return batch
 
+    def _d_input(self, images: torch.Tensor, batch: dict) -> torch.Tensor:
+        """What D sees of a real or generated batch: DiffAugment'ed and noised as configured."""
+        from dllab.losses.gan import add_instance_noise, diff_augment
+
+        if self.config.diff_augment:
+            images = diff_augment(images)
+        return add_instance_noise(images, batch["noise_std"])
+
     def d_loss(self, batch: dict):
         """The discriminator's loss: maximise log D(x) + log(1 - D(G(z))). Leaves G(z) in ``batch``."""
-        from dllab.losses.gan import add_instance_noise
 
-        x, std = batch["x"], batch["noise_std"]
+        x = batch["x"]
         z = torch.randn(x.shape[0], self.gen.config.nz, device=self.device)
         with self.autocast():
             fake = self.G(z)
-            real_logits = self.D(add_instance_noise(x, std))
-            fake_logits = self.D(add_instance_noise(fake.detach(), std))
+            real_logits = self.D(self._d_input(x, batch))
+            fake_logits = self.D(self._d_input(fake.detach(), batch))
         loss_d, loss_real, loss_fake = self._d_loss(real_logits.float(), fake_logits.float(), self.config.loss,
                                                     smooth=self.config.label_smoothing)
         batch["fake"] = fake
@@ -278,10 +291,8 @@ class DCGANTrainer(Trainer):
 
     def g_loss(self, batch: dict):
         """The generator's non-saturating loss, maximise log D(G(z)), against the updated D."""
-        from dllab.losses.gan import add_instance_noise
-
         with self.autocast():
-            fake_logits_after = self.D(add_instance_noise(batch["fake"], batch["noise_std"]))
+            fake_logits_after = self.D(self._d_input(batch["fake"], batch))
         loss_g = self._g_loss(fake_logits_after.float(), self.config.loss)
         return loss_g, {"g_loss": loss_g.detach(),
                         "d_fake_after": torch.sigmoid(fake_logits_after.detach().float()).mean()}
