@@ -260,3 +260,12 @@ def test_eval_of_a_run_with_a_broken_config_names_the_file(tmp_path, capsys):
     (tmp_path / "config.json").write_text("{not json")
     assert main(["eval", str(tmp_path)]) == 2
     assert f"{tmp_path / 'config.json'} is not valid JSON" in capsys.readouterr().err
+
+
+def test_a_batch_that_does_not_split_into_packs_is_refused_before_anything_is_written(tmp_path, capsys):
+    out = tmp_path / "gan"
+    assert main(["train", "dcgan", "--pack", "3", "--batch-size", "32", "--limit", "64", "--device", "cpu",
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--batch-size 32 is not a multiple of --pack 3" in err and "Traceback" not in err
+    assert not out.exists()

@@ -341,6 +341,23 @@ def test_minibatch_std_adds_the_spread_of_each_group():
     assert d.to_logit.in_channels == 8 * 2 + 1
 
 
+def test_pacgan_judges_packs_of_images():
+    d = Discriminator(DCGANConfig(d_width=8, g_width=8, pack=2))
+    assert d.blocks[0][0].in_channels == 2
+    x = torch.randn(6, 1, 28, 28)
+    assert d(x).shape == (3,)
+    # a pack is two consecutive images: changing image 1 changes pack 0's logit only
+    y = x.clone()
+    y[1] += 1.0
+    d.eval()
+    a, b = d(x), d(y)
+    assert a[0] != b[0] and torch.equal(a[1:], b[1:])
+    with pytest.raises(ValueError, match="packs of 2"):
+        d(torch.randn(5, 1, 28, 28))
+    with pytest.raises(ValueError, match="pack=0"):
+        DCGANConfig(pack=0)
+
+
 def test_diff_augment_translates_and_cuts_out_differentiably():
     from dllab.losses.gan import diff_augment
 

@@ -188,6 +188,7 @@ def _fake_classifier():
     def logits(x):
         return x.flatten(1) @ w
 
+    logits.weight = w  # the last layer alone: features -> logits
     return features, logits, calls
 
 
@@ -215,6 +216,16 @@ def test_classifier_feature_metrics_keys_and_values():
     assert "clf_modes_covered" not in no_cls and "clf_fid" in no_cls
     with pytest.raises(ValueError, match="differ in shape"):
         classifier_feature_metrics(features, logits, real, torch.zeros(5, 1, 5, 5))
+    # precomputed real features and logits from the fake features: the same numbers, fewer passes
+    from dllab.metrics.gan import apply_batched
+
+    fake = torch.rand(60, 1, 4, 4, generator=g) * 2 - 1
+    plain = classifier_feature_metrics(features, logits, real, fake)
+    calls.clear()
+    cached = classifier_feature_metrics(features, logits, real, fake, real_features=apply_batched(features, real),
+                                        head_fn=lambda f: f.float() @ logits.weight)
+    assert sum(calls) == 60 + 60  # the real features once (above), the fake ones once: no logits pass
+    assert cached == plain
 
 
 # ----------------------------------------------------------------------------- Inception

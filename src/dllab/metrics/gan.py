@@ -305,7 +305,8 @@ def nearest_neighbours(query, reference, k: int = 1,
 # ----------------------------------------------------------------------------- classifier space
 
 @torch.no_grad()
-def _apply_batched(fn: Callable, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+def apply_batched(fn: Callable, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """``fn`` on ``images`` in batches of ``batch_size``, the outputs as one (N, -1) float64 CPU tensor."""
     outs = [fn(images[i:i + batch_size]) for i in range(0, images.shape[0], batch_size)]
     return torch.cat([torch.as_tensor(o).detach().to("cpu", torch.float64).reshape(o.shape[0], -1)
                       for o in outs])
@@ -320,6 +321,8 @@ def classifier_feature_metrics(
     k: int = 3,
     batch_size: int = 256,
     coverage_threshold: float = 0.5,
+    real_features: torch.Tensor | None = None,
+    head_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict:
     """FID, improved precision/recall, class coverage/KL and pairwise distances in the feature
     space of a dllab classifier -- the offline stand-in for Inception-based metrics.
@@ -332,6 +335,10 @@ def classifier_feature_metrics(
         model in eval mode.
     data_class_probs: the reference class distribution for coverage/KL; None uses the
         classifier's predicted class frequencies on ``real_images`` (so its biases cancel).
+    real_features: ``apply_batched(feature_fn, real_images)`` computed before (a run scores its
+        samples against the same real images every epoch: they need their features once).
+    head_fn(features) -> logits: the classifier's last layer; given, the logits of the fake
+        images come from their features instead of a second pass of the images.
 
     Returns a dict whose keys all start with ``clf_`` (clf_fid, clf_precision, clf_recall,
     clf_modes_covered, clf_num_modes, clf_class_hist, clf_class_probs, clf_data_probs,
@@ -350,8 +357,8 @@ def classifier_feature_metrics(
     if real_images.shape[1:] != fake_images.shape[1:]:
         raise ValueError(f"real images {tuple(real_images.shape[1:])} and fake images "
                          f"{tuple(fake_images.shape[1:])} differ in shape")
-    real_f = _apply_batched(feature_fn, real_images, batch_size)
-    fake_f = _apply_batched(feature_fn, fake_images, batch_size)
+    real_f = apply_batched(feature_fn, real_images, batch_size) if real_features is None else real_features
+    fake_f = apply_batched(feature_fn, fake_images, batch_size)
     precision, recall = precision_recall(real_f, fake_f, k=k)
     out = {
         "feature_space": FEATURE_SPACE_CLASSIFIER,
@@ -365,10 +372,11 @@ def classifier_feature_metrics(
         "clf_feature_dim": int(real_f.shape[1]),
     }
     if logits_fn is not None:
-        fake_logits = _apply_batched(logits_fn, fake_images, batch_size)
+        fake_logits = (apply_batched(logits_fn, fake_images, batch_size) if head_fn is None
+                       else apply_batched(head_fn, fake_f, batch_size))
         num_classes = fake_logits.shape[1]
         if data_class_probs is None:
-            real_pred = _apply_batched(logits_fn, real_images, batch_size).argmax(1)
+            real_pred = apply_batched(logits_fn, real_images, batch_size).argmax(1)
             data_class_probs = torch.bincount(real_pred, minlength=num_classes).double().numpy()
         cov = class_coverage(fake_logits.argmax(1), num_classes, data_class_probs,
                              threshold=coverage_threshold)

@@ -66,6 +66,10 @@ class DCGANConfig:
     minibatch_std: give the discriminator's last layer one more feature map, the standard
         deviation of its features across groups of 4 images (:class:`MinibatchStd`), so that D
         sees how varied a batch is and G gains from varying its samples.
+    pack: PacGAN (Lin et al. 2018, "PacGAN: The power of two samples in generative adversarial
+        networks"): D judges packs of ``pack`` images of the same kind, stacked as channels, and
+        gives one logit per pack; a generator that drops modes makes packs that are easier to
+        tell from real ones. The batch size must be a multiple of it. 1: plain DCGAN.
     """
 
     nz: int = 100
@@ -79,9 +83,10 @@ class DCGANConfig:
     leaky_slope: float = 0.2
     init_std: float = 0.02
     minibatch_std: bool = False
+    pack: int = 1
 
     def __post_init__(self):
-        for name in ("nz", "g_width", "d_width"):
+        for name in ("nz", "g_width", "d_width", "pack"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
@@ -227,7 +232,7 @@ class Discriminator(nn.Module):
         self.config = config
         c, n, b = config, config.num_stages, config.base_size
         widths = [c.d_width * 2 ** i for i in range(n)]  # e.g. 64: ndf, ndf*2, ndf*4, ndf*8
-        blocks = [down_block(c.channels, widths[0], norm=False, slope=c.leaky_slope)]
+        blocks = [down_block(c.channels * c.pack, widths[0], norm=False, slope=c.leaky_slope)]
         blocks += [down_block(widths[i], widths[i + 1], c.d_norm, c.leaky_slope)
                    for i in range(n - 1)]
         self.blocks = nn.Sequential(*blocks)
@@ -245,10 +250,14 @@ class Discriminator(nn.Module):
         if x.dim() != 4 or x.shape[1:] != (c.channels, c.image_size, c.image_size):
             raise ValueError(f"images have shape {tuple(x.shape)}; expected "
                              f"(N, {c.channels}, {c.image_size}, {c.image_size})")
+        if c.pack > 1:  # PacGAN: images i*pack .. i*pack + pack - 1 become pack i's channels
+            if x.shape[0] % c.pack:
+                raise ValueError(f"a batch of {x.shape[0]} images does not split into packs of {c.pack}")
+            x = x.reshape(x.shape[0] // c.pack, c.pack * c.channels, *x.shape[2:])
         x = self.blocks(x)       # (N, ndf * 2^(n-1), b, b): each block halves the side
         x = self.minibatch_std(x)  # (+1 channel with --minibatch-std)
         x = self.to_logit(x)     # (N, 1, 1, 1)
-        return x.flatten()       # (N,)
+        return x.flatten()       # (N,), or (N / pack,)
 
 
 class DCGAN(nn.Module):

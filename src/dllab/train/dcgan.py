@@ -50,6 +50,8 @@ class DCGANTrainConfig(TrainConfig):
     instance_noise_steps: int = setting(0, "steps to anneal the instance noise to 0", type=nonnegative_int)
     minibatch_std: bool = setting(False, "a minibatch standard-deviation map before D's last layer "
                                   "(Karras et al. 2018): D sees how varied a batch is")
+    pack: int = setting(1, "PacGAN (Lin et al. 2018): D judges packs of this many images, stacked as "
+                        "channels (2 is usual; the batch size must be a multiple)", type=positive_int)
     diff_augment: bool = setting(False, "DiffAugment (Zhao et al. 2020): a random translation (1/8) "
                                  "and cutout (1/2) of every input of D, real and generated, in both "
                                  "updates; keeps D from memorising a small training set")
@@ -80,7 +82,7 @@ def model_config(config: DCGANTrainConfig, data) -> DCGANConfig:
                        image_size=config.image_size or data.image_size,
                        channels=data.in_channels, g_norm=not config.no_g_norm,
                        d_norm=not config.no_d_norm, spectral_norm=config.spectral_norm,
-                       minibatch_std=config.minibatch_std)
+                       minibatch_std=config.minibatch_std, pack=config.pack)
 
 
 def validate(config: DCGANTrainConfig, data) -> None:
@@ -101,6 +103,8 @@ def validate(config: DCGANTrainConfig, data) -> None:
     if cfg.image_size != data.image_size:
         raise ValueError(f"--image-size {cfg.image_size} differs from the {config.dataset} images' "
                          f"size {data.image_size}")
+    if config.batch_size % config.pack:
+        raise ValueError(f"--batch-size {config.batch_size} is not a multiple of --pack {config.pack}")
 
 
 def param_counts(config: DCGANTrainConfig, data) -> dict[str, int]:
@@ -143,6 +147,7 @@ class ClassifierFeatures:
         self.classes = extra["classes"]
         self.dataset = run.config.get("dataset")
         self.device = device
+        self._reference: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _standard(self, x: torch.Tensor) -> torch.Tensor:
         return ((x.to(self.device).float() + 1) / 2 - self.mean) / self.std
@@ -154,6 +159,22 @@ class ClassifierFeatures:
     @torch.no_grad()
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(self._standard(x))
+
+    @torch.no_grad()
+    def head(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits from :meth:`features` (the classifier's last layer alone)."""
+        return self.model.fc(features.to(self.device, torch.float32))
+
+    def reference(self, data, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``n`` training images in [-1, 1] and their features, computed once per
+        (dataset, n) and kept: every epoch scores its samples against them."""
+        from dllab.metrics.gan import apply_batched
+
+        key = (data.name, n)
+        if key not in self._reference:
+            real = data.train_x[:n].float() / 127.5 - 1
+            self._reference[key] = (real, apply_batched(self.features, real))
+        return self._reference[key]
 
 
 @torch.no_grad()
@@ -196,10 +217,11 @@ def quality_metrics(generator, data, clf: ClassifierFeatures, n: int, seed: int,
     from dllab.metrics.gan import classifier_feature_metrics
 
     fake = generate(generator, n, seed, device)
-    real = data.train_x[:n].float() / 127.5 - 1
+    real, real_features = clf.reference(data, n)
     counts = torch.bincount(data.train_y, minlength=data.num_classes).double()
     return classifier_feature_metrics(clf.features, clf.logits, real, fake,
-                                      data_class_probs=(counts / counts.sum()).tolist())
+                                      data_class_probs=(counts / counts.sum()).tolist(),
+                                      real_features=real_features, head_fn=clf.head)
 
 
 class DCGANTrainer(Trainer):
@@ -329,7 +351,11 @@ class DCGANTrainer(Trainer):
         folder = self.run.path / "progress"  # the grids as tensors, for the strip and the GIF
         folder.mkdir(exist_ok=True)
         torch.save(images.to(torch.float16), folder / f"epoch_{epoch:03d}.pt")
-        plot_gan_losses(self.run.metrics(), self.run.figure_path("losses.png"))
+        # the loss plot reads every step's record: about ten times a run (and at its end), not
+        # every epoch, or a long run would spend more time drawing it than training
+        every = max(1, self.config.epochs // 10)
+        if epoch % every == 0 or epoch == self.config.epochs:
+            plot_gan_losses(self.run.metrics(), self.run.figure_path("losses.png"))
 
     def finish(self, test_metrics) -> dict:
         return analyse(self.sampler(), self.data, self.run, self.device, self.config, self.clf,
