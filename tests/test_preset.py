@@ -60,6 +60,7 @@ def test_a_python_caller_gets_the_preset_under_what_it_gives():
     typed = ClassifierTrainConfig(preset="cifar10-fast", epochs=3)
     import dataclasses
 
-    settings = with_preset("classifier", dataclasses.asdict(typed), typed=True)
+    with pytest.warns(UserWarning, match="batch_size, .*dataset.* take the preset's values"):
+        settings = with_preset("classifier", dataclasses.asdict(typed), typed=True)
     assert settings["epochs"] == 3 and settings["batch_size"] == 512 and settings["tta"] is True
     assert with_preset("classifier", {"lr": 0.3}) == {"lr": 0.3}  # no preset: as given

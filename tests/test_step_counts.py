@@ -71,6 +71,12 @@ def test_count_ops_sees_syncs_and_leaves_views_out():
         _ = z.item()
     assert counts.kernels == 3 + 2 and counts.syncs == 2  # mul, sum, gt, and the two reads
     assert counts.sync_ops() == {"aten._local_scalar_dense.default": 2}
+    x = torch.randn(4, 3)
+    with count_ops() as counts:
+        x.tolist(), x.numpy(), x.cpu(), torch.equal(x, x)  # host reads: no kernel on a CPU tensor
+    assert counts.syncs == 4 and counts.sync_ops() == {"Tensor.tolist": 1, "Tensor.numpy": 1, "Tensor.cpu": 1,
+                                                       "aten.equal.default": 1}
+    assert "tolist" not in vars(torch.Tensor) and x.tolist() == x.tolist()  # put back afterwards
     with count_ops() as counts:
         x.t().reshape(12)  # not a view of x: a copy
         x.split([1, 3])
@@ -137,6 +143,8 @@ def test_the_device_skip_matches_the_host_skip(kind, settings, tmp_path, monkeyp
 
 
 def test_a_streak_of_skips_on_the_device_stops_the_run_at_the_next_read(tmp_path):
+    """Skips are read now and then: a row of ``max_nonfinite`` skips stops the run at the next
+    read, even when a good step came between the row and the read."""
     from dllab.engine import NonFiniteLossError
 
     trainer, batches = _trainer("vae", tmp_path, max_nonfinite=3)
@@ -151,7 +159,7 @@ def test_a_streak_of_skips_on_the_device_stops_the_run_at_the_next_read(tmp_path
     assert trainer.nonfinite_total == 2 and trainer._nonfinite_run == 2
     trainer.train_step(nan, y)
     trainer.step += 1
-    with pytest.raises(NonFiniteLossError, match="3 steps in a row had a non-finite loss .at step 4"):
+    with pytest.raises(NonFiniteLossError, match="3 steps in a row had a non-finite loss .counted at step 4"):
         trainer._settle_skips()
 
 
@@ -193,3 +201,16 @@ def test_a_compiled_step_gives_the_eager_results(kind, settings, tmp_path):
             assert (b - a).double().norm() <= 1e-3 * update + 1e-6, i
         else:
             assert torch.equal(a, b), i
+
+
+def test_a_row_of_skips_ended_before_the_read_still_stops_the_run(tmp_path):
+    from dllab.engine import NonFiniteLossError
+
+    trainer, batches = _trainer("vae", tmp_path, max_nonfinite=2)
+    x, y = batches[0]
+    nan = torch.full_like(x, float("nan"))
+    for batch in (x, nan, nan, nan, x):  # three in a row, then a good step, then the read
+        trainer.train_step(batch, y)
+        trainer.step += 1
+    with pytest.raises(NonFiniteLossError, match="3 steps in a row"):
+        trainer._settle_skips()

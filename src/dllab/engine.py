@@ -55,6 +55,9 @@ from dllab.utils import (autocast, dist_info, get_rng_state, progress, rank_seed
                          seed_everything, set_rng_state)
 
 
+#: the fewest steps between two reads of the device's skip counts at log points (each read is a
+#: host sync; checkpoints and epoch ends read them too)
+SETTLE_EVERY = 50
 #: the weight of a step in the logged means: 0 for a step skipped on the device (see
 #: :meth:`Trainer.train_step`), whose metrics are zeroed rather than left out
 STEP_KEPT = "_kept"
@@ -331,6 +334,7 @@ class Trainer:
         self._buffers: dict[tuple, list[torch.Tensor]] | None = None  # see _backup_buffers
         self._buffer_copies: list[torch.Tensor] = []
         self._skips: torch.Tensor | None = None  # see _step_on_device
+        self._settled_at = 0  # the step of the last _settle_skips
         self._stop_signal: int | None = None
         self._built = False
         self._last_test: dict = {}  # the last epoch's test metrics, for an unfinished run's summary
@@ -474,8 +478,8 @@ class Trainer:
           GradScaler), which leave the weights and the optimiser's state untouched when it is
           set; the buffers, the weight average and the logged metrics are masked by it. The host
           never waits for the device, so a GPU runs ahead of Python. The skips are counted on
-          the device and read at the next log or checkpoint (:meth:`_settle_skips`), which is
-          also when too many in a row stop the run;
+          the device and read now and then (:meth:`_settle_skips`), which is also when too many
+          in a row, at any time since the last read, stop the run;
         - on the host (:meth:`finite`, one host sync per update), for the first step (fused SGD
           must not start its momentum from a skipped step) and for unfused optimisers.
         """
@@ -535,10 +539,11 @@ class Trainer:
         for update, flag in zip(updates, skips):  # after the buffers are restored: none is NaN
             if update.ema is not None:
                 update.ema.update(update.module, skip=flag)
-        if self._skips is None:
-            self._skips = torch.zeros(2, device=self.device)  # skipped since the last read, in a row
-        self._skips.add_(skip)
-        self._skips[1].mul_(skip)  # a good step ends the streak
+        if self._skips is None:  # skipped since the last read; in a row now; longest row since the read
+            self._skips = torch.zeros(3, device=self.device)
+        self._skips[:2].add_(skip)
+        self._skips[1].mul_(skip)  # a good step ends the row
+        torch.maximum(self._skips[2], self._skips[1], out=self._skips[2])
         if not logged:
             return {}
         keys = list(logged)
@@ -573,20 +578,24 @@ class Trainer:
 
     def _settle_skips(self) -> None:
         """Count the steps skipped on the device since the last call (one host sync), and stop
-        the run when ``max_nonfinite`` steps in a row were skipped. Called at every log point
-        and before every checkpoint."""
+        the run when ``max_nonfinite`` steps in a row were skipped at any time since then.
+        Called before every checkpoint, at the epoch's last step, and at log points at least
+        :data:`SETTLE_EVERY` steps apart."""
+        self._settled_at = self.step
         if self._skips is None:
             return
-        skipped, streak = (int(v) for v in self._skips.tolist())
+        skipped, streak, longest = (int(v) for v in self._skips.tolist())
         self._skips[0] = 0
+        self._skips[2] = streak
         self.nonfinite_total += skipped
-        self._nonfinite_run = streak
+        self._nonfinite_run = max(streak, longest)
         self._raise_if_streak()
+        self._nonfinite_run = streak
 
     def _raise_if_streak(self) -> None:
         if self._nonfinite_run >= self.max_nonfinite:
             raise NonFiniteLossError(
-                f"{self._nonfinite_run} steps in a row had a non-finite loss (at step {self.step}); "
+                f"{self._nonfinite_run} steps in a row had a non-finite loss (counted at step {self.step}); "
                 "stopping. The last good checkpoint is kept; try a lower --lr or --precision fp32"
             )
 
@@ -902,7 +911,9 @@ class Trainer:
                     bar.update(1)
                     if self.step % log_every == 0 or self.batch_in_epoch == len(train_loader):
                         # every log_every steps, and the epoch's last steps too
-                        self._settle_skips()
+                        if (self.step - self._settled_at >= SETTLE_EVERY
+                                or self.batch_in_epoch == len(train_loader)):
+                            self._settle_skips()
                         record = self._mean_over_ranks(sums)
                         self.run.log({"split": "train", "step": self.step,
                                       "epoch": self.epoch + self.batch_in_epoch / len(train_loader),

@@ -207,7 +207,11 @@ def dist_info() -> tuple[int, int, int]:
 # aten ops that make the host wait for the device on CUDA: a scalar read (.item(), bool(t),
 # float(t), int(t)) or an output whose shape depends on the data
 SYNC_OPS = frozenset({"aten._local_scalar_dense", "aten.is_nonzero", "aten.item", "aten.nonzero",
-                      "aten.masked_select", "aten.unique", "aten._unique2", "aten.repeat_interleave"})
+                      "aten.masked_select", "aten.unique", "aten._unique2", "aten.repeat_interleave",
+                      "aten.equal", "aten.bincount"})
+# Tensor methods that read a tensor on the host without an aten operation on a CPU tensor (on a
+# GPU each is a device-to-host copy, a sync): count_ops counts their calls as syncs too
+SYNC_METHODS = ("tolist", "numpy", "cpu")
 # aten ops that only make tensors or views (no kernel runs on a GPU for them)
 _NO_KERNEL = frozenset({"aten.empty", "aten.empty_like", "aten.empty_strided", "aten.detach",
                         "aten.alias", "aten.lift_fresh", "aten._unsafe_view", "aten.set_",
@@ -226,7 +230,9 @@ class OpCounts:
 
     ``kernels``: operations that run a kernel (views and bare allocations left out); on a GPU
     each is one launch or more (a ``_foreach_*`` op launches one kernel per chunk of tensors).
-    ``syncs``: operations that make the host wait for the device there (:data:`SYNC_OPS`).
+    ``syncs``: operations that make the host wait for the device there (:data:`SYNC_OPS`), and
+    calls of the Tensor methods that read a tensor on the host (:data:`SYNC_METHODS`: on a CPU
+    tensor they run no aten operation, on a GPU they copy to the host).
     ``by_op``: the count of each operation, by name.
     """
 
@@ -236,7 +242,8 @@ class OpCounts:
         self.by_op: dict[str, int] = {}
 
     def sync_ops(self) -> dict[str, int]:
-        return {k: v for k, v in self.by_op.items() if k.rsplit(".", 1)[0] in SYNC_OPS or k in SYNC_OPS}
+        return {k: v for k, v in self.by_op.items()
+                if k.rsplit(".", 1)[0] in SYNC_OPS or k.startswith("Tensor.")}
 
     def __repr__(self) -> str:
         return f"OpCounts(kernels={self.kernels}, syncs={self.syncs})"
@@ -265,5 +272,24 @@ def count_ops():
                 counts.kernels += 1
             return func(*args, **(kwargs or {}))
 
-    with _Counter():
-        yield counts
+    originals = {name: getattr(torch.Tensor, name) for name in SYNC_METHODS}
+    own = {name for name in SYNC_METHODS if name in vars(torch.Tensor)}  # else inherited
+
+    def counted(name, method):
+        def read(self, *args, **kwargs):
+            counts.syncs += 1
+            counts.by_op[f"Tensor.{name}"] = counts.by_op.get(f"Tensor.{name}", 0) + 1
+            return method(self, *args, **kwargs)
+        return read
+
+    try:
+        for name, method in originals.items():
+            setattr(torch.Tensor, name, counted(name, method))
+        with _Counter():
+            yield counts
+    finally:
+        for name, method in originals.items():
+            if name in own:
+                setattr(torch.Tensor, name, method)
+            else:
+                delattr(torch.Tensor, name)

@@ -236,6 +236,12 @@ def with_preset(kind: str, given: dict, *, typed: bool = False) -> dict:
         raise ValueError(f"unknown {kind} preset {name!r}; expected one of {', '.join(presets) or 'none'}")
     if typed:
         declared = defaults(kind)
+        taken = sorted(k for k, v in presets[name].items() if given.get(k) == declared.get(k) != v)
+        if taken:
+            import warnings
+
+            warnings.warn(f"preset {name!r}: {', '.join(taken)} left at their defaults in the typed config "
+                          f"take the preset's values (pass a dict to give a default explicitly)", stacklevel=3)
         given = {k: v for k, v in given.items() if k == "preset" or declared.get(k) != v}
     return {**presets[name], **given}
 
