@@ -213,7 +213,8 @@ class MinibatchStd(nn.Module):
         n, _, h, w = x.shape
         g = next(k for k in range(min(self.group, n), 0, -1) if n % k == 0)
         y = x.float().reshape(g, n // g, *x.shape[1:])                # (G, N/G, C, H, W)
-        std = (y.var(0, unbiased=False) + 1e-8).sqrt().mean((1, 2, 3))  # (N/G,)
+        centred = y - y.mean(0)  # the variance by hand: Tensor.var(0)'s backward is 8x slower on a CPU
+        std = (centred.square().mean(0) + 1e-8).sqrt().mean((1, 2, 3))  # (N/G,)
         std = std.to(x.dtype).repeat(g).reshape(n, 1, 1, 1).expand(n, 1, h, w)
         return torch.cat([x, std], 1)
 
