@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 
 import numpy as np
 import pytest
@@ -101,7 +102,10 @@ def test_too_many_nonfinite_steps_in_a_row_stop_the_run(tmp_path, poisoned, caps
     err = capsys.readouterr().err
     assert code == 1
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and "3 steps in a row had a non-finite loss" in lines[0], err
+    # the skips are counted on the device and read at the next checkpoint (every 2 steps here):
+    # the row is 4 long by then
+    found = re.search(r"(\d+) steps in a row had a non-finite loss", lines[0])
+    assert len(lines) == 1 and found and int(found.group(1)) >= 3, err
     assert "Traceback" not in err
     state = load_checkpoint(out / "checkpoints" / "last.pt")
     assert state["step"] == 6  # saved during the streak: weights unchanged since step 4

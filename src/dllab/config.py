@@ -185,7 +185,9 @@ class TrainConfig:
                             "with its checkpoint", choices=("warn", "stop"), group=TRAINING,
                             resumable=True)
     max_nonfinite: int = setting(20, "stop after this many consecutive NaN/inf losses (each such step "
-                                 "is skipped)", type=positive_int, group=TRAINING, resumable=True)
+                                 "is skipped; counted on the device, the row is checked at each "
+                                 "checkpoint and at least every 50 steps)", type=positive_int,
+                                 group=TRAINING, resumable=True)
     # run folder
     out: str | None = setting(None, "run folder", group=RUN_FOLDER,
                               default_text="runs/KIND-DATASET-TIMESTAMP")
