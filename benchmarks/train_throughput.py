@@ -25,7 +25,8 @@ bundled MNIST-5k digits (1 x 28 x 28) at the same batch size, it times one train
   is worth. ``+cl``: channels_last (the classifier's ``--channels-last``). ``+bf16``: bf16
   autocast (``--bf16``). ``+compile``: ``torch.compile`` of the models, as ``dllab train
   --compile`` does (only with ``--compile``: each model takes one to three minutes to build on a
-  2-core CPU).
+  2-core CPU). With ``--bf16``, the classifier also gets ``+cl+bf16``; with both flags, every kind
+  gets ``+bf16+compile``.
 
 Every variant is built once; then each round times every variant in turn (the order rotates), for
 ``--seconds`` (at least ``--min-steps`` steps) after ``--warmup`` steps, and the figure is the
@@ -377,8 +378,12 @@ def variants_for(kind: str, compile: bool, bf16: bool) -> list[tuple[str, dict]]
         out.append(("dllab+cl", {"channels_last": True}))
     if bf16:
         out.append(("dllab+bf16", {"precision": "bf16"}))
+        if kind == "classifier":
+            out.append(("dllab+cl+bf16", {"channels_last": True, "precision": "bf16"}))
     if compile:
         out.append(("dllab+compile", {"compile": True}))
+    if compile and bf16:
+        out.append(("dllab+bf16+compile", {"precision": "bf16", "compile": True}))
     return out
 
 
