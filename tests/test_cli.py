@@ -69,10 +69,11 @@ def test_train_help_documents_every_flag_with_its_true_default(kind, capsys):
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_kinds_declared_defaults_are_what_the_command_line_gives(kind):
     """`dllab train KIND` with no flag runs exactly the kind's declared configuration."""
-    from dllab.train import config_class, defaults, split_train_args
+    from dllab.train import command_line_config, config_class, defaults
 
-    config, resume, quiet = split_train_args(kind, build_parser().parse_args(["train", kind]))
-    assert not resume and not quiet
+    args = build_parser().parse_args(["train", kind])
+    config = command_line_config(kind, args, [], resume=False)
+    assert not args.resume and not args.quiet
     assert config == {k: v for k, v in defaults(kind).items() if k != "kind"}
     declared = config_class(kind)()
     for name, value in config.items():
@@ -81,14 +82,15 @@ def test_a_kinds_declared_defaults_are_what_the_command_line_gives(kind):
 
 def test_vae_and_dcgan_train_without_augmentation_unless_asked():
     """Their declared default (augment off) is what the command line gives; --augment turns it on."""
-    from dllab.train import split_train_args
+    from dllab.train import command_line_config
+
+    def config(kind, *flags):
+        return command_line_config(kind, build_parser().parse_args(["train", kind, *flags]), list(flags),
+                                   resume=False)
 
     for kind, expected in (("classifier", True), ("vae", False), ("dcgan", False)):
-        config, _, _ = split_train_args(kind, build_parser().parse_args(["train", kind]))
-        assert config["augment"] is expected, kind
-        on, _, _ = split_train_args(kind, build_parser().parse_args(["train", kind, "--augment"]))
-        off, _, _ = split_train_args(kind, build_parser().parse_args(["train", kind, "--no-augment"]))
-        assert on["augment"] is True and off["augment"] is False
+        assert config(kind)["augment"] is expected, kind
+        assert config(kind, "--augment")["augment"] is True and config(kind, "--no-augment")["augment"] is False
 
 
 @pytest.mark.parametrize("command", ["eval", "datasets", "sweep", "ablate", "demo", "report", "compare"])

@@ -224,9 +224,10 @@ def _built_trainer(kind, tmp_path, **settings):
     from dllab.cli import build_parser
     from dllab.data import load
     from dllab.runs import Run
-    from dllab.train import defaults, kind_module, split_train_args
+    from dllab.train import command_line_config, defaults, kind_module
 
-    parsed, _, _ = split_train_args(kind, build_parser().parse_args(train_argv(kind, tmp_path / "run")))
+    argv = train_argv(kind, tmp_path / "run")
+    parsed = command_line_config(kind, build_parser().parse_args(argv), argv[2:], resume=False)
     config = {**defaults(kind), **parsed, **settings}
     data = load("mnist5k", limit=64)
     trainer = kind_module(kind).TRAINER(config, data, Run(tmp_path / "run", config, writer=False),

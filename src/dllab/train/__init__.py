@@ -89,11 +89,6 @@ def train_parser(kind: str) -> config_lib.Parser:
     return parser
 
 
-def split_train_args(kind: str, args: argparse.Namespace) -> tuple[dict, bool, bool]:
-    """(config, resume, quiet) from parsed ``dllab train KIND`` arguments."""
-    return config_lib.config_from_args(config_class(kind), args), bool(args.resume), bool(args.quiet)
-
-
 def given_settings(kind: str, argv: list[str]) -> set[str]:
     """The settings that ``argv`` (``dllab train KIND``'s flags) sets explicitly, defaults aside:
     what a resume applies, the rest keeping the run's saved values."""
