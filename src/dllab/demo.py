@@ -28,7 +28,7 @@ QUICK = {
     # label smoothing, a wider G did no better). DiffAugment and a minibatch-std map keep D from
     # memorising the digits; 15 epochs (1,875 steps) fit the demo's 4 minutes. Longer is better
     # still (with --pack 2 for 30 epochs: FID 7.6-9.7 with 7-9 classes, seeds 0-2), but the demo
-    # then takes 5 minutes. `dllab reproduce demo --seeds 3` measures it (claims.json).
+    # then took 4 min 52 s. `dllab reproduce demo --seeds 3` measures it (claims.json).
     "dcgan": {"epochs": 15, "batch_size": 32, "g_width": 32, "d_width": 32, "diff_augment": True,
               "minibatch_std": True},
 }
