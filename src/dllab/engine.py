@@ -666,8 +666,7 @@ class Trainer:
         keys = [k for k in sums if k != STEP_KEPT]
         values = torch.stack([torch.as_tensor(sums[k], device=self.device).float().reshape(())
                               for k in (*keys, STEP_KEPT)])
-        if self.distributed:
-            values = values.to(self.device)
+        if self.distributed:  # values live on self.device already
             dist.all_reduce(values, op=dist.ReduceOp.SUM)
         *totals, kept = values.tolist()
         return {k: v / kept for k, v in zip(keys, totals)} if kept else {}
