@@ -389,7 +389,6 @@ class Conv2dFunction(torch.autograd.Function):
             grad_x = grad_w = grad_b = None
             g, c_out, (kh, kw) = groups, w.shape[0], w.shape[2:]
             n, _, ho, wo = grad_y.shape
-            m = n * ho * wo
             # grad_y as NHWC rows: free for channels-last; NCHW is used image by image instead
             gy_nhwc = grad_y.permute(0, 2, 3, 1)
             rows = gy_nhwc.is_contiguous() and grad_y.dtype == dtype
@@ -409,18 +408,79 @@ class Conv2dFunction(torch.autograd.Function):
                 col = im2col_planar(x, (kh, kw), stride, pads, dilation, dtype)
                 grad_w = planar_weight_grad(col, grad_y, dtype).reshape(w.shape).to(w.dtype)
             elif need_w:
-                col = im2col(pad_nhwc(x.permute(0, 2, 3, 1), pads, dtype), (kh, kw), stride, dilation, g)
-                if g == 1 and rows:
-                    gw = (col[0].t() @ gy_nhwc.reshape(m, c_out)).t()  # (K, C_out)^T: the faster order
-                elif g == 1:  # NCHW: sum over images of grad_y_n (C_out, Ho*Wo) @ col_n (Ho*Wo, K)
-                    per_image = workspace.buffer("grad_w", (n, c_out, col.shape[-1]), dtype, x.device)
-                    torch.bmm(grad_y.view(n, c_out, ho * wo), col[0].view(n, ho * wo, -1), out=per_image)
-                    gw = per_image.sum(0)
-                else:  # (G, C_out/G, M) @ (G, M, kh*kw*C/G)
-                    gw = torch.bmm(gy_nhwc.reshape(m, g, c_out // g).permute(1, 2, 0), col)
-                # (C_out, kh, kw, C/G) -> (C_out, C/G, kh, kw)
-                grad_w = gw.reshape(c_out, kh, kw, -1).permute(0, 3, 1, 2).to(w.dtype, memory_format=torch.contiguous_format)
+                grad_w = conv_weight_grad(x, grad_y, gy_nhwc if rows else None, w.shape, stride, pads, dilation, g,
+                                          dtype, w.dtype)
         return grad_x, grad_w, grad_b, None, None, None, None
+
+
+def conv_weight_grad(x: torch.Tensor, grad_y: torch.Tensor, gy_rows: torch.Tensor | None, w_shape, stride, pads,
+                     dilation, groups: int, dtype: torch.dtype, out_dtype: torch.dtype) -> torch.Tensor:
+    """dL/dw (C_out, C/G, kh, kw), contiguous, in ``out_dtype``, by the NHWC im2col of x (GEMMs in ``dtype``).
+
+    ``gy_rows`` is dL/dy as a contiguous NHWC (N, Ho, Wo, C_out) tensor of ``dtype``: then
+    ``grad_w = (col^T @ grad_y)^T`` (the faster operand order for MKL), one GEMM per group. With
+    ``gy_rows=None`` (groups 1 only) the contiguous NCHW ``grad_y`` of ``dtype`` is read as it is,
+    image by image: ``sum_n grad_y[n] (C_out, Ho*Wo) @ col[n] (Ho*Wo, K)``.
+    """
+    c_out, _, kh, kw = w_shape
+    n, _, ho, wo = grad_y.shape
+    g, m = groups, n * ho * wo
+    col = im2col(pad_nhwc(x.permute(0, 2, 3, 1), pads, dtype), (kh, kw), stride, dilation, g)
+    if g == 1 and gy_rows is not None:
+        gw = (col[0].t() @ gy_rows.reshape(m, c_out)).t()  # (K, C_out)^T
+    elif g == 1:
+        per_image = workspace.buffer("grad_w", (n, c_out, col.shape[-1]), dtype, x.device)
+        torch.bmm(grad_y.view(n, c_out, ho * wo), col[0].view(n, ho * wo, -1), out=per_image)
+        gw = per_image.sum(0)
+    else:  # (G, C_out/G, M) @ (G, M, kh*kw*C/G)
+        gw = torch.bmm(gy_rows.reshape(m, g, c_out // g).permute(1, 2, 0), col)
+    # (C_out, kh, kw, C/G) -> (C_out, C/G, kh, kw), one copy (Tensor.to(memory_format=...) may
+    # return a transposed view as it is, which AccumulateGrad would then copy again)
+    out = torch.empty(tuple(w_shape), dtype=out_dtype, device=x.device)
+    return out.copy_(gw.reshape(c_out, kh, kw, -1).permute(0, 3, 1, 2))
+
+
+# torch's own convolution (oneDNN on the CPU) computes the weight gradient of bf16 convolutions
+# with small output images slowly: on an AMX Xeon (torch 2.14.1 and 2.4.1 alike) it took 2-5x as
+# long as ``conv_weight_grad``'s one GEMM at every ResNet-18 shape with 4x4 to 7x7 outputs
+# (3x3 512@4, batch 128: 106 ms against 32; 1x1 stride-2 256->512: 8.8 against 1.6), and 3x its
+# own forward pass. From 14x14 outputs on the two were even, and oneDNN won at 28x28 and in fp32.
+GEMM_WEIGHT_GRAD_MAX_PIXELS = 64
+
+
+def gemm_weight_grad_pays(dtype: torch.dtype, device: torch.device, groups: int, out_pixels: int) -> bool:
+    """Whether ``TorchConvFunction`` should serve a torch convolution computing in ``dtype`` (above)."""
+    return (dtype == torch.bfloat16 and device.type == "cpu" and groups == 1
+            and out_pixels <= GEMM_WEIGHT_GRAD_MAX_PIXELS and _cpu_has_native(dtype))
+
+
+class TorchConvFunction(torch.autograd.Function):
+    """torch's ``F.conv2d`` forward and input gradient, with the weight gradient from
+    ``conv_weight_grad`` (groups 1): the route ``gemm_weight_grad_pays`` picks. Saves x and w, as torch."""
+
+    @staticmethod
+    def forward(ctx, x, w, bias, stride, padding, dilation):
+        ctx.save_for_backward(x, w)
+        ctx.conf = (tuple(stride), tuple(padding), tuple(dilation), bias is not None)
+        return torch.nn.functional.conv2d(x, w, bias, stride, padding, dilation)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y):
+        x, w = ctx.saved_tensors
+        stride, padding, dilation, has_bias = ctx.conf
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_x = grad_w = grad_b = None
+        if need_x:
+            grad_x = torch.ops.aten.convolution_backward(grad_y, x, w, None, list(stride), list(padding),
+                                                         list(dilation), False, [0, 0], 1, [True, False, False])[0]
+        if need_w:
+            rows = pad_nhwc(grad_y.permute(0, 2, 3, 1), (0, 0, 0, 0), w.dtype, slot="grad_y")
+            pads = (padding[0], padding[0], padding[1], padding[1])
+            grad_w = conv_weight_grad(x, grad_y, rows, w.shape, stride, pads, dilation, 1, w.dtype, w.dtype)
+        if need_b and has_bias:
+            grad_b = grad_y.sum((0, 2, 3), dtype=torch.float32).to(w.dtype)
+        return grad_x, grad_w, grad_b, None, None, None
 
 
 def conv_input_grad(gy: torch.Tensor, w: torch.Tensor, stride, pads, dilation, groups: int, dtype: torch.dtype,

@@ -9,6 +9,7 @@ the same ``extra_repr`` and the same train/eval behaviour. The arithmetic is in
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -16,6 +17,7 @@ import torch.nn as nn
 from torch.nn import init
 from torch.nn.modules.batchnorm import _NormBase
 
+from dllab.layers import _conv
 from dllab.layers import functional as F
 from dllab.layers.functional import PADDING_MODES, _pair
 
@@ -106,6 +108,35 @@ class Conv2d(nn.Module):
             padded = F.pad2d(input, tuple(self._reversed_padding_repeated_twice), mode=self.padding_mode)
             return F.conv2d(padded, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
         return F.conv2d(input, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+
+class TorchConv2d(nn.Conv2d):
+    """``torch.nn.Conv2d`` (the class, its parameters, its kernels) with one measured exception.
+
+    A bf16 convolution (bf16 tensors, or float32 ones under CPU autocast) on a CPU that multiplies
+    bf16 natively, groups 1, zero padding, with output images of at most 64 pixels, takes its weight
+    gradient from one im2col GEMM (``_conv.conv_weight_grad``) instead of oneDNN's, which is 2-5x
+    slower there (measurements: ``_conv.GEMM_WEIGHT_GRAD_MAX_PIXELS``); the forward pass and the
+    input gradient stay torch's own. Everything else, ``torch.compile`` included, is ``nn.Conv2d``'s
+    forward. This is the convolution of dllab's ``layers="torch"`` backend.
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if (input.dim() == 4 and self.padding_mode == "zeros" and not isinstance(self.padding, str)
+                and self.weight.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling()):
+            cast = F._autocast_dtype(input.device)
+            # the dtype the convolution computes in: autocast's (which leaves float64 alone), or the input's
+            autocast_floats = (torch.float32, torch.float16, torch.bfloat16)
+            dtype = cast if cast is not None and input.dtype in autocast_floats else input.dtype
+            ho, wo = (F.conv_output_size(input.shape[2 + i], self.kernel_size[i], self.stride[i], 2 * self.padding[i],
+                                         self.dilation[i]) for i in (0, 1))
+            if ((cast is not None or self.weight.dtype == dtype)
+                    and _conv.gemm_weight_grad_pays(dtype, input.device, self.groups, ho * wo)):
+                x, w, b = (F._cast(t, dtype) for t in (input, self.weight, self.bias))
+                with torch.autocast(input.device.type, enabled=False) if cast else contextlib.nullcontext():
+                    return _conv.TorchConvFunction.apply(x, w, b, self.stride, self.padding, self.dilation)
+        return super().forward(input)
 
 
 class MaxPool2d(nn.Module):

@@ -14,7 +14,9 @@ Two stems:
   32x32 images (He et al. section 4.2 use a 3x3 first layer on CIFAR-10), so layer1 sees the full
   resolution. ``maxpool=True`` adds torchvision's 3x3 stride-2 max-pool back as an ablation.
 
-Two layer backends: ``layers="torch"`` uses ``torch.nn``; ``layers="scratch"`` takes every
+Two layer backends: ``layers="torch"`` uses ``torch.nn`` (its convolutions are
+``dllab.layers.TorchConv2d``: ``nn.Conv2d`` itself, whose bf16 weight gradients of small images on
+the CPU come from one GEMM, where oneDNN is 2-5x slower); ``layers="scratch"`` takes every
 convolution, max-pool and batch norm from ``dllab.layers`` (same signatures and parameter names as
 ``torch.nn``, so the ``state_dict`` is the same). The global average pool is a parameter-free mean
 (``nn.AdaptiveAvgPool2d``) in both.
@@ -27,6 +29,8 @@ from typing import Callable
 
 import torch
 import torch.nn as nn
+
+from dllab.layers import BatchNorm2d, Conv2d, MaxPool2d, TorchConv2d
 
 STEMS = ("cifar", "imagenet")
 LAYER_BACKENDS = ("torch", "scratch")
@@ -75,12 +79,9 @@ class ResNetConfig:
 
 def layer_classes(layers: str) -> tuple[type[nn.Module], type[nn.Module], type[nn.Module]]:
     """(Conv2d, MaxPool2d, BatchNorm2d) classes of a layer backend, "torch" or "scratch"."""
-    if layers == "torch":
-        return nn.Conv2d, nn.MaxPool2d, nn.BatchNorm2d
+    if layers == "torch":  # TorchConv2d: nn.Conv2d with oneDNN's slow bf16 weight gradients replaced
+        return TorchConv2d, nn.MaxPool2d, nn.BatchNorm2d
     if layers == "scratch":
-        # Imported here so that the torch backend never needs dllab.layers.
-        from dllab.layers import BatchNorm2d, Conv2d, MaxPool2d
-
         return Conv2d, MaxPool2d, BatchNorm2d
     raise ValueError(f"unknown layers {layers!r}; expected one of {LAYER_BACKENDS}")
 

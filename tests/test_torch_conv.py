@@ -1,0 +1,204 @@
+"""``TorchConv2d``: ``nn.Conv2d`` whose bf16 weight gradient of small images on the CPU is one GEMM.
+
+The route is forced with ``native_bf16`` where a test needs it, so that it runs on every CPU kind
+(without AVX512-BF16/AMX a bf16 GEMM is emulated: slow, but the same numbers up to summation order).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from dllab.layers import TorchConv2d, _conv
+from dllab.models.resnet import resnet18
+
+
+class ConvLog(TorchDispatchMode):
+    """Records the ``output_mask`` (grad input, grad weight, grad bias) of every native convolution backward."""
+
+    def __init__(self):
+        super().__init__()
+        self.masks: list[list[bool]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.convolution_backward.default:
+            self.masks.append(list(args[-1]))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def native_bf16(monkeypatch):
+    monkeypatch.setattr(_conv, "_cpu_has_native", lambda dtype: True)
+
+
+# (c_in, c_out, kernel, stride, padding, dilation, H, W, bias): every one has at most 64 output pixels
+SMALL = [
+    (8, 12, 3, 1, 1, 1, 6, 6, False),
+    (8, 12, 3, 2, 1, 1, 9, 9, True),  # a stride-2 stage entry
+    (6, 10, 1, 2, 0, 1, 8, 8, False),  # a 1x1 stride-2 shortcut
+    (5, 7, 3, 1, 2, 2, 5, 6, True),  # dilation
+    (4, 6, (3, 2), (2, 1), (1, 0), 1, 7, 5, True),  # unequal kernel, stride and padding
+]
+
+
+def pair(v):
+    return v if isinstance(v, tuple) else (v, v)
+
+
+def make(case, dtype=torch.float32, seed=0):
+    c_in, c_out, k, s, p, d, h, w, bias = case
+    torch.manual_seed(seed)
+    ours = TorchConv2d(c_in, c_out, k, stride=s, padding=p, dilation=d, bias=bias).to(dtype)
+    ref = nn.Conv2d(c_in, c_out, k, stride=s, padding=p, dilation=d, bias=bias).to(dtype)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(3, c_in, h, w, dtype=dtype)
+    return ours, ref, x
+
+
+def run(module, x, grad_seed=1, autocast=True, log=None):
+    """(y, grad_x, grad_w, grad_b) of one forward+backward, under CPU bf16 autocast if asked."""
+    x = x.detach().clone().requires_grad_()
+    module.zero_grad(set_to_none=True)
+    with log if log is not None else torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = module(x)
+        g = torch.randn(y.shape, generator=torch.Generator().manual_seed(grad_seed)).to(y.dtype)
+        y.backward(g)
+    return y.detach(), x.grad, module.weight.grad, None if module.bias is None else module.bias.grad
+
+
+@pytest.mark.parametrize("case", SMALL)
+@pytest.mark.parametrize("grad_layout", ["nhwc-rows", "nchw"])
+def test_conv_weight_grad_is_torchs_weight_gradient_in_float64(case, grad_layout):
+    c_in, c_out, k, s, p, d, h, w, _ = case
+    (kh, kw), stride, (ph, pw), dil = pair(k), pair(s), pair(p), pair(d)
+    torch.manual_seed(0)
+    x = torch.randn(3, c_in, h, w, dtype=torch.float64)
+    weight = torch.randn(c_out, c_in, kh, kw, dtype=torch.float64)
+    y = torch.nn.functional.conv2d(x, weight, None, stride, (ph, pw), dil)
+    gy = torch.randn_like(y)
+    rows = gy.permute(0, 2, 3, 1).contiguous() if grad_layout == "nhwc-rows" else None
+    got = _conv.conv_weight_grad(x, gy, rows, weight.shape, stride, (ph, ph, pw, pw), dil, 1, torch.float64,
+                                 torch.float64)
+    want = torch.nn.grad.conv2d_weight(x, weight.shape, gy, stride, (ph, pw), dil)
+    assert got.shape == weight.shape and got.is_contiguous()
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_conv_weight_grad_with_groups_in_float64():
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 7, 7, dtype=torch.float64)
+    weight = torch.randn(9, 2, 3, 3, dtype=torch.float64)
+    gy = torch.randn_like(torch.nn.functional.conv2d(x, weight, None, 2, 1, 1, 3))
+    got = _conv.conv_weight_grad(x, gy, gy.permute(0, 2, 3, 1).contiguous(), weight.shape, (2, 2), (1, 1, 1, 1),
+                                 (1, 1), 3, torch.float64, torch.float64)
+    want = torch.nn.grad.conv2d_weight(x, weight.shape, gy, 2, 1, 1, 3)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", SMALL)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_bf16_small_images_take_the_gemm_weight_gradient(native_bf16, case, channels_last):
+    ours, ref, x = make(case)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    mine, theirs = ConvLog(), ConvLog()
+    y, gx, gw, gb = run(ours, x, log=mine)
+    y_ref, gx_ref, gw_ref, gb_ref = run(ref, x, log=theirs)
+    # torch computes the forward and the input gradient; only the weight gradient is dllab's
+    assert mine.masks == [[True, False, False]]
+    assert theirs.masks == [[True, True, case[-1]]]
+    assert y.dtype == y_ref.dtype == torch.bfloat16 and torch.equal(y, y_ref)
+    assert torch.equal(gx, gx_ref)
+    assert gw.dtype == gw_ref.dtype == torch.float32 and gw.shape == gw_ref.shape
+    # both are bf16 GEMMs with float accumulation rounded to bf16: they differ by the summation order
+    assert (gw - gw_ref).norm() <= 1e-2 * gw_ref.norm()
+    if case[-1]:
+        assert (gb - gb_ref).norm() <= 1e-2 * gb_ref.norm()
+
+
+def test_bf16_parameters_without_autocast_take_it_too(native_bf16):
+    ours, ref, x = make(SMALL[1], dtype=torch.bfloat16)
+    mine = ConvLog()
+    y, gx, gw, gb = run(ours, x, autocast=False, log=mine)
+    y_ref, gx_ref, gw_ref, gb_ref = run(ref, x, autocast=False)
+    assert mine.masks == [[True, False, False]]
+    assert torch.equal(y, y_ref) and torch.equal(gx, gx_ref)
+    assert gw.dtype == torch.bfloat16 and (gw.float() - gw_ref.float()).norm() <= 1e-2 * gw_ref.float().norm()
+    assert (gb.float() - gb_ref.float()).norm() <= 1e-2 * gb_ref.float().norm()
+
+
+def test_the_weight_gradient_feeds_the_same_training_step(native_bf16):
+    """A step of SGD with the route and without it lands on nearly the same weights."""
+    ours, ref, x = make(SMALL[0])
+    for m in (ours, ref):
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        run(m, x)
+        opt.step()
+    assert (ours.weight - ref.weight).norm() <= 1e-3 * ref.weight.norm()
+
+
+OTHERS = {
+    "float32": dict(autocast=False),
+    "output above 64 pixels": dict(hw=9),
+    "groups": dict(groups=2),
+    "reflect padding": dict(padding_mode="reflect"),
+    "padding='same'": dict(padding="same"),
+    "frozen weight": dict(frozen=True),
+}
+
+
+@pytest.mark.parametrize("name", list(OTHERS))
+def test_everything_else_is_nn_conv2d(native_bf16, name):
+    opts = OTHERS[name]
+    hw = opts.get("hw", 8)
+    kwargs = dict(padding=opts.get("padding", 1), groups=opts.get("groups", 1),
+                  padding_mode=opts.get("padding_mode", "zeros"))
+    torch.manual_seed(0)
+    ours, ref = TorchConv2d(4, 6, 3, **kwargs), nn.Conv2d(4, 6, 3, **kwargs)
+    ref.load_state_dict(ours.state_dict())
+    if opts.get("frozen"):
+        ours.weight.requires_grad_(False)
+        ref.weight.requires_grad_(False)
+    x = torch.randn(2, 4, hw, hw)
+    mine, theirs = ConvLog(), ConvLog()
+    autocast = opts.get("autocast", True)
+    y, gx, gw, gb = run(ours, x, autocast=autocast, log=mine)
+    y_ref, gx_ref, gw_ref, gb_ref = run(ref, x, autocast=autocast, log=theirs)
+    assert mine.masks == theirs.masks and all(m[1] == (not opts.get("frozen")) for m in mine.masks)
+    assert torch.equal(y, y_ref) and torch.equal(gx, gx_ref)
+    if gw_ref is not None:
+        assert torch.equal(gw, gw_ref)
+
+
+def test_only_where_the_cpu_multiplies_bf16_natively(monkeypatch):
+    monkeypatch.setattr(_conv, "_cpu_has_native", lambda dtype: False)
+    ours, _, x = make(SMALL[0])
+    log = ConvLog()
+    run(ours, x, log=log)
+    assert log.masks == [[True, True, False]]
+
+
+def test_no_grad_and_eval_run_nn_conv2d(native_bf16):
+    ours, ref, x = make(SMALL[0])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(ours(x), ref(x))
+
+
+def test_it_is_an_nn_conv2d_with_the_same_state():
+    conv = TorchConv2d(3, 5, 3, padding=1)
+    assert isinstance(conv, nn.Conv2d)
+    plain = nn.Conv2d(3, 5, 3, padding=1)
+    plain.load_state_dict(conv.state_dict())
+    conv.load_state_dict(plain.state_dict())
+    assert repr(conv).replace("TorchConv2d", "Conv2d") == repr(plain)
+
+
+def test_the_torch_resnet_uses_it_and_the_scratch_resnet_does_not():
+    torch_net = resnet18(in_channels=1, width=8, layers="torch")
+    scratch_net = resnet18(in_channels=1, width=8, layers="scratch")
+    convs = [m for m in torch_net.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(type(m) is TorchConv2d for m in convs)
+    assert not any(isinstance(m, TorchConv2d) for m in scratch_net.modules())
