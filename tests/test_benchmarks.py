@@ -46,6 +46,29 @@ def test_train_throughput_benchmark_runs():
         assert re.fullmatch(r"\d+", step_mib), row  # measured in the child process
 
 
+
+def test_conv_routes_benchmark_times_every_route_and_names_the_chosen_one():
+    out = _run("conv_routes.py", "routes", "--batch", "2", "--repeats", "1")
+    rows = [line for line in out.splitlines() if line.startswith("conv")]
+    assert len(rows) == 11, out  # ResNet-18's CIFAR convolutions
+    for row in rows:
+        assert re.search(r"(\s+[\d.]+){5}  (planar|nhwc), (gemm|copy) \([\d.]+x the best\)$", row), row
+    out = _run("conv_routes.py", "routes", "--batch", "2", "--repeats", "1", "--memory-format", "channels_last")
+    assert sum(bool(re.search(r"  (per-image gemms|one gemm) \(", line)) for line in out.splitlines()) == 11, out
+
+
+def test_conv_routes_benchmark_times_the_weight_gradient_both_ways():
+    out = _run("conv_routes.py", "weight-grad", "--batch", "2", "--repeats", "1")
+    rows = [line for line in out.splitlines() if line.startswith("conv")]
+    assert len(rows) == 11, out
+    for row in rows:
+        assert re.search(r"\s\d+(\s+[\d.]+){6}\s+(gemm|torch)$", row), row
+    # the route column follows the rule: output images of at most 64 pixels, where bf16 is native
+    native = "native bf16 GEMM: True" in out
+    out_pixels = [int(row.split()[4]) for row in rows]  # "conv3x3 128->256 s2 @14  49 ..."
+    assert [row.split()[-1] for row in rows] == ["gemm" if native and px <= 64 else "torch" for px in out_pixels]
+
+
 @pytest.mark.slow  # compiles five functions with TorchInductor (a C++ compiler; ~30 s)
 def test_fused_probe_prints_every_row():
     out = _run("fused_probe.py")

@@ -1,0 +1,170 @@
+"""Which convolution route is fastest on this CPU? The evidence behind ``_conv.py``'s thresholds.
+
+    python benchmarks/conv_routes.py routes          # the scratch Conv2d's routes, per ResNet-18 row (~2 min)
+    python benchmarks/conv_routes.py weight-grad     # oneDNN's weight gradient against one GEMM (~1 min)
+
+``routes``: the scratch ``Conv2d`` (NCHW fp32, forward+backward) with each route forced in turn,
+as a ratio to ``torch.nn.Conv2d`` timed alongside: the planar im2col or the NHWC one
+(``PLANAR_NCHW_MIN_PIXELS``, ``PLANAR_1X1_MIN_PIXELS``), and GEMMs straight into NCHW or one
+transposing copy (``NCHW_GEMM_MIN_PIXELS``). ``chosen`` is the route the thresholds pick. With
+``--memory-format channels_last`` it compares the per-image GEMMs against one tall GEMM
+(``ROWS_GEMM_MIN_PIXELS``) instead.
+
+``weight-grad``: the time of the weight gradient alone, torch's ``convolution_backward`` (oneDNN)
+against ``_conv.conv_weight_grad`` (im2col + one GEMM), channels-last, at the ResNet-18 shapes of
+28x28 inputs, in bf16 and fp32. ``TorchConv2d`` uses the GEMM for bf16 outputs of at most
+``GEMM_WEIGHT_GRAD_MAX_PIXELS`` pixels on CPUs that multiply bf16 natively.
+
+Timings are medians of interleaved repeats; on a shared machine read the ratios, not the ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from dllab.layers import Conv2d, _conv
+
+NEVER = 10**9
+# (c_in, c_out, kernel, stride, H): ResNet-18's CIFAR-shape convolutions (benchmarks/layers.py's rows)
+RESNET_32 = [(3, 64, 3, 1, 32), (64, 64, 3, 1, 32), (64, 128, 3, 2, 32), (64, 128, 1, 2, 32), (128, 128, 3, 1, 16),
+             (128, 256, 3, 2, 16), (128, 256, 1, 2, 16), (256, 256, 3, 1, 8), (256, 512, 3, 2, 8),
+             (256, 512, 1, 2, 8), (512, 512, 3, 1, 4)]
+# the same network on 28x28 images (MNIST / Fashion-MNIST)
+RESNET_28 = [(1, 64, 3, 1, 28), (64, 64, 3, 1, 28), (64, 128, 3, 2, 28), (64, 128, 1, 2, 28), (128, 128, 3, 1, 14),
+             (128, 256, 3, 2, 14), (128, 256, 1, 2, 14), (256, 256, 3, 1, 7), (256, 512, 3, 2, 7),
+             (256, 512, 1, 2, 7), (512, 512, 3, 1, 4)]
+NCHW_ROUTES = {  # name: (PLANAR_NCHW_MIN_PIXELS, NCHW_GEMM_MIN_PIXELS, PLANAR_1X1_MIN_PIXELS)
+    "planar, gemm": (0, 0, 0), "planar, copy": (0, NEVER, 0),
+    "nhwc, gemm": (NEVER, 0, NEVER), "nhwc, copy": (NEVER, NEVER, NEVER),
+}
+CL_ROUTES = {"per-image gemms": 0, "one gemm": NEVER}
+
+
+def median_ms(times: list[float]) -> float:
+    return statistics.median(times) * 1e3
+
+
+def step_time(module, x, g) -> float:
+    module.zero_grad(set_to_none=True)
+    x.grad = None
+    start = time.perf_counter()
+    module(x).backward(g)
+    return time.perf_counter() - start
+
+
+def set_route(name: str, channels_last: bool) -> None:
+    if channels_last:
+        _conv.ROWS_GEMM_MIN_PIXELS = CL_ROUTES[name]
+    else:
+        _conv.PLANAR_NCHW_MIN_PIXELS, _conv.NCHW_GEMM_MIN_PIXELS, _conv.PLANAR_1X1_MIN_PIXELS = NCHW_ROUTES[name]
+
+
+def routes(batch: int, repeats: int, channels_last: bool) -> None:
+    saved = (_conv.PLANAR_NCHW_MIN_PIXELS, _conv.NCHW_GEMM_MIN_PIXELS, _conv.PLANAR_1X1_MIN_PIXELS,
+             _conv.ROWS_GEMM_MIN_PIXELS)
+    table = CL_ROUTES if channels_last else NCHW_ROUTES
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    print(f"== scratch Conv2d routes / torch.nn.Conv2d, forward+backward, fp32, batch {batch}, {fmt}, "
+          f"{repeats} repeats, torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+          f"{torch.get_num_threads()} threads ==")
+    print(f"{'row':<28}{'torch ms':>9}" + "".join(f"{name:>17}" for name in table) + "  chosen")
+    for c_in, c_out, k, s, h in RESNET_32:
+        torch.manual_seed(0)
+        x = torch.randn(batch, c_in, h, h).contiguous(memory_format=fmt).requires_grad_(c_in > 3)
+        ours = Conv2d(c_in, c_out, k, stride=s, padding=k // 2, bias=False)
+        ref = torch.nn.Conv2d(c_in, c_out, k, stride=s, padding=k // 2, bias=False)
+        ref.load_state_dict(ours.state_dict())
+        g = torch.randn_like(ref(x))
+        times = {name: [] for name in table}
+        ref_times = []
+        for name in table:  # warm-up, every route (workspace buffers of every size)
+            set_route(name, channels_last)
+            step_time(ours, x, g)
+        step_time(ref, x, g)
+        for _ in range(repeats):
+            for name in table:
+                set_route(name, channels_last)
+                times[name].append(step_time(ours, x, g))
+            ref_times.append(step_time(ref, x, g))
+        (_conv.PLANAR_NCHW_MIN_PIXELS, _conv.NCHW_GEMM_MIN_PIXELS, _conv.PLANAR_1X1_MIN_PIXELS,
+         _conv.ROWS_GEMM_MIN_PIXELS) = saved
+        ratios = {name: median_ms(t) / median_ms(ref_times) for name, t in times.items()}
+        chosen = chosen_route(x, k, s, h, channels_last)
+        best = min(ratios.values())
+        print(f"{f'conv{k}x{k} {c_in}->{c_out} s{s} @{h}':<28}{median_ms(ref_times):>9.1f}"
+              + "".join(f"{r:>17.2f}" for r in ratios.values())
+              + f"  {chosen} ({ratios[chosen] / best:.2f}x the best)", flush=True)
+
+
+def chosen_route(x, k: int, s: int, h: int, channels_last: bool) -> str:
+    """The route the thresholds pick for this row, named as in the table."""
+    out_pixels = ((h + 2 * (k // 2) - k) // s + 1) ** 2
+    if channels_last:
+        return "per-image gemms" if out_pixels >= _conv.ROWS_GEMM_MIN_PIXELS else "one gemm"
+    planar = _conv.uses_planar(x, (k, k), 1, out_pixels)
+    gemm = out_pixels >= _conv.NCHW_GEMM_MIN_PIXELS
+    return f"{'planar' if planar else 'nhwc'}, {'gemm' if gemm else 'copy'}"
+
+
+def weight_grad(batch: int, repeats: int) -> None:
+    print(f"== weight gradient alone, channels-last, batch {batch}: torch's convolution_backward / "
+          f"_conv.conv_weight_grad; torch {torch.__version__}, CPU capability "
+          f"{torch.backends.cpu.get_cpu_capability()}, native bf16 GEMM: {_conv._cpu_has_native(torch.bfloat16)}, "
+          f"{torch.get_num_threads()} threads ==")
+    print(f"{'row':<28}{'out px':>7}" + "".join(f"{f'{d} torch ms':>14}{f'{d} gemm ms':>13}{f'{d} ratio':>11}"
+                                             for d in ("bf16", "fp32")) + f"{'TorchConv2d (bf16)':>20}")
+    for c_in, c_out, k, s, h in RESNET_28:
+        cells = ""
+        for dtype in (torch.bfloat16, torch.float32):
+            torch.manual_seed(0)
+            x = torch.randn(batch, c_in, h, h, dtype=dtype).contiguous(memory_format=torch.channels_last)
+            w = (torch.randn(c_out, c_in, k, k) * 0.05).to(dtype).contiguous(memory_format=torch.channels_last)
+            p = k // 2
+            g = torch.randn_like(F.conv2d(x, w, None, s, p))
+            rows = g.permute(0, 2, 3, 1)
+
+            def theirs():
+                torch.ops.aten.convolution_backward(g, x, w, None, [s, s], [p, p], [1, 1], False, [0, 0], 1,
+                                                    [False, True, False])
+
+            def ours():
+                _conv.conv_weight_grad(x, g, rows, w.shape, (s, s), (p, p, p, p), (1, 1), 1, dtype, dtype)
+
+            t_t, t_o = [], []
+            theirs(), ours()
+            for _ in range(repeats):
+                for fn, acc in ((theirs, t_t), (ours, t_o)):
+                    start = time.perf_counter()
+                    fn()
+                    acc.append(time.perf_counter() - start)
+            cells += f"{median_ms(t_t):>14.2f}{median_ms(t_o):>13.2f}{median_ms(t_o) / median_ms(t_t):>11.2f}"
+        out_pixels = g.shape[2] * g.shape[3]
+        used = "gemm" if _conv.gemm_weight_grad_pays(torch.bfloat16, x.device, 1, out_pixels) else "torch"
+        print(f"{f'conv{k}x{k} {c_in}->{c_out} s{s} @{h}':<28}{out_pixels:>7}{cells}{used:>20}", flush=True)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("what", choices=("routes", "weight-grad"))
+    p.add_argument("--batch", type=int, default=None, help="batch size (routes: 32, weight-grad: 128)")
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--memory-format", choices=("contiguous", "channels_last"), default="contiguous",
+                   help="routes: the layout of the inputs")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.what == "routes":
+        routes(args.batch or 32, args.repeats, args.memory_format == "channels_last")
+    else:
+        weight_grad(args.batch or 128, args.repeats)
+
+
+if __name__ == "__main__":
+    main()
