@@ -349,5 +349,36 @@ def test_sync_bn_is_refused_where_it_cannot_work(monkeypatch):
     validate(dataclasses.replace(config, layers="scratch"), data)
 
 
+
+def test_stop_and_skip_agreements_never_wait_for_a_gpu(monkeypatch, tmp_path):
+    """The per-step "stop now?" agreement (and the host-side skip check) all-reduce a CPU flag over
+    ``control_group()``: the default group under gloo, a gloo group beside nccl. With nccl the flag
+    used to be a CUDA tensor, and reading it made every step wait for the GPU."""
+    import torch.distributed as dist
+
+    from dllab import engine
+
+    # which group: a real one-process gloo group, and a default backend that is not gloo
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        assert engine.control_group() is None
+        monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+        made = []
+        monkeypatch.setattr(dist, "new_group", lambda **kw: made.append(kw) or "gloo-group")
+        assert engine.control_group() == "gloo-group" and made == [{"backend": "gloo"}]
+    finally:
+        dist.destroy_process_group()
+
+    # what is reduced: a CPU flag on that group, whatever the training device
+    seen = []
+    monkeypatch.setattr(dist, "all_reduce", lambda t, op=None, group=None: seen.append((t.device.type, group)))
+    trainer = engine.Trainer.__new__(engine.Trainer)
+    trainer.distributed, trainer.device, trainer._control = True, torch.device("meta"), "gloo-group"
+    trainer._stop_signal = None
+    trainer._check_stop()
+    assert trainer._any_rank(False) is False
+    assert seen == [("cpu", "gloo-group")] * 2
+
+
 if __name__ == "__main__":
     _worker(sys.argv[1])

@@ -119,6 +119,16 @@ def init_distributed(device: torch.device) -> bool:
     return True
 
 
+def control_group():
+    """The process group for the engine's host-side agreements (stop now? skip this step?): the
+    default group when it is gloo, else a gloo group over the same ranks. Its flags are CPU tensors,
+    so agreeing on one never waits for a GPU (with nccl, reading an all-reduced CUDA flag is a
+    device sync). Collective: every rank must call it, in the same order."""
+    if dist.get_backend() == "gloo":
+        return None
+    return dist.new_group(backend="gloo")
+
+
 def _destroy_process_group() -> None:
     try:
         if dist.is_available() and dist.is_initialized():
@@ -319,6 +329,7 @@ class Trainer:
         self.quiet = quiet
         self.rank, self.local_rank, self.world_size = dist_info()
         self.distributed = self.world_size > 1
+        self._control = control_group() if self.distributed and dist.is_initialized() else None
         self.amp_dtype = None  # set by subclasses from config.precision
         self.epoch = 0  # epochs completed
         self.step = 0  # optimiser steps taken (all epochs)
@@ -654,8 +665,8 @@ class Trainer:
         """True if ``flag`` is True on any rank (one tiny all-reduce; just ``flag`` alone)."""
         if not self.distributed:
             return bool(flag)
-        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        t = torch.tensor([1.0 if flag else 0.0])  # on the CPU: see control_group
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._control)
         return bool(t.item() > 0)
 
     def _mean_over_ranks(self, sums: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -785,8 +796,8 @@ class Trainer:
     def _check_stop(self) -> None:
         signum = self._stop_signal
         if self.distributed:  # a signal may reach the ranks at different steps: stop together
-            t = torch.tensor([float(signum or 0)], device=self.device)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            t = torch.tensor([float(signum or 0)])  # on the CPU, so no GPU sync: see control_group
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._control)
             signum = int(t.item()) or None
         if signum is not None:
             self.save("last")
