@@ -203,3 +203,32 @@ def test_classifier_bf16_channels_last_on_cuda_learns(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["precision"] == ("bfloat16" if torch.cuda.is_bf16_supported() else "fp32")
     assert summary["test_acc"] > 0.9
+
+
+@pytest.mark.parametrize("kind,precision", [("classifier", "fp32"), ("classifier", "bf16"), ("vae", "fp32"),
+                                            ("dcgan", "fp32")])
+def test_a_training_step_never_syncs_on_cuda(kind, precision, tmp_path):
+    """What tests/test_step_counts.py counts on the CPU, checked by CUDA itself: from the second
+    step on, ``torch.cuda.set_sync_debug_mode("error")`` raises at any host sync in a step."""
+    from dllab.config import from_mapping
+    from dllab.data import load
+    from dllab.runs import Run
+    from dllab.train import config_class, defaults, kind_module
+
+    tiny = {"classifier": dict(width=8), "vae": dict(), "dcgan": dict(g_width=8, d_width=8, nz=16)}[kind]
+    cfg = from_mapping(config_class(kind), {**defaults(kind), "dataset": "mnist5k", "limit": 128, "batch_size": 32,
+                                            "device": "cuda", "precision": precision, "out": str(tmp_path), **tiny})
+    trainer = kind_module(kind).TRAINER(cfg, load("mnist5k", limit=128), Run(tmp_path, {}, writer=False), CUDA,
+                                        quiet=True)
+    trainer.build()
+    batches = list(trainer.loader("train", shuffle=True, augment=False, drop_last=True))
+    for x, y in batches[:2]:
+        trainer.train_step(x, y)
+    x, y = batches[2]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        metrics = trainer.train_step(x, y)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(v.device.type == "cuda" for v in metrics.values())
