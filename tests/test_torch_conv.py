@@ -181,10 +181,112 @@ def test_only_where_the_cpu_multiplies_bf16_natively(monkeypatch):
     assert log.masks == [[True, True, False]]
 
 
-def test_no_grad_and_eval_run_nn_conv2d(native_bf16):
+@pytest.fixture
+def routed(monkeypatch):
+    """Counts the calls that take the GEMM weight-gradient route."""
+    calls = []
+    apply = _conv.TorchConvFunction.apply
+    monkeypatch.setattr(_conv.TorchConvFunction, "apply", lambda *a: calls.append(1) or apply(*a))
+    return calls
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_no_grad_and_inference_mode_run_nn_conv2d(native_bf16, routed, mode):
     ours, ref, x = make(SMALL[0])
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        assert torch.equal(ours(x), ref(x))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ours(x).requires_grad and routed == [1]  # the route, where a gradient is wanted
+        with torch.no_grad() if mode == "no_grad" else torch.inference_mode():
+            assert torch.equal(ours(x), ref(x))
+    assert routed == [1]
+
+
+@pytest.mark.parametrize("hw,taken", [(8, True), (9, False)])  # 64 output pixels, then 81
+def test_the_route_ends_at_64_output_pixels(native_bf16, routed, hw, taken):
+    conv = TorchConv2d(4, 6, 3, padding=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        conv(torch.randn(2, 4, hw, hw))
+    assert routed == ([1] if taken else [])
+
+
+def test_a_first_layer_whose_input_needs_no_gradient(native_bf16):
+    ours, ref, x = make(SMALL[1])
+    grads = []
+    for m in (ours, ref):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = m(x)  # x does not require grad: only the weight and bias gradients are asked for
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.dtype))
+        grads.append(m.weight.grad)
+    assert (grads[0] - grads[1]).norm() <= 1e-2 * grads[1].norm()
+
+
+def test_channels_last_weights_get_channels_last_gradients(native_bf16):
+    ours, ref, x = make(SMALL[0])
+    ours, ref = ours.to(memory_format=torch.channels_last), ref.to(memory_format=torch.channels_last)
+    _, _, gw, _ = run(ours, x.contiguous(memory_format=torch.channels_last))
+    _, _, gw_ref, _ = run(ref, x.contiguous(memory_format=torch.channels_last))
+    channels_last = [g.is_contiguous(memory_format=torch.channels_last) for g in (gw, gw_ref)]
+    assert channels_last == [True, True]
+    assert (gw - gw_ref).norm() <= 1e-2 * gw_ref.norm()
+
+
+def test_a_differentiated_backward_is_torchs(native_bf16):
+    """A gradient penalty (create_graph=True) under bf16 autocast: the backward must itself be
+    differentiable, so it is torch's convolution_backward there, giving nn.Conv2d's numbers."""
+    results = []
+    for m in make(SMALL[1])[:2]:
+        x = make(SMALL[1])[2].requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = m(x)
+        gw, = torch.autograd.grad(y.float().pow(2).sum(), m.weight, create_graph=True)
+        gw.pow(2).sum().backward()
+        results.append((gw.detach(), x.grad, m.weight.grad))
+    for ours, theirs in zip(*results):
+        assert torch.equal(ours, theirs)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")  # torch.func scripts a helper on first use
+def test_torch_func_and_forward_mode_ad_run_nn_conv2d(native_bf16, routed):
+    ours, ref, x = make(SMALL[0], dtype=torch.bfloat16)
+    params = dict(ours.named_parameters())
+
+    def loss(p, x):
+        return torch.func.functional_call(ours, p, (x,)).float().pow(2).sum()
+
+    grads = torch.func.grad(loss)(params, x)
+    ref_grads = torch.autograd.grad(ref(x).float().pow(2).sum(), list(ref.parameters()))
+    assert torch.equal(grads["weight"], ref_grads[0])
+    import torch.autograd.forward_ad as fwAD
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x, torch.ones_like(x))
+        tangent = fwAD.unpack_dual(ours(dual)).tangent
+    assert tangent is not None and routed == []
+
+
+def test_operands_of_mixed_dtypes_are_refused_as_torch_refuses_them(native_bf16):
+    conv = TorchConv2d(4, 6, 3, padding=1).to(torch.bfloat16)
+    conv.bias.data = conv.bias.data.float()
+    with pytest.raises(RuntimeError, match="same"):
+        conv(torch.randn(2, 4, 6, 6, dtype=torch.bfloat16))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")  # deprecated in torch 2.10+, still used
+def test_torchscript_fx_and_jit_trace_see_nn_conv2d(native_bf16):
+    conv = TorchConv2d(4, 6, 3, padding=1)
+    x = torch.randn(2, 4, 6, 6)
+    want = conv(x)
+    assert torch.equal(torch.jit.script(conv)(x), want)
+    assert torch.equal(torch.fx.symbolic_trace(conv)(x), want)
+    bf = TorchConv2d(4, 6, 3, padding=1).to(torch.bfloat16)
+    xb = x.bfloat16()
+    assert torch.equal(torch.jit.trace(bf, xb)(xb), bf(xb))
+
+
+def test_the_layers_and_precision_auto_agree_on_native_bf16():
+    """One answer (dllab._cpu) for --precision auto and for the layers' GEMM dtype: on torch 2.4,
+    which has no bf16 probes, the layers used to emulate bf16 where auto picked it."""
+    from dllab.utils import cpu_supports_bf16
+
+    assert _conv._cpu_has_native(torch.bfloat16) == cpu_supports_bf16()
 
 
 def test_it_is_an_nn_conv2d_with_the_same_state():

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 
+from dllab._cpu import native_bf16
 from dllab.config import DEVICES, PRECISIONS
 
 
@@ -67,19 +68,9 @@ def cpu_supports_bf16() -> bool:
 
     Only there does bf16 autocast beat fp32 (docs/robustness.md measures it per CPU kind); on
     AVX2-only CPUs bf16 is emulated and several times slower. Reads ``/proc/cpuinfo`` on Linux
-    and torch's reported CPU capability elsewhere.
+    and asks torch elsewhere (``dllab._cpu``, which ``dllab.layers`` asks too).
     """
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool({"amx_bf16", "avx512_bf16"} & flags)
-    except OSError:
-        pass
-    cpu = getattr(torch.backends, "cpu", None)
-    capability = cpu.get_cpu_capability() if cpu is not None else ""
-    return "AMX" in capability or "BF16" in capability
+    return native_bf16()
 
 
 #: environment variable that overrides what ``--precision auto`` picks, on every device

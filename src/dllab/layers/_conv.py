@@ -83,19 +83,17 @@ import functools
 import torch
 from torch.autograd.function import once_differentiable
 
+from dllab._cpu import native_bf16, native_fp16
 from dllab.layers import _workspace as workspace
 
 
 @functools.cache
 def _cpu_has_native(dtype: torch.dtype) -> bool:
     """Whether this CPU multiplies ``dtype`` matrices natively (bf16: AVX512-BF16/AMX; fp16: AMX-FP16)."""
-    try:
-        if dtype == torch.bfloat16:
-            return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
-        if dtype == torch.float16:
-            return bool(torch.cpu._is_amx_fp16_supported())
-    except AttributeError:  # older torch without the probes: assume emulation
-        return False
+    if dtype == torch.bfloat16:
+        return native_bf16()
+    if dtype == torch.float16:
+        return native_fp16()
     return True
 
 
@@ -414,8 +412,10 @@ class Conv2dFunction(torch.autograd.Function):
 
 
 def conv_weight_grad(x: torch.Tensor, grad_y: torch.Tensor, gy_rows: torch.Tensor | None, w_shape, stride, pads,
-                     dilation, groups: int, dtype: torch.dtype, out_dtype: torch.dtype) -> torch.Tensor:
-    """dL/dw (C_out, C/G, kh, kw), contiguous, in ``out_dtype``, by the NHWC im2col of x (GEMMs in ``dtype``).
+                     dilation, groups: int, dtype: torch.dtype, out_dtype: torch.dtype,
+                     memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """dL/dw (C_out, C/G, kh, kw) in ``out_dtype`` and ``memory_format`` (the weight's, so that
+    AccumulateGrad need not copy it), by the NHWC im2col of x (GEMMs in ``dtype``).
 
     ``gy_rows`` is dL/dy as a contiguous NHWC (N, Ho, Wo, C_out) tensor of ``dtype``: then
     ``grad_w = (col^T @ grad_y)^T`` (the faster operand order for MKL), one GEMM per group. With
@@ -436,15 +436,16 @@ def conv_weight_grad(x: torch.Tensor, grad_y: torch.Tensor, gy_rows: torch.Tenso
         gw = torch.bmm(gy_rows.reshape(m, g, c_out // g).permute(1, 2, 0), col)
     # (C_out, kh, kw, C/G) -> (C_out, C/G, kh, kw), one copy (Tensor.to(memory_format=...) may
     # return a transposed view as it is, which AccumulateGrad would then copy again)
-    out = torch.empty(tuple(w_shape), dtype=out_dtype, device=x.device)
+    out = torch.empty(tuple(w_shape), dtype=out_dtype, device=x.device, memory_format=memory_format)
     return out.copy_(gw.reshape(c_out, kh, kw, -1).permute(0, 3, 1, 2))
 
 
 # torch's own convolution (oneDNN on the CPU) computes the weight gradient of bf16 convolutions
-# with small output images slowly: on an AMX Xeon (torch 2.14.1 and 2.4.1 alike) it took 2-5x as
-# long as ``conv_weight_grad``'s one GEMM at every ResNet-18 shape with 4x4 to 7x7 outputs
-# (3x3 512@4, batch 128: 106 ms against 32; 1x1 stride-2 256->512: 8.8 against 1.6), and 3x its
-# own forward pass. From 14x14 outputs on the two were even, and oneDNN won at 28x28 and in fp32.
+# with small output images slowly. On an AMX Xeon (docs/speed.md, `benchmarks/conv_routes.py
+# weight-grad`, channels-last, batch 128) it took 1.8-4.8x as long as ``conv_weight_grad``'s one
+# GEMM at every ResNet-18 shape with 4x4 to 7x7 outputs (3x3 512@4: 104 ms against 29; 1x1
+# stride-2 256->512: 8.6 against 1.8). From 14x14 outputs on the two were about even, and oneDNN
+# won at 28x28.
 GEMM_WEIGHT_GRAD_MAX_PIXELS = 64
 
 
@@ -456,30 +457,41 @@ def gemm_weight_grad_pays(dtype: torch.dtype, device: torch.device, groups: int,
 
 class TorchConvFunction(torch.autograd.Function):
     """torch's ``F.conv2d`` forward and input gradient, with the weight gradient from
-    ``conv_weight_grad`` (groups 1): the route ``gemm_weight_grad_pays`` picks. Saves x and w, as torch."""
+    ``conv_weight_grad`` (groups 1): the route ``gemm_weight_grad_pays`` picks. Saves x and w, as torch.
+
+    A backward that is itself differentiated (``create_graph=True``: gradient penalties,
+    Hessian-vector products) is torch's own ``convolution_backward``, which autograd can
+    differentiate again.
+    """
 
     @staticmethod
     def forward(ctx, x, w, bias, stride, padding, dilation):
         ctx.save_for_backward(x, w)
-        ctx.conf = (tuple(stride), tuple(padding), tuple(dilation), bias is not None)
+        ctx.conf = (list(stride), list(padding), list(dilation), None if bias is None else list(bias.shape))
         return torch.nn.functional.conv2d(x, w, bias, stride, padding, dilation)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_y):
         x, w = ctx.saved_tensors
-        stride, padding, dilation, has_bias = ctx.conf
+        stride, padding, dilation, bias_sizes = ctx.conf
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        need_b = need_b and bias_sizes is not None
+        if torch.is_grad_enabled():  # create_graph: a backward autograd can differentiate
+            grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+                grad_y, x, w, bias_sizes, stride, padding, dilation, False, [0, 0], 1, [need_x, need_w, need_b])
+            return grad_x, grad_w, grad_b, None, None, None
         grad_x = grad_w = grad_b = None
-        if need_x:
-            grad_x = torch.ops.aten.convolution_backward(grad_y, x, w, None, list(stride), list(padding),
-                                                         list(dilation), False, [0, 0], 1, [True, False, False])[0]
-        if need_w:
-            rows = pad_nhwc(grad_y.permute(0, 2, 3, 1), (0, 0, 0, 0), w.dtype, slot="grad_y")
-            pads = (padding[0], padding[0], padding[1], padding[1])
-            grad_w = conv_weight_grad(x, grad_y, rows, w.shape, stride, pads, dilation, 1, w.dtype, w.dtype)
-        if need_b and has_bias:
-            grad_b = grad_y.sum((0, 2, 3), dtype=torch.float32).to(w.dtype)
+        with torch.autocast(grad_y.device.type, enabled=False):
+            if need_x:
+                grad_x = torch.ops.aten.convolution_backward(grad_y, x, w, None, stride, padding, dilation, False,
+                                                             [0, 0], 1, [True, False, False])[0]
+            if need_w:
+                rows = pad_nhwc(grad_y.permute(0, 2, 3, 1), (0, 0, 0, 0), w.dtype, slot="grad_y")
+                pads = (padding[0], padding[0], padding[1], padding[1])
+                grad_w = conv_weight_grad(x, grad_y, rows, w.shape, stride, pads, dilation, 1, w.dtype, w.dtype,
+                                          suggest_memory_format(w))
+            if need_b:
+                grad_b = grad_y.sum((0, 2, 3), dtype=torch.float32).to(w.dtype)
         return grad_x, grad_w, grad_b, None, None, None
 
 

@@ -13,6 +13,7 @@ import contextlib
 import math
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 import torch.nn as nn
 from torch.nn import init
 from torch.nn.modules.batchnorm import _NormBase
@@ -112,31 +113,54 @@ class Conv2d(nn.Module):
 
 
 class TorchConv2d(nn.Conv2d):
-    """``torch.nn.Conv2d`` (the class, its parameters, its kernels) with one measured exception.
+    """A subclass of ``torch.nn.Conv2d`` (same arguments, parameters, ``state_dict`` and kernels) with
+    one measured exception: the convolution of dllab's ``layers="torch"`` backend.
 
-    A bf16 convolution (bf16 tensors, or float32 ones under CPU autocast) on a CPU that multiplies
-    bf16 natively, groups 1, zero padding, with output images of at most 64 pixels, takes its weight
-    gradient from one im2col GEMM (``_conv.conv_weight_grad``) instead of oneDNN's, which is 2-5x
-    slower there (measurements: ``_conv.GEMM_WEIGHT_GRAD_MAX_PIXELS``); the forward pass and the
-    input gradient stay torch's own. Everything else, ``torch.compile`` included, is ``nn.Conv2d``'s
-    forward. This is the convolution of dllab's ``layers="torch"`` backend.
+    The exception: on a CPU that multiplies bf16 natively, a convolution computing in bf16 (bf16
+    tensors, or float ones under CPU autocast) with groups 1, numeric zero padding, a 4-D input,
+    a weight that needs its gradient and output images of at most 64 pixels takes its weight
+    gradient from one im2col GEMM (``_conv.conv_weight_grad``) instead of oneDNN's, which is
+    1.8-4.8x slower there (``_conv.GEMM_WEIGHT_GRAD_MAX_PIXELS``). Its forward pass and input
+    gradient stay torch's own, and so does a backward that is differentiated again. Everything
+    else is ``nn.Conv2d.forward``: other dtypes and devices, ``torch.no_grad``/inference mode,
+    ``torch.compile``, TorchScript, ``torch.jit.trace``, ``torch.fx`` tracing, ``torch.func``
+    transforms and forward-mode AD. Limitation: module-type tables (``torch.ao.quantization``'s
+    ``fuse_modules``) do not know the subclass.
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if (input.dim() == 4 and self.padding_mode == "zeros" and not isinstance(self.padding, str)
-                and self.weight.requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling()):
-            cast = F._autocast_dtype(input.device)
-            # the dtype the convolution computes in: autocast's (which leaves float64 alone), or the input's
-            autocast_floats = (torch.float32, torch.float16, torch.bfloat16)
-            dtype = cast if cast is not None and input.dtype in autocast_floats else input.dtype
-            ho, wo = (F.conv_output_size(input.shape[2 + i], self.kernel_size[i], self.stride[i], 2 * self.padding[i],
-                                         self.dilation[i]) for i in (0, 1))
-            if ((cast is not None or self.weight.dtype == dtype)
-                    and _conv.gemm_weight_grad_pays(dtype, input.device, self.groups, ho * wo)):
-                x, w, b = (F._cast(t, dtype) for t in (input, self.weight, self.bias))
-                with torch.autocast(input.device.type, enabled=False) if cast else contextlib.nullcontext():
-                    return _conv.TorchConvFunction.apply(x, w, b, self.stride, self.padding, self.dilation)
-        return super().forward(input)
+        if torch.jit.is_scripting():
+            return self._conv_forward(input, self.weight, self.bias)
+        return self._routed_forward(input)
+
+    @torch.jit.unused
+    def _routed_forward(self, input: torch.Tensor) -> torch.Tensor:
+        cast = F._autocast_dtype(input.device) if isinstance(input, torch.Tensor) else None
+        dtype = self._gemm_weight_grad_dtype(input, cast)
+        if dtype is None:
+            return self._conv_forward(input, self.weight, self.bias)
+        x, w, b = (F._cast(t, dtype) for t in (input, self.weight, self.bias))  # autocast's casts, if any
+        with torch.autocast(input.device.type, enabled=False) if cast else contextlib.nullcontext():
+            return _conv.TorchConvFunction.apply(x, w, b, self.stride, self.padding, self.dilation)
+
+    def _gemm_weight_grad_dtype(self, input, cast: torch.dtype | None) -> torch.dtype | None:
+        """The dtype this call computes in if it takes the GEMM weight gradient (the class
+        docstring's conditions), else None. ``cast``: the active autocast dtype, if any."""
+        if (isinstance(input, torch.fx.Proxy) or not isinstance(input, torch.Tensor) or input.dim() != 4
+                or self.padding_mode != "zeros" or isinstance(self.padding, str)
+                or not (self.weight.requires_grad and torch.is_grad_enabled())
+                or torch.compiler.is_compiling() or torch.jit.is_tracing()
+                or torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0):
+            return None
+        if cast is not None:  # autocast's rule: float tensors compute in its dtype, float64 stays
+            dtype = cast if input.dtype in (torch.float32, torch.float16, torch.bfloat16) else input.dtype
+        else:  # no autocast: torch's rule, every operand of one dtype (else F.conv2d raises)
+            dtype = input.dtype
+            if self.weight.dtype != dtype or (self.bias is not None and self.bias.dtype != dtype):
+                return None
+        ho, wo = (F.conv_output_size(input.shape[2 + i], self.kernel_size[i], self.stride[i], 2 * self.padding[i],
+                                     self.dilation[i]) for i in (0, 1))
+        return dtype if _conv.gemm_weight_grad_pays(dtype, input.device, self.groups, ho * wo) else None
 
 
 class MaxPool2d(nn.Module):

@@ -15,8 +15,8 @@ Two stems:
   resolution. ``maxpool=True`` adds torchvision's 3x3 stride-2 max-pool back as an ablation.
 
 Two layer backends: ``layers="torch"`` uses ``torch.nn`` (its convolutions are
-``dllab.layers.TorchConv2d``: ``nn.Conv2d`` itself, whose bf16 weight gradients of small images on
-the CPU come from one GEMM, where oneDNN is 2-5x slower); ``layers="scratch"`` takes every
+``dllab.layers.TorchConv2d``, a subclass of ``nn.Conv2d`` whose bf16 weight gradients of small
+images on the CPU come from one GEMM, where oneDNN is 1.8-4.8x slower); ``layers="scratch"`` takes every
 convolution, max-pool and batch norm from ``dllab.layers`` (same signatures and parameter names as
 ``torch.nn``, so the ``state_dict`` is the same). The global average pool is a parameter-free mean
 (``nn.AdaptiveAvgPool2d``) in both.
