@@ -111,7 +111,6 @@ class Conv2d(nn.Module):
         return F.conv2d(input, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
-
 class TorchConv2d(nn.Conv2d):
     """A subclass of ``torch.nn.Conv2d`` (same arguments, parameters, ``state_dict`` and kernels) with
     one measured exception: the convolution of dllab's ``layers="torch"`` backend.
