@@ -69,7 +69,7 @@ def routes(batch: int, repeats: int, channels_last: bool) -> None:
              _conv.ROWS_GEMM_MIN_PIXELS)
     table = CL_ROUTES if channels_last else NCHW_ROUTES
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    print(f"== scratch Conv2d routes / torch.nn.Conv2d, forward+backward, fp32, batch {batch}, {fmt}, "
+    print(f"== each route: scratch Conv2d time / torch.nn.Conv2d time (forward+backward, fp32), batch {batch}, {fmt}, "
           f"{repeats} repeats, torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
           f"{torch.get_num_threads()} threads ==")
     print(f"{'row':<28}{'torch ms':>9}" + "".join(f"{name:>17}" for name in table) + "  chosen")
@@ -112,8 +112,8 @@ def chosen_route(x, k: int, s: int, h: int, channels_last: bool) -> str:
 
 
 def weight_grad(batch: int, repeats: int) -> None:
-    print(f"== weight gradient alone, channels-last, batch {batch}: torch's convolution_backward / "
-          f"_conv.conv_weight_grad; torch {torch.__version__}, CPU capability "
+    print(f"== weight gradient alone, channels-last, batch {batch}: torch's convolution_backward and "
+          f"_conv.conv_weight_grad (ratio = gemm / torch); torch {torch.__version__}, CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}, native bf16 GEMM: {_conv._cpu_has_native(torch.bfloat16)}, "
           f"{torch.get_num_threads()} threads ==")
     print(f"{'row':<28}{'out px':>7}" + "".join(f"{f'{d} torch ms':>14}{f'{d} gemm ms':>13}{f'{d} ratio':>11}"
@@ -148,15 +148,22 @@ def weight_grad(batch: int, repeats: int) -> None:
         print(f"{f'conv{k}x{k} {c_in}->{c_out} s{s} @{h}':<28}{out_pixels:>7}{cells}{used:>20}", flush=True)
 
 
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("what", choices=("routes", "weight-grad"))
-    p.add_argument("--batch", type=int, default=None, help="batch size (routes: 32, weight-grad: 128)")
-    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--batch", type=positive, default=None, help="batch size (routes: 32, weight-grad: 128)")
+    p.add_argument("--repeats", type=positive, default=7)
     p.add_argument("--memory-format", choices=("contiguous", "channels_last"), default="contiguous",
                    help="routes: the layout of the inputs")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--threads", type=positive, default=None, help="torch intra-op threads (default: torch's)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

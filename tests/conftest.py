@@ -7,12 +7,26 @@
   the CPU (AVX512-BF16 or AMX, or ``DLLAB_AUTO_PRECISION=bf16``); skipped, with the reason, where it
   picks fp32. Tests that pass ``--precision bf16`` themselves run everywhere (emulated bf16 is
   slow but correct).
+- Every test runs with SIGINT handled as in a process started from a terminal (``foreground_sigint``).
 """
+
+import signal
 
 import pytest
 import torch
 
 from dllab.utils import AUTO_PRECISION_ENV, cpu_supports_bf16, resolve_precision
+
+
+@pytest.fixture(autouse=True)
+def foreground_sigint():
+    """SIGINT handled as in a process started from a terminal (Python's KeyboardInterrupt). A shell
+    starts its background jobs (``cmd &``) with SIGINT ignored, and dllab keeps that in every phase
+    (Ctrl-C is then not meant to reach them; ``test_train.py`` checks it). The signal tests need
+    the foreground case, so it is set up here, wherever the suite is started from."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 def auto_picks_bf16_on_cpu() -> bool:

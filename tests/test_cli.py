@@ -210,20 +210,8 @@ def test_ctrl_c_while_loading_is_one_line(tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.fixture
-def foreground_sigint():
-    """SIGINT handled as in a process started from a terminal (Python's KeyboardInterrupt). A shell
-    starts its background jobs (``cmd &``) with SIGINT ignored, and Python keeps that: Ctrl-C is
-    then not meant to reach them, and dllab does not override it. The signal tests set the
-    foreground case up themselves, so that they test dllab wherever the suite is started from."""
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    yield
-    signal.signal(signal.SIGINT, previous)
-
-
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_a_real_signal_while_loading_data_stops_with_one_line(tmp_path, monkeypatch, capsys, sig,
-                                                              foreground_sigint):
+def test_a_real_signal_while_loading_data_stops_with_one_line(tmp_path, monkeypatch, capsys, sig):
     """The signal is sent from inside the data loader (the phase is marked by the call itself):
     the command stops at once, exits 128 + N with one line, and writes no run folder."""
     import dllab.data
@@ -247,8 +235,7 @@ def test_a_real_signal_while_loading_data_stops_with_one_line(tmp_path, monkeypa
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_a_real_signal_while_writing_a_report_stops_with_one_line(tmp_path, monkeypatch, capsys, sig,
-                                                                 foreground_sigint):
+def test_a_real_signal_while_writing_a_report_stops_with_one_line(tmp_path, monkeypatch, capsys, sig):
     from dllab import report as report_module
 
     run = tmp_path / "run"

@@ -138,6 +138,19 @@ def test_a_moved_run_resumes_where_it_lies(tmp_path):
     assert json.loads((new / "summary.json").read_text())["epochs"] == 2
 
 
+def test_a_run_started_with_sigint_ignored_keeps_ignoring_it(tmp_path, monkeypatch):
+    """`nohup` and a script's `cmd &` start a process with SIGINT ignored: the terminal's Ctrl-C is
+    not meant to reach it. Python keeps that in every phase, so training does too: a SIGINT after
+    epoch 1 changes nothing, and SIGTERM still stops the run."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the autouse foreground_sigint fixture restores it
+    _signal_after_epoch_1(monkeypatch, "vae", signal.SIGINT)
+    out = tmp_path / "run"
+    assert main(train_argv("vae", out, limit=64, epochs=2)) == 0
+    assert Run.open(out).complete and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    _signal_after_epoch_1(monkeypatch, "vae", signal.SIGTERM)
+    assert main(train_argv("vae", tmp_path / "run2", limit=64, epochs=2)) == 128 + signal.SIGTERM
+
+
 @pytest.mark.parametrize("kind", ["vae", "classifier"])
 def test_resume_without_flags_keeps_the_runs_settings(kind, tmp_path, monkeypatch, capsys):
     """Stopped after epoch 1 of 3 and resumed with only --resume --out (the command the interrupt

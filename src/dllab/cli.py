@@ -246,7 +246,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        previous = signal.signal(signal.SIGTERM, _terminate)
+        ignored = signal.getsignal(signal.SIGTERM) is signal.SIG_IGN  # started so: stays so (the trainer agrees)
+        previous = None if ignored else signal.signal(signal.SIGTERM, _terminate)
     except ValueError:  # not the main thread: leave signals alone
         previous = None
     try:

@@ -891,6 +891,10 @@ class Trainer:
             )
         old_handlers = {}
         for sig in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(sig) is signal.SIG_IGN:
+                # started with it ignored (`nohup`, `cmd &` in a script): every other phase ignores
+                # it too, as Python leaves it, so training does not take it up either
+                continue
             try:
                 old_handlers[sig] = signal.signal(sig, self._on_signal)
             except ValueError:  # not the main thread
