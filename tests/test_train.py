@@ -139,7 +139,7 @@ def test_a_moved_run_resumes_where_it_lies(tmp_path):
 
 
 def test_a_run_started_with_sigint_ignored_keeps_ignoring_it(tmp_path, monkeypatch):
-    """`nohup` and a script's `cmd &` start a process with SIGINT ignored: the terminal's Ctrl-C is
+    """A non-interactive script's `cmd &` starts a process with SIGINT ignored: the terminal's Ctrl-C is
     not meant to reach it. Python keeps that in every phase, so training does too: a SIGINT after
     epoch 1 changes nothing, and SIGTERM still stops the run."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the autouse foreground_sigint fixture restores it

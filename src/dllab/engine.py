@@ -892,7 +892,7 @@ class Trainer:
         old_handlers = {}
         for sig in (signal.SIGINT, signal.SIGTERM):
             if signal.getsignal(sig) is signal.SIG_IGN:
-                # started with it ignored (`nohup`, `cmd &` in a script): every other phase ignores
+                # started with it ignored (SIGINT under `cmd &` in a script): every other phase ignores
                 # it too, as Python leaves it, so training does not take it up either
                 continue
             try:
