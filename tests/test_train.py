@@ -138,6 +138,20 @@ def test_a_moved_run_resumes_where_it_lies(tmp_path):
     assert json.loads((new / "summary.json").read_text())["epochs"] == 2
 
 
+def test_eval_uses_the_runs_precision_unless_told(tmp_path):
+    """A bf16 run's `dllab eval` gives summary.json's accuracy (it evaluates in bf16 as the run
+    did); `--precision fp32` evaluates in fp32 and says so in eval.json."""
+    out = tmp_path / "run"
+    assert main(train_argv("classifier", out, "--precision", "bf16", limit=64, epochs=1)) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert main(["eval", str(out), "--device", "cpu", "--quiet", "--checkpoint", "last"]) == 0
+    result = json.loads((out / "eval.json").read_text())
+    assert result["precision"] == "bfloat16" and result["test_acc"] == summary["test_acc"]
+    assert result["test_loss"] == pytest.approx(summary["test_loss"], rel=1e-6)
+    assert main(["eval", str(out), "--device", "cpu", "--quiet", "--precision", "fp32"]) == 0
+    assert json.loads((out / "eval.json").read_text())["precision"] == "fp32"
+
+
 def test_a_run_started_with_sigint_ignored_keeps_ignoring_it(tmp_path, monkeypatch):
     """A non-interactive script's `cmd &` starts a process with SIGINT ignored: the terminal's Ctrl-C is
     not meant to reach it. Python keeps that in every phase, so training does too: a SIGINT after

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from dllab.config import DEVICES, EXIT_USAGE, Parser, dataset_name, nonnegative_int, positive_int
+from dllab.config import DEVICES, EXIT_USAGE, PRECISIONS, Parser, dataset_name, nonnegative_int, positive_int
 
 
 class UsageError(Exception):
@@ -54,6 +54,10 @@ def build_parser() -> Parser:
     ev.add_argument("--data-dir", default=None, help="where datasets live (default: as trained)")
     ev.add_argument("--batch-size", type=positive_int, default=256, help="evaluation batch size")
     ev.add_argument("--tta", action="store_true", help="classifier: test-time horizontal-flip averaging")
+    ev.add_argument("--precision", choices=("run", *PRECISIONS), default="run",
+                    help="classifier: autocast for the evaluation; run (default): the run's own --precision "
+                    "(from config.json, resolved on this device), so eval.json agrees with summary.json. "
+                    "The VAE and the DCGAN evaluate in fp32")
     ev.add_argument("--iw-samples", type=nonnegative_int, default=0,
                     help="vae: importance samples for the log-likelihood estimate (e.g. 5000; 0: skip)")
     ev.add_argument("--classifier", default=None,

@@ -285,12 +285,15 @@ def evaluate_run(run, device: torch.device, options: dict) -> dict:
     model = load_model(state).to(device)
     loader = data.loader("test", batch_size=int(options.get("batch_size") or 256), shuffle=False,
                          augment=False, scale="standard", device=device, drop_last=False)
+    precision = options.get("precision") or "run"
+    amp_dtype = resolve_precision(c.precision if precision == "run" else precision, device)
     result = evaluate_classifier(model, loader, device, data.num_classes,
-                                 tta_flip=bool(options.get("tta")), autocast_dtype=None)
+                                 tta_flip=bool(options.get("tta")), autocast_dtype=amp_dtype)
     extras = write_analysis(run, result, data, prefix="eval_")
     return {"checkpoint": options.get("checkpoint", "best"), "epoch": state["epoch"],
             "test_acc": result["test_acc"], "test_loss": result["test_loss"], "ece": result["ece"],
-            "tta": bool(options.get("tta")), **extras}
+            "tta": bool(options.get("tta")),
+            "precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32", **extras}
 
 
 TRAINER = ClassifierTrainer
