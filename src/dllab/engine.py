@@ -51,7 +51,7 @@ from torch import nn
 from dllab.checkpoint import CheckpointError
 from dllab.config import TrainConfig, from_mapping
 from dllab.runs import Run
-from dllab.utils import (autocast, dist_info, get_rng_state, progress, rank_seed, resolve_precision,
+from dllab.utils import (autocast, dist_info, get_rng_state, precision_name, progress, rank_seed, resolve_precision,
                          seed_everything, set_rng_state)
 
 
@@ -1025,7 +1025,7 @@ class Trainer:
             "alarms": self.alarms_fired,
             "best": self.best,
             "device": str(self.device),
-            "precision": str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "fp32",
+            "precision": precision_name(self.amp_dtype),
             "world_size": self.world_size,
         }
 

@@ -91,6 +91,11 @@ def auto_precision_override() -> str | None:
     return value
 
 
+def precision_name(amp_dtype: torch.dtype | None) -> str:
+    """How summary.json and eval.json name an autocast dtype: "bfloat16", "float16", or "fp32" for None."""
+    return str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32"
+
+
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for ``auto|fp32|bf16|fp16`` on ``device``; None means plain fp32.
 

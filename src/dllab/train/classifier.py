@@ -20,7 +20,7 @@ from dllab.config import (TrainConfig, from_mapping, nonnegative_float, positive
 from dllab.engine import EMA, Trainer, Update, plain_state_dict
 from dllab.train import MetricNames
 from dllab.models.resnet import ResNet, ResNetConfig
-from dllab.utils import optimizer_options, resolve_precision
+from dllab.utils import optimizer_options, precision_name, resolve_precision
 
 #: named recipes for ``--preset``: each gives the settings that the command line (or the Python
 #: caller) leaves out; whatever is given explicitly wins.
@@ -292,8 +292,7 @@ def evaluate_run(run, device: torch.device, options: dict) -> dict:
     extras = write_analysis(run, result, data, prefix="eval_")
     return {"checkpoint": options.get("checkpoint", "best"), "epoch": state["epoch"],
             "test_acc": result["test_acc"], "test_loss": result["test_loss"], "ece": result["ece"],
-            "tta": bool(options.get("tta")),
-            "precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32", **extras}
+            "tta": bool(options.get("tta")), "precision": precision_name(amp_dtype), **extras}
 
 
 TRAINER = ClassifierTrainer
