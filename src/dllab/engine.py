@@ -665,9 +665,14 @@ class Trainer:
         """True if ``flag`` is True on any rank (one tiny all-reduce; just ``flag`` alone)."""
         if not self.distributed:
             return bool(flag)
-        t = torch.tensor([1.0 if flag else 0.0])  # on the CPU: see control_group
+        return self._max_over_ranks(1.0 if flag else 0.0) > 0
+
+    def _max_over_ranks(self, value: float) -> float:
+        """The largest ``value`` of all ranks: one all-reduce of a CPU flag on ``control_group()``,
+        so that agreeing never waits for a GPU."""
+        t = torch.tensor([value])
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._control)
-        return bool(t.item() > 0)
+        return t.item()
 
     def _mean_over_ranks(self, sums: dict[str, torch.Tensor]) -> dict[str, float]:
         """Means of the summed metrics over the kept steps (``sums[STEP_KEPT]``) of every rank, as
@@ -796,9 +801,7 @@ class Trainer:
     def _check_stop(self) -> None:
         signum = self._stop_signal
         if self.distributed:  # a signal may reach the ranks at different steps: stop together
-            t = torch.tensor([float(signum or 0)])  # on the CPU, so no GPU sync: see control_group
-            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._control)
-            signum = int(t.item()) or None
+            signum = int(self._max_over_ranks(float(signum or 0))) or None
         if signum is not None:
             self.save("last")
             raise Interrupted(signum, self.run.path, self.kind)
