@@ -55,6 +55,21 @@ def test_run_folder_is_complete(kind, tmp_path):
     assert any((out / "tb").iterdir())
 
 
+@pytest.mark.parametrize("kind, shown", [("classifier", "test_acc "), ("vae", "test_elbo "),
+                                         ("dcgan", "train_d_loss ")])  # no classifier run: G and D losses
+def test_a_log_gets_one_line_per_epoch(kind, shown, tmp_path, capsys):
+    """Where stderr is not a terminal (a log file, a pipe, CI; here pytest's capture) no progress bar
+    is drawn: each epoch writes one line, its headline metrics and its time, instead. --quiet
+    silences it."""
+    argv = [a for a in train_argv(kind, tmp_path / "run", limit=64, epochs=2) if a != "--quiet"]
+    assert main(argv) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if ": epoch " in line]
+    assert [line.split("  ")[0] for line in lines] == [f"dllab {kind}: epoch 1/2", f"dllab {kind}: epoch 2/2"]
+    assert all(shown in line and " s (elapsed " in line for line in lines), lines
+    assert main(train_argv(kind, tmp_path / "quiet", limit=64, epochs=1)) == 0
+    assert ": epoch " not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("kind", ["classifier", "vae", "dcgan"])
 def test_same_seed_same_numbers(kind, tmp_path):
     assert main(train_argv(kind, tmp_path / "a", epochs=1)) == 0

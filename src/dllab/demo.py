@@ -86,7 +86,7 @@ def demo(dataset: str = "mnist5k", epochs: int | None = None, full: bool = False
     """Train the three models on ``dataset`` into ``out`` (default: :func:`default_out`) and
     return the report's path."""
     from dllab.report import write_report
-    from dllab.utils import progress
+    from dllab.utils import progress, progress_lines
 
     out = Path(out) if out is not None else default_out(dataset, full, epochs)
     settings = FULL if full else QUICK
@@ -103,7 +103,7 @@ def demo(dataset: str = "mnist5k", epochs: int | None = None, full: bool = False
         if kind == "dcgan":
             config["classifier_run"] = str(runs["classifier"])
         bar.set_description(f"dllab demo: {kind}")
-        if not quiet and not sys.stderr.isatty():  # no progress bars in a log: one line per stage
+        if progress_lines(quiet):  # no progress bars in a log: one line per stage
             print(f"dllab demo: {kind} ({stages.index(kind) + 1}/{len(stages)}) in {run_dir}",
                   file=sys.stderr, flush=True)
         train_or_reuse(kind, config, quiet=quiet)

@@ -51,8 +51,8 @@ from torch import nn
 from dllab.checkpoint import CheckpointError
 from dllab.config import TrainConfig, from_mapping
 from dllab.runs import Run
-from dllab.utils import (autocast, dist_info, get_rng_state, precision_name, progress, rank_seed, resolve_precision,
-                         seed_everything, set_rng_state)
+from dllab.utils import (autocast, dist_info, get_rng_state, precision_name, progress, progress_lines, rank_seed,
+                         resolve_precision, seed_everything, set_rng_state)
 
 
 #: the fewest steps between two reads of the device's skip counts at log points (each read is a
@@ -315,6 +315,9 @@ class Trainer:
     #: key of the test metrics that picks best.pt, and whether lower or higher is better
     best_metric = "test_loss"
     best_mode = "min"
+    #: the test metrics worth a look after each epoch, most important first (the kind's
+    #: ``METRICS.headline``): what the per-epoch line shows where no progress bar is drawn
+    headline: tuple[str, ...] = ()
     #: the value scale the data loader hands to ``train_step`` ("standard", "unit" or "tanh")
     scale = "standard"
     #: the flags that set the model's size, named when it does not fit in memory
@@ -903,8 +906,10 @@ class Trainer:
             except ValueError:  # not the main thread
                 pass
         test_metrics: dict = {}
+        t_fit = time.perf_counter()
         try:
             while self.epoch < epochs:
+                t_start = time.perf_counter()
                 train_loader.set_epoch(self.epoch)
                 sums: dict[str, torch.Tensor] = {}  # summed over the steps since the last log
                 epoch_sums: dict[str, torch.Tensor] = {}
@@ -956,6 +961,8 @@ class Trainer:
                     self.save("best")
                 train_means = self._mean_over_ranks(epoch_sums)
                 self.history.append({**self._last_test, **{f"train_{k}": v for k, v in train_means.items()}})
+                now = time.perf_counter()
+                self._epoch_line(epochs, test_metrics, train_means, now - t_start, now - t_fit)
                 fired = self._sound_alarms(bar)
                 self.save("last")
                 if self.rank == 0:
@@ -995,6 +1002,22 @@ class Trainer:
                 bar.write(f"dllab {self.kind}: ALARM after epoch {self.epoch}: {alarm['message']}",
                           file=sys.stderr)
         return fired
+
+    def _epoch_line(self, epochs: int, test_metrics: dict, train_means: dict, seconds: float,
+                    elapsed: float) -> None:
+        """One plain line on stderr after each epoch where no progress bar is drawn (a log file, a
+        pipe, CI; see :func:`dllab.utils.progress_lines`): the epoch, the kind's :attr:`headline`
+        test metrics (the epoch's mean training losses when it measured none, e.g. a DCGAN without
+        a classifier), the epoch's seconds and those since training (re)started. Rank 0 only."""
+        if self.rank != 0 or not progress_lines(self.quiet):
+            return
+        shown = {k: test_metrics[k] for k in self.headline if isinstance(test_metrics.get(k), (int, float))}
+        if not shown:
+            losses = [k for k in train_means if k.endswith("loss")] or list(train_means)
+            shown = {f"train_{k}": train_means[k] for k in losses[:3]}
+        numbers = "".join(f"  {k} {v:.4g}" for k, v in shown.items())
+        print(f"dllab {self.kind}: epoch {self.epoch}/{epochs}{numbers}  {seconds:.1f} s "
+              f"(elapsed {elapsed:.0f} s)", file=sys.stderr, flush=True)
 
     def step_extras(self) -> dict:
         """Values logged with every train record (e.g. learning rate)."""

@@ -186,12 +186,24 @@ def set_rng_state(state: dict) -> None:
 
 def progress(iterable: Iterable | None = None, *, total: int | None = None, desc: str = "",
              quiet: bool = False, leave: bool = False, **kwargs):
-    """A tqdm bar on stderr, silent when ``quiet`` or when stderr is not a terminal."""
+    """A tqdm bar on stderr, silent when ``quiet`` or when stderr is not a terminal (where
+    :func:`progress_lines` says to write plain lines instead)."""
     from tqdm.auto import tqdm
 
-    disable = quiet or not sys.stderr.isatty() or os.environ.get("DLLAB_QUIET") == "1"
+    disable = _silent(quiet) or not sys.stderr.isatty()
     return tqdm(iterable, total=total, desc=desc, disable=disable, leave=leave,
                 dynamic_ncols=True, **kwargs)
+
+
+def progress_lines(quiet: bool = False) -> bool:
+    """Whether progress goes to stderr as plain lines (one per epoch or stage), flushed as written:
+    when stderr is not a terminal (a log file, a pipe, CI), where :func:`progress` draws no bar,
+    unless ``quiet`` or ``DLLAB_QUIET=1``."""
+    return not _silent(quiet) and not sys.stderr.isatty()
+
+
+def _silent(quiet: bool) -> bool:
+    return quiet or os.environ.get("DLLAB_QUIET") == "1"
 
 
 def dist_info() -> tuple[int, int, int]:

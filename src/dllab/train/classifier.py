@@ -165,6 +165,7 @@ def load_model(state: dict, *, average: bool = True) -> ResNet:
 class ClassifierTrainer(Trainer):
     kind = "classifier"
     config_class = ClassifierTrainConfig
+    headline = METRICS.headline
     best_metric = "test_acc"
     best_mode = "max"
     scale = "standard"

@@ -227,6 +227,7 @@ def quality_metrics(generator, data, clf: ClassifierFeatures, n: int, seed: int,
 class DCGANTrainer(Trainer):
     kind = "dcgan"
     config_class = DCGANTrainConfig
+    headline = METRICS.headline
     best_metric = "clf_fid"
     best_mode = "min"
     scale = "tanh"

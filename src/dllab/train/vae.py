@@ -101,6 +101,7 @@ def load_model(state: dict) -> VAE:
 class VAETrainer(Trainer):
     kind = "vae"
     config_class = VAETrainConfig
+    headline = METRICS.headline
     best_metric = "test_loss"
     best_mode = "min"
     scale = "unit"
