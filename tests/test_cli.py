@@ -141,6 +141,52 @@ def test_missing_folder_dataset(tmp_path, capsys):
     assert "nope" in capsys.readouterr().err
 
 
+def _files(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["train", "vae", "--epochs", "1", "--out", "FOLDER"], "--out"),
+    (["sweep", "vae", "--beta", "1", "2", "--epochs", "1", "--sweep-out", "FOLDER"], "--sweep-out"),
+    (["ablate", "classifier", "--epochs", "1", "--ablate-out", "FOLDER"], "--ablate-out"),
+    (["demo", "--epochs", "1", "--out", "FOLDER"], "--out"),
+])
+def test_an_out_folder_of_someone_elses_files_is_refused_and_left_alone(argv, flag, tmp_path, capsys):
+    """--out naming a folder of the user's own files: one line naming it and why, exit 2, and not
+    a file added or changed (a run's files are never mixed into it). A file is refused alike."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my notes")
+    (mine / "data").mkdir()
+    before = _files(mine)
+    assert main([str(mine) if a == "FOLDER" else a for a in argv] + ["--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert f"{mine} is not empty and" in err and f"choose another {flag} or empty it" in err, err
+    assert _files(mine) == before and (mine / "notes.txt").read_text() == "my notes"
+    assert main([str(mine / "notes.txt") if a == "FOLDER" else a for a in argv] + ["--quiet"]) == 2
+    assert f"{mine / 'notes.txt'} is a file, not a folder; choose another {flag}" in capsys.readouterr().err
+
+
+def test_a_folder_of_runs_is_not_a_run_and_a_run_is_not_a_folder_of_runs(tmp_path, capsys):
+    """train --out names a folder of runs (a sweep's): refused, pointing inside it; sweep --sweep-out
+    names a run: refused. An empty folder is a fine --out."""
+    runs = tmp_path / "sweep"
+    (runs / "lr=0.1").mkdir(parents=True)
+    (runs / "lr=0.1" / "config.json").write_text("{}")
+    assert main(["train", "vae", "--out", str(runs), "--quiet"]) == 2
+    assert f"{runs} is a folder of dllab runs, not a run; choose another --out" in capsys.readouterr().err
+    assert main(["sweep", "vae", "--beta", "1", "2", "--sweep-out", str(runs / "lr=0.1"), "--quiet"]) == 2
+    assert "is a dllab run, not a folder of runs; choose another --sweep-out" in capsys.readouterr().err
+    assert _files(runs) == ["lr=0.1", "lr=0.1/config.json"]
+    from dllab.runs import check_run_folder, check_runs_folder
+
+    (tmp_path / "empty").mkdir()
+    check_run_folder(tmp_path / "empty")
+    check_runs_folder(tmp_path / "empty", "--sweep-out")
+    check_runs_folder(runs, "--sweep-out")  # the sweep's own runs: it reuses or continues them
+
+
 def test_resume_without_a_run_is_a_clear_error(tmp_path, capsys):
     code = main(["train", "vae", "--resume", "--out", str(tmp_path / "none"), "--quiet"])
     assert code == 2

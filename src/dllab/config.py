@@ -189,7 +189,8 @@ class TrainConfig:
                                  "checkpoint and at least every 50 steps)", type=positive_int,
                                  group=TRAINING, resumable=True)
     # run folder
-    out: str | None = setting(None, "run folder", group=RUN_FOLDER,
+    out: str | None = setting(None, "run folder: a new or empty folder, or with --resume the run to "
+                              "continue", group=RUN_FOLDER,
                               default_text="runs/KIND-DATASET-TIMESTAMP")
     log_every: int = setting(10, "log training metrics every N steps", type=positive_int,
                              group=RUN_FOLDER, resumable=True)

@@ -86,9 +86,11 @@ def demo(dataset: str = "mnist5k", epochs: int | None = None, full: bool = False
     """Train the three models on ``dataset`` into ``out`` (default: :func:`default_out`) and
     return the report's path."""
     from dllab.report import write_report
+    from dllab.runs import check_runs_folder
     from dllab.utils import progress, progress_lines
 
     out = Path(out) if out is not None else default_out(dataset, full, epochs)
+    check_runs_folder(out, "--out")  # new, empty, or an earlier demo's runs (reused or continued)
     settings = FULL if full else QUICK
     runs = {}
     stages = ["classifier", "vae", "dcgan"]

@@ -103,6 +103,52 @@ def environment() -> dict:
     }
 
 
+def is_run(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a dllab run folder: one with a config.json (dllab writes it first)."""
+    return (Path(path) / "config.json").is_file()
+
+
+def holds_runs(path: str | os.PathLike, depth: int = 2) -> bool:
+    """Whether a run folder lies inside ``path``, at most ``depth`` levels down: a sweep's, an
+    ablation's or a demo's runs lie one level down, ``dllab reproduce``'s two (``STUDY/RUN``)."""
+    if depth <= 0 or not Path(path).is_dir():
+        return False
+    return any(child.is_dir() and (is_run(child) or holds_runs(child, depth - 1))
+               for child in Path(path).iterdir())
+
+
+def _not_a_file(path: Path, option: str) -> None:
+    if path.exists() and not path.is_dir():
+        raise RunFolderError(f"{path} is a file, not a folder; choose another {option}")
+
+
+def check_run_folder(path: str | os.PathLike, option: str = "--out") -> None:
+    """Refuse ``path`` as a new run's folder when a run's files would be mixed into someone else's:
+    a :class:`RunFolderError` naming it when it is a file, or a folder that is not empty and holds
+    no run (a folder of runs included). A new or empty folder passes, and so does a run (which
+    :meth:`Run.create` then continues with ``resume`` and refuses without)."""
+    path = Path(path)
+    _not_a_file(path, option)
+    if not path.is_dir() or is_run(path) or not any(path.iterdir()):
+        return
+    if holds_runs(path):
+        raise RunFolderError(f"{path} is a folder of dllab runs, not a run; choose another {option} "
+                             "(a new folder inside it, say)")
+    raise RunFolderError(f"{path} is not empty and is not a dllab run; choose another {option} or empty it")
+
+
+def check_runs_folder(path: str | os.PathLike, option: str) -> None:
+    """Refuse ``path`` as the folder of a command's runs (sweep, ablate, demo, reproduce) unless it
+    is new, empty, or already holds dllab runs (the command's earlier ones, which it reuses or
+    continues): a :class:`RunFolderError` naming it and ``option`` otherwise, a run itself included."""
+    path = Path(path)
+    _not_a_file(path, option)
+    if is_run(path):
+        raise RunFolderError(f"{path} is a dllab run, not a folder of runs; choose another {option}")
+    if path.is_dir() and any(path.iterdir()) and not holds_runs(path):
+        raise RunFolderError(f"{path} is not empty and holds no dllab runs; choose another {option} or empty it")
+
+
 #: a run's states (:attr:`Run.status`)
 COMPLETE, INTERRUPTED, FAILED, STOPPED, UNFINISHED = ("complete", "interrupted", "failed", "stopped",
                                                      "unfinished")
@@ -158,6 +204,7 @@ class Run:
                     f"{path} already holds a run; continue it with --resume (resume=True from Python) "
                     "or choose another --out"
                 )
+            check_run_folder(path)  # a file, or a folder of other files
             config = {**config, "environment": environment(),
                       "created": _dt.datetime.now().isoformat(timespec="seconds")}
             run = cls(path, config, writer=writer)
@@ -310,4 +357,5 @@ class Run:
 
 
 __all__ = ["Run", "RunFolderError", "run_status", "CheckpointError", "read_metrics", "read_json", "write_json",
+           "is_run", "holds_runs", "check_run_folder", "check_runs_folder",
            "COMPLETE", "INTERRUPTED", "FAILED", "STOPPED", "UNFINISHED"]

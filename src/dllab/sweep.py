@@ -16,7 +16,7 @@ import io
 import itertools
 from pathlib import Path
 
-from dllab.runs import Run, read_json, read_metrics
+from dllab.runs import Run, check_runs_folder, read_json, read_metrics
 
 
 def _columns(kind: str) -> list[str]:
@@ -142,6 +142,7 @@ def sweep_main(args, argv: list[str]) -> int:
     combos = plan(args.kind, groups)
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(args.sweep_out or f"runs/sweep-{args.kind}-{stamp}")
+    check_runs_folder(out, "--sweep-out")  # new, empty, or this sweep's own runs
     out.mkdir(parents=True, exist_ok=True)
     quiet = any(flag == "--quiet" for flag, _ in groups)
     rows = run_all(args.kind, combos, out, quiet)
@@ -202,6 +203,7 @@ def ablate_main(args, argv: list[str]) -> int:
         combos.append((name, argv_i, chosen))
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(args.ablate_out or f"runs/ablate-classifier-{stamp}")
+    check_runs_folder(out, "--ablate-out")  # new, empty, or this ablation's own runs
     out.mkdir(parents=True, exist_ok=True)
     quiet = any(flag == "--quiet" for flag, _ in groups)
     rows = run_all("classifier", combos, out, quiet)

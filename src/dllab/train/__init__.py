@@ -32,7 +32,7 @@ from pathlib import Path
 from types import ModuleType
 
 from dllab import config as config_lib
-from dllab.runs import Run
+from dllab.runs import Run, check_run_folder
 
 KINDS = ("classifier", "vae", "dcgan")
 
@@ -154,7 +154,8 @@ def train(kind: str, config: config_lib.TrainConfig | dict | None = None, *, res
 
     ``config`` is the kind's typed config (``ClassifierTrainConfig(width=8)``) or a dict of
     settings (missing ones take their defaults; an unknown name or a bad value is a ValueError
-    naming it, before anything is written). The run's ``summary()`` holds the final metrics and
+    naming it, before anything is written; so is an ``out`` that is a file or a folder of other
+    files: :func:`dllab.runs.check_run_folder`). The run's ``summary()`` holds the final metrics and
     ``status`` says whether it completed. With ``resume``, ``config`` (a dict) names the run to
     continue in ``"out"``, where it lies now (a copied or moved run continues in its new folder,
     which is the only one written), and holds only the settings to change: each keeps the run's
@@ -186,6 +187,8 @@ def train(kind: str, config: config_lib.TrainConfig | dict | None = None, *, res
             return done  # nothing to continue and nothing to change: the run is left as it is
     else:
         cfg = config_lib.from_mapping(cls, given, strict=True)
+    if not resume and cfg.out:  # a file, or a folder of someone's files: refused before the data is read
+        check_run_folder(cfg.out)  # (by every rank, before torchrun's ranks meet and rank 0 writes)
     device = resolve_device(cfg.device)
     validate_config(cfg, device)  # e.g. fp16 or --sync-bn on a CPU: refused before any file is written
     distributed = init_distributed(device)
