@@ -128,6 +128,47 @@ def _files_and_bytes(folder):
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def test_fewer_epochs_on_resume_is_a_new_plan_said_aloud_but_never_fewer_than_trained(tmp_path, monkeypatch,
+                                                                                        capsys):
+    """Stopped after epoch 1 of 3 and resumed with --epochs 2: one line on stderr (--quiet too) says
+    the new plan, config.json records it, the run ends at epoch 2 on a 2-epoch schedule. Resumed then
+    with --epochs 1, below the 2 epochs trained: exit 2, one line naming both, not a byte written."""
+    from dllab.checkpoint import save_checkpoint
+    from dllab.train import check_epochs_on_resume
+
+    out = tmp_path / "run"
+    _signal_after_epoch_1(monkeypatch, "classifier", signal.SIGINT)
+    assert main(train_argv("classifier", out, "--log-every", "1", limit=64, epochs=3)) == 128 + signal.SIGINT
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main(train_argv("classifier", out, "--resume", "--log-every", "1", limit=64, epochs=2)) == 0
+    err = capsys.readouterr().err
+    assert f"dllab classifier: the run in {out} now plans 2 epochs, not 3 (config.json records the change)" in err
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["epochs"] == 2 and saved["resumed"][-1]["changed"] == {"epochs": [3, 2]}
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["status"], summary["epochs"], summary["epochs_planned"]) == ("complete", 2, 2)
+    assert main(train_argv("classifier", tmp_path / "plan", "--log-every", "1", limit=64, epochs=2)) == 0
+    lrs = [r["lr"] for r in read_metrics(out) if r["split"] == "train"]
+    planned = [r["lr"] for r in read_metrics(tmp_path / "plan") if r["split"] == "train"]
+    assert lrs[2:] == pytest.approx(planned[2:])  # the second epoch on the new plan's schedule
+
+    before = _files_and_bytes(out)
+    assert main(["train", "classifier", "--resume", "--out", str(out), "--epochs", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert (f"--epochs 1: the run in {out} has already trained 2 epochs; give --epochs 2 or more (without "
+            "--epochs it keeps its plan of 2)") in err
+    assert _files_and_bytes(out) == before
+
+    state = load_checkpoint(out / "checkpoints" / "last.pt")  # as if saved in the middle of epoch 3
+    save_checkpoint({**state, "batch_in_epoch": 1}, out / "checkpoints" / "last.pt")
+    with pytest.raises(ValueError, match="already trained 2 epochs and part of epoch 3; give --epochs 3 or more"):
+        check_epochs_on_resume(Run.open(out), 2)
+    check_epochs_on_resume(Run.open(out), 3)
+
+
+
 def test_a_copied_run_resumes_in_the_copy_and_leaves_the_original_alone(tmp_path, capsys):
     import shutil
 

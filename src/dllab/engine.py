@@ -884,7 +884,11 @@ class Trainer:
             self.load_state(self.run.load_checkpoint("last", map_location=self.device))
             self._loaded = True
             self.run.truncate_metrics(self.step)
-        self.run.write_config()  # settings changed on resume are recorded once the run goes on
+        changed = self.run.write_config()  # settings changed on resume are recorded once the run goes on
+        if "epochs" in changed:  # the run now ends elsewhere: said even with --quiet (by rank 0, which writes)
+            old, new = changed["epochs"]
+            print(f"dllab {self.kind}: the run in {self.run.path} now plans {new} epochs, not {old} "
+                  "(config.json records the change)", file=sys.stderr, flush=True)
         epochs = self.config.epochs
         log_every = self.config.log_every
         ckpt_every = self.config.checkpoint_every

@@ -180,6 +180,7 @@ class Run:
         self.writer = writer
         self._tb = None
         self._t0 = time.time()
+        self._unwritten: dict = {}  # changes update_config made that write_config has not written
 
     # ---- creation -------------------------------------------------------------------------
     @classmethod
@@ -244,19 +245,21 @@ class Run:
         self.config.update({k: new for k, (_, new) in changed.items()})
         stamp = _dt.datetime.now().isoformat(timespec="seconds")
         self.config["resumed"] = [*self.config.get("resumed", []), {"at": stamp, "changed": changed}]
-        self._config_changed = True
+        self._unwritten.update(changed)
 
-    def write_config(self) -> None:
-        """Write the changes :meth:`update_config` made to config.json. The trainer calls it once
-        the resumed run has read its checkpoint, so a resume that fails before that (a damaged
-        last.pt, say) leaves config.json as it was."""
-        if not (self.writer and getattr(self, "_config_changed", False)):
-            return
+    def write_config(self) -> dict:
+        """Write the changes :meth:`update_config` made to config.json (atomically), and return
+        them (``{key: [old, new]}``; ``{}`` when there were none, or this Run does not write). The
+        trainer calls it once the resumed run has read its checkpoint, so a resume that fails
+        before that (a damaged last.pt, say) leaves config.json as it was."""
+        if not (self.writer and self._unwritten):
+            return {}
         try:
             write_json(self.path / "config.json", self.config)
         except OSError as e:
             raise RunFolderError(f"cannot write run folder {self.path}: {e.strerror or e}") from e
-        self._config_changed = False
+        written, self._unwritten = self._unwritten, {}
+        return written
 
     def _open_tensorboard(self) -> None:
         try:
@@ -348,6 +351,15 @@ class Run:
 
     def has_checkpoint(self, name: str = "last") -> bool:
         return self.checkpoint_path(name).exists()
+
+    def trained(self) -> tuple[int, bool]:
+        """How far checkpoints/last.pt has trained: (epochs completed, whether it holds part of the
+        next epoch too, as a checkpoint saved mid-epoch does); (0, False) without one. A resume may
+        plan no fewer epochs than that."""
+        if not self.has_checkpoint("last"):
+            return 0, False
+        state = self.load_checkpoint("last")
+        return int(state["epoch"]), int(state.get("batch_in_epoch", 0)) > 0
 
     def close(self) -> None:
         if self._tb is not None:

@@ -142,6 +142,20 @@ def _resumed_config(kind: str, given: dict) -> tuple[dict, dict]:
     return {**base, **changes, "out": str(Path(out))}, changes
 
 
+def check_epochs_on_resume(run: Run, epochs: int) -> None:
+    """Refuse to resume ``run`` for fewer ``epochs`` than its last.pt has trained (a ValueError
+    naming both): it cannot untrain them, and stopping there would leave a model trained longer
+    than its run says. Fewer epochs than planned, but no fewer than trained, is a new plan: the
+    run trains up to it (a classifier's schedule re-planned for it) and says so."""
+    completed, partial = run.trained()
+    least = completed + partial
+    if epochs >= least:
+        return
+    trained = f"{completed} epoch{'' if completed == 1 else 's'}" + (f" and part of epoch {least}" if partial else "")
+    raise ValueError(f"--epochs {epochs}: the run in {run.path} has already trained {trained}; give --epochs "
+                     f"{least} or more (without --epochs it keeps its plan of {run.config.get('epochs')})")
+
+
 def default_out(kind: str, dataset: str) -> Path:
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     safe = dataset.replace("folder:", "folder-").replace("/", "_").replace(os.sep, "_")
@@ -161,7 +175,9 @@ def train(kind: str, config: config_lib.TrainConfig | dict | None = None, *, res
     which is the only one written), and holds only the settings to change: each keeps the run's
     saved value unless given, and a given value that differs is applied if the setting may change
     mid-run (:func:`dllab.config.resumable`) and refused otherwise (ValueError naming every such
-    setting). Each change, a move included, is recorded in config.json's ``resumed`` list.
+    setting). ``epochs`` may go down as well as up, but not below the epochs last.pt has trained
+    (:func:`check_epochs_on_resume`); a new plan is said in one line on stderr. Each change, a move
+    included, is recorded in config.json's ``resumed`` list.
     """
     import torch
     import torch.distributed as dist
@@ -185,6 +201,8 @@ def train(kind: str, config: config_lib.TrainConfig | dict | None = None, *, res
         done = Run.open(cfg.out)
         if not changes and done.complete and done.config.get("out") == cfg.out:
             return done  # nothing to continue and nothing to change: the run is left as it is
+        if "epochs" in changes:
+            check_epochs_on_resume(done, cfg.epochs)
     else:
         cfg = config_lib.from_mapping(cls, given, strict=True)
     if not resume and cfg.out:  # a file, or a folder of someone's files: refused before the data is read
