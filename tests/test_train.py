@@ -475,6 +475,13 @@ def test_every_declared_metric_name_is_written_by_a_real_run(tmp_path):
         assert not [n for n in names.curves if n not in tested], kind
 
 
+# the demo's three runs at test size
+TINY_DEMO = {"classifier": {"width": 4, "epochs": 1, "limit": 64, "batch_size": 32},
+             "vae": {"epochs": 1, "latent_dim": 4, "tsne_points": 100, "limit": 128, "batch_size": 32},
+             "dcgan": {"epochs": 1, "g_width": 8, "d_width": 8, "nz": 16, "eval_samples": 64, "limit": 64,
+                       "batch_size": 32}}
+
+
 def test_demo_reuses_a_finished_run_only_with_the_same_settings(tmp_path, monkeypatch):
     """`dllab demo` twice: the second reuses the runs (nothing retrained); with other settings it
     is refused, naming the difference, and nothing is written. The default folder is named after
@@ -482,11 +489,7 @@ def test_demo_reuses_a_finished_run_only_with_the_same_settings(tmp_path, monkey
     from dllab import demo as demo_module
     from dllab.runs import RunFolderError
 
-    tiny = {"classifier": {"width": 4, "epochs": 1, "limit": 64, "batch_size": 32},
-            "vae": {"epochs": 1, "latent_dim": 4, "tsne_points": 100, "limit": 128, "batch_size": 32},
-            "dcgan": {"epochs": 1, "g_width": 8, "d_width": 8, "nz": 16, "eval_samples": 64, "limit": 64,
-                      "batch_size": 32}}
-    monkeypatch.setattr(demo_module, "QUICK", tiny)
+    monkeypatch.setattr(demo_module, "QUICK", TINY_DEMO)
     out = tmp_path / "demo"
     report = demo_module.demo(out=out, device="cpu", quiet=True)
     assert report == out / "report.html" and report.exists()
@@ -499,6 +502,29 @@ def test_demo_reuses_a_finished_run_only_with_the_same_settings(tmp_path, monkey
     assert demo_module.default_out() == Path("runs/demo")
     assert demo_module.default_out("fashion-mnist", full=True) == Path("runs/demo-fashion-mnist-full")
     assert demo_module.default_out(epochs=3) == Path("runs/demo-e3")
+
+
+def test_an_interrupted_demo_says_to_run_the_demo_again_which_continues_it(tmp_path, monkeypatch, capsys):
+    """Ctrl-C in the demo's VAE: the one line names the same `dllab demo` command (not `dllab train
+    --resume`, which would leave the DCGAN and the report undone), and that command reuses the
+    classifier, continues the VAE and finishes the demo."""
+    from dllab import demo as demo_module
+
+    monkeypatch.setattr(demo_module, "QUICK", TINY_DEMO)
+    out = tmp_path / "my demo"  # a space: the command is quoted for the shell
+    argv = ["demo", "--out", str(out), "--device", "cpu", "--quiet"]
+    with pytest.MonkeyPatch.context() as mp:
+        _signal_after_epoch_1(mp, "vae", signal.SIGINT)
+        assert main(argv) == 128 + signal.SIGINT
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "dllab train" not in err, err
+    assert f"checkpoint saved in {out / 'vae'}/checkpoints/last.pt" in err
+    assert err.strip().endswith(f"(continue with: dllab demo --out '{out}' --device cpu)"), err
+    classifier = _files_and_bytes(out / "classifier")
+    assert main(argv) == 0
+    assert _files_and_bytes(out / "classifier") == classifier  # reused, not trained again
+    assert all(Run.open(out / kind).complete for kind in ("classifier", "vae", "dcgan"))
+    assert (out / "report.html").exists()
 
 
 def test_a_run_that_fails_in_its_final_phase_is_finished_by_a_resume(tmp_path, monkeypatch, capsys):

@@ -13,6 +13,7 @@ named after them), and an interrupted run continues where it stopped.
 
 from __future__ import annotations
 
+import shlex
 import sys
 from pathlib import Path
 
@@ -80,15 +81,28 @@ def train_or_reuse(kind: str, config: dict, what: str = "the demo", quiet: bool 
     return run_dir
 
 
+def demo_command(dataset: str = "mnist5k", epochs: int | None = None, full: bool = False,
+                 out: str | Path | None = None, device: str = "auto", data_dir: str | None = None) -> str:
+    """The ``dllab demo`` command of these arguments: what continues the demo when it was stopped
+    (its finished runs are reused, the interrupted one resumes, the others are trained)."""
+    flags = [*(["--dataset", dataset] if dataset != "mnist5k" else []),
+             *(["--epochs", str(epochs)] if epochs is not None else []), *(["--full"] if full else []),
+             *(["--out", str(out)] if out is not None else []), *(["--device", device] if device != "auto" else []),
+             *(["--data-dir", str(data_dir)] if data_dir else [])]
+    return shlex.join(["dllab", "demo", *flags])
+
+
 def demo(dataset: str = "mnist5k", epochs: int | None = None, full: bool = False,
          out: str | Path | None = None, device: str = "auto", data_dir: str | None = None,
          quiet: bool = False) -> Path:
     """Train the three models on ``dataset`` into ``out`` (default: :func:`default_out`) and
     return the report's path."""
+    from dllab.engine import Interrupted
     from dllab.report import write_report
     from dllab.runs import check_runs_folder
     from dllab.utils import progress, progress_lines
 
+    again = demo_command(dataset, epochs, full, out, device, data_dir)
     out = Path(out) if out is not None else default_out(dataset, full, epochs)
     check_runs_folder(out, "--out")  # new, empty, or an earlier demo's runs (reused or continued)
     settings = FULL if full else QUICK
@@ -108,7 +122,10 @@ def demo(dataset: str = "mnist5k", epochs: int | None = None, full: bool = False
         if progress_lines(quiet):  # no progress bars in a log: one line per stage
             print(f"dllab demo: {kind} ({stages.index(kind) + 1}/{len(stages)}) in {run_dir}",
                   file=sys.stderr, flush=True)
-        train_or_reuse(kind, config, quiet=quiet)
+        try:
+            train_or_reuse(kind, config, quiet=quiet)
+        except Interrupted as e:  # the same demo continues it, and then trains what is left
+            raise e.continued_by(again) from None
         bar.update(1)
     bar.set_description("dllab demo: report")
     html, _ = write_report([str(runs[k]) for k in stages], str(out / "report.html"))

@@ -94,15 +94,26 @@ class AlarmStop(Exception):
 
 
 class Interrupted(Exception):
-    """SIGINT/SIGTERM arrived; a checkpoint was saved and the run can be resumed."""
+    """SIGINT/SIGTERM arrived; a checkpoint was saved and the run can be resumed.
 
-    def __init__(self, signum: int, run_path, kind: str = "KIND", saved: bool = True):
+    The message names the command that continues the run, ``dllab train KIND --resume --out RUN``
+    unless ``command`` says otherwise: a command that trains runs of its own (the demo) names
+    itself with :meth:`continued_by`.
+    """
+
+    def __init__(self, signum: int, run_path, kind: str = "KIND", saved: bool = True,
+                 command: str | None = None):
         self.signum = signum
         self.run_path = run_path
+        self.kind, self.saved = kind, saved
+        self.command = command or f"dllab train {kind} --resume --out {run_path}"
         where = (f"checkpoint saved in {run_path}/checkpoints/last.pt" if saved else
-                 f"before the first checkpoint of {run_path}, which --resume starts from the beginning")
-        super().__init__(f"interrupted by {signal.Signals(signum).name}; {where} (continue with: "
-                         f"dllab train {kind} --resume --out {run_path})")
+                 f"before the first checkpoint of {run_path}, so it starts again from the beginning")
+        super().__init__(f"interrupted by {signal.Signals(signum).name}; {where} (continue with: {self.command})")
+
+    def continued_by(self, command: str) -> Interrupted:
+        """The same interruption, its message naming ``command`` as what continues the run."""
+        return Interrupted(self.signum, self.run_path, self.kind, self.saved, command)
 
 
 def init_distributed(device: torch.device) -> bool:
