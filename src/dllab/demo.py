@@ -85,11 +85,20 @@ def demo_command(dataset: str = "mnist5k", epochs: int | None = None, full: bool
                  out: str | Path | None = None, device: str = "auto", data_dir: str | None = None) -> str:
     """The ``dllab demo`` command of these arguments: what continues the demo when it was stopped
     (its finished runs are reused, the interrupted one resumes, the others are trained)."""
-    flags = [*(["--dataset", dataset] if dataset != "mnist5k" else []),
-             *(["--epochs", str(epochs)] if epochs is not None else []), *(["--full"] if full else []),
-             *(["--out", str(out)] if out is not None else []), *(["--device", device] if device != "auto" else []),
-             *(["--data-dir", str(data_dir)] if data_dir else [])]
-    return shlex.join(["dllab", "demo", *flags])
+    command = ["dllab", "demo"]
+    if dataset != "mnist5k":
+        command += ["--dataset", dataset]
+    if epochs is not None:
+        command += ["--epochs", str(epochs)]
+    if full:
+        command.append("--full")
+    if out is not None:
+        command += ["--out", str(out)]
+    if device != "auto":
+        command += ["--device", device]
+    if data_dir:
+        command += ["--data-dir", str(data_dir)]
+    return shlex.join(command)
 
 
 def demo(dataset: str = "mnist5k", epochs: int | None = None, full: bool = False,
