@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -659,3 +660,32 @@ def test_a_signal_in_the_final_phase_stops_the_run_and_resume_finishes_it(sig, t
     assert main(["train", "vae", "--resume", "--out", str(out), "--quiet"]) == 0
     assert [r["step"] for r in read_metrics(out) if r["split"] == "train"] == steps
     assert (out / "summary.json").exists() and (out / "figures" / "tsne.png").exists()
+
+
+
+@pytest.mark.parametrize("command", ["sweep", "reproduce"])
+def test_an_interrupted_sweep_or_study_names_the_command_that_continues_it(command, tmp_path, monkeypatch,
+                                                                           capsys):
+    """Ctrl-C after the first epoch of a sweep's or a study's first run: the line names the same
+    command (with the folder it chose), not `dllab train --resume`, and that command finishes
+    every run."""
+    from dllab import reproduce
+
+    out = tmp_path / "my runs"  # a space: the command is quoted for the shell
+    if command == "sweep":
+        argv = ["sweep", "vae", "--beta", "0.5", "1", "--epochs", "2", "--limit", "64", "--batch-size", "32",
+                "--tsne-points", "64", "--quiet", "--sweep-out", str(out)]
+        expected = ("dllab sweep vae --beta 0.5 1 --epochs 2 --limit 64 --batch-size 32 --tsne-points 64 "
+                    f"--quiet --sweep-out '{out}'")
+    else:
+        monkeypatch.setitem(reproduce.QUICK, "epochs", 2)  # a quick study's runs, with a second epoch
+        argv = ["reproduce", "tsne", "--quick", "--out", str(out), "--quiet"]
+        expected = f"dllab reproduce tsne --seeds 1 --out '{out}' --quick"
+    with pytest.MonkeyPatch.context() as mp:
+        _signal_after_epoch_1(mp, "vae", signal.SIGINT)
+        assert main(argv) == 128 + signal.SIGINT
+    err = capsys.readouterr().err
+    assert f"(continue with: {expected})" in err and "--resume" not in err
+    assert main(shlex.split(expected)[1:]) == 0
+    runs = [p.parent for p in out.rglob("config.json")]
+    assert len(runs) == (2 if command == "sweep" else 1) and all(Run.open(r).complete for r in runs)

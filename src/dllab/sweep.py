@@ -14,6 +14,7 @@ import csv
 import datetime as _dt
 import io
 import itertools
+import shlex
 from pathlib import Path
 
 from dllab.runs import Run, check_runs_folder, read_json, read_metrics
@@ -72,7 +73,10 @@ def plan(kind: str, groups: list[tuple[str, list[str]]]) -> list[tuple[str, list
     return combos
 
 
-def run_all(kind: str, combos, out: Path, quiet: bool) -> list[dict]:
+def run_all(kind: str, combos, out: Path, quiet: bool, again: str) -> list[dict]:
+    """Train (or reuse, or continue) each combination's run in ``out``; a Ctrl-C names ``again``,
+    the command that continues them all."""
+    from dllab.engine import Interrupted
     from dllab.train import command_line_config, train, train_parser
 
     parser = train_parser(kind)
@@ -86,7 +90,10 @@ def run_all(kind: str, combos, out: Path, quiet: bool) -> list[dict]:
             # as the CLI does: on resume the flags given, the rest as the run saved them
             config = command_line_config(kind, args, run_argv, resume=run is not None)
             # a run stopped before its first checkpoint starts again from the beginning
-            run = train(kind, config, resume=run is not None, quiet=quiet or bool(args.quiet))
+            try:
+                run = train(kind, config, resume=run is not None, quiet=quiet or bool(args.quiet))
+            except Interrupted as e:  # the same command reuses the finished runs and continues this one
+                raise e.continued_by(again) from None
         summary = run.summary()
         rows.append({**summary, "run": name, **{k.lstrip("-"): v for k, v in chosen.items()},
                      "_path": str(run_dir)})
@@ -145,7 +152,8 @@ def sweep_main(args, argv: list[str]) -> int:
     check_runs_folder(out, "--sweep-out")  # new, empty, or this sweep's own runs
     out.mkdir(parents=True, exist_ok=True)
     quiet = any(flag == "--quiet" for flag, _ in groups)
-    rows = run_all(args.kind, combos, out, quiet)
+    again = shlex.join(["dllab", *_drop_option(argv, "--sweep-out"), "--sweep-out", str(out)])
+    rows = run_all(args.kind, combos, out, quiet, again)
     keys = [flag.lstrip("-") for flag, values in groups if len(values) > 1]
     md, csv_path = write_table(rows, keys, args.kind, out, "sweep")
     plot_overlaid(rows, args.kind, out, "sweep")
@@ -206,7 +214,8 @@ def ablate_main(args, argv: list[str]) -> int:
     check_runs_folder(out, "--ablate-out")  # new, empty, or this ablation's own runs
     out.mkdir(parents=True, exist_ok=True)
     quiet = any(flag == "--quiet" for flag, _ in groups)
-    rows = run_all("classifier", combos, out, quiet)
+    again = shlex.join(["dllab", *_drop_option(argv, "--ablate-out"), "--ablate-out", str(out)])
+    rows = run_all("classifier", combos, out, quiet, again)
     keys = ["batch_norm", "max_pool"] + (["layers"] if args.both_layers else [])
     md, csv_path = write_table(rows, keys + (["seed"] if args.seeds else []), "classifier", out, "ablation")
     plot_overlaid(rows, "classifier", out, "ablation")
