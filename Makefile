@@ -12,7 +12,7 @@ OLDEST_VENV ?= .venv-oldest
 GPU_PYTHON ?= $(if $(wildcard $(VENV)/bin/python),$(VENV)/bin/python,$(PYTHON))
 SOAK ?= 20
 
-.PHONY: demo test test-all test-oldest test-distributed-soak gpu-check system-deps install install-dev bench clean
+.PHONY: demo test test-all test-oldest test-distributed-soak gpu-check system-deps install install-dev bench clean readme-results
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -70,6 +70,13 @@ test-distributed-soak: install-dev
 # on a machine with a CUDA GPU: cuda-marked tests, layer and trainer benchmarks, three real runs; one table
 gpu-check:
 	$(GPU_PYTHON) benchmarks/gpu_check.py
+
+# after `dllab reproduce STUDY ...`: record each study's results.json in docs/results and regenerate
+# README's claims and results tables from them (tests/test_claims.py keeps them equal)
+REPRODUCE_OUT ?= runs/reproduce
+readme-results: install
+	$(VENV)/bin/python -c "from pathlib import Path; from dllab.reproduce import update_readme; \
+	print('regenerated:', ', '.join(update_readme(Path('README.md'), Path('docs/results'), Path('$(REPRODUCE_OUT)'))))"
 
 bench: install
 	$(VENV)/bin/python benchmarks/layers.py

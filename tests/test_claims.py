@@ -12,9 +12,10 @@ import pytest
 
 from dllab.cli import main
 from dllab.metrics.claims import Claim, judge, judge_order, load_claims
-from dllab.reproduce import STUDIES, claims_markdown
+from dllab.reproduce import STUDIES, claims_markdown, readme_blocks, results_markdown, update_readme
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+RECORDS = README.parent / "docs" / "results"
 
 
 def test_every_claim_is_sourced_and_names_a_study_and_a_declared_metric():
@@ -77,10 +78,94 @@ def test_a_quick_study_trains_reuses_and_reports(tmp_path, capsys):
     assert main(["reproduce", "tsne", "--quick", "--seeds", "2", "--out", str(out), "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert "not judged" in printed and f"report: {out / 'report.html'}" in printed
-    runs = sorted(p.name for p in (out / "tsne-quick").iterdir())  # apart from full-size runs
+    runs = sorted(p.name for p in (out / "tsne-quick").iterdir() if p.is_dir())  # apart from full-size runs
     assert runs == ["vae-seed0", "vae-seed1"]
+    record = json.loads((out / "tsne-quick" / "results.json").read_text())
+    assert record["command"] == "dllab reproduce tsne --seeds 2 --quick"
+    assert [r["label"] for r in record["runs"]] == runs and record["runs"][1]["settings"]["seed"] == 1
+    assert all(isinstance(r["summary"]["knn_acc"], float) for r in record["runs"])
+    table = (out / "tsne-quick" / "results.md").read_text()
+    assert table == results_markdown(record) and "| seed 0 | seed 1 | all seeds |" in table
     assert (out / "claims.md").exists() and "At a glance" in (out / "report.html").read_text()
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("tsne-quick/*/summary.json")}
     assert len(stamps) == 2
     assert main(["reproduce", "tsne", "--quick", "--seeds", "2", "--out", str(out), "--quiet"]) == 0
     assert {p: p.stat().st_mtime_ns for p in out.glob("tsne-quick/*/summary.json")} == stamps  # reused
+
+
+def _record(study: str, runs: list[tuple[dict, dict]], kind: str) -> dict:
+    return {"study": study, "command": f"dllab reproduce {study} --seeds 2",
+            "machine": {"cpu": "Test CPU", "bf16_flags": ["avx512_bf16"], "threads": [2], "torch": ["2.14.1"],
+                        "gpu": [], "dates": ["2026-11-29", "2026-11-30"]},
+            "runs": [{"label": f"run{i}", "kind": kind, "settings": settings, "summary": summary}
+                     for i, (settings, summary) in enumerate(runs)]}
+
+
+def test_a_results_table_gives_each_variant_its_mean_spread_and_seeds():
+    runs = [({"norm": norm, "maxpool": "on", "seed": seed}, {"test_acc": acc, "test_loss": 0.1, "ece": 0.02,
+                                                              "precision": "bfloat16"})
+            for norm, accs in ((True, (0.98, 0.97)), (False, (0.10, 0.95))) for seed, acc in enumerate(accs)]
+    table = results_markdown(_record("ablation", runs, "classifier"))
+    lines = table.splitlines()
+    assert lines[0].startswith("`dllab reproduce ablation --seeds 2`: Test CPU (avx512_bf16), 2 thread(s), "
+                               "torch 2.14.1, 2026-11-29 to 2026-11-30; classifier in bfloat16; seeds 0, 1")
+    assert lines[2] == ("| batch norm | max-pool after the stem | test accuracy | test accuracy, seeds 0 / 1 | "
+                        "test loss | ECE |")
+    assert lines[4] == "| on | on | 97.5 +- 0.7 % | 98.0 / 97.0 % | 0.100 +- 0.000 | 0.020 +- 0.000 |"
+    assert lines[5].startswith("| off | on | 52.5 +- 60.1 % | 10.0 / 95.0 % |")
+
+
+def test_a_study_without_variants_gets_a_column_per_seed_and_a_missing_value_shows():
+    runs = [({"seed": 0}, {"knn_acc": 0.9, "test_elbo": -120.0, "active_units": 16}),
+            ({"seed": 1}, {"knn_acc": 0.8, "active_units": 15})]
+    lines = results_markdown(_record("tsne", runs, "vae")).splitlines()
+    assert lines[2] == "| measured | seed 0 | seed 1 | all seeds |"
+    assert lines[4] == "| k-NN accuracy of the latent means | 0.900 | 0.800 | 0.850 +- 0.071 |"
+    assert lines[5] == "| test ELBO (nats) | -120.0 | - | -120.0 |"
+    assert lines[6] == "| active units (of 16) | 16 | 15 | 15.5 +- 0.7 |"  # a mean of counts is not one
+
+
+def test_readme_results_tables_are_generated_from_the_recorded_studies():
+    blocks = readme_blocks(RECORDS)
+    recorded = sorted(p.stem for p in RECORDS.glob("*.json"))
+    assert recorded, "docs/results holds no study record"
+    assert sorted(t.split(":", 1)[1] for t in blocks if t.startswith("results:")) == recorded
+    text = README.read_text()
+    for tag, body in blocks.items():
+        found = re.search(rf"<!-- {re.escape(tag)}:begin -->\n(.*?)<!-- {re.escape(tag)}:end -->", text, flags=re.S)
+        assert found, f"README lacks the {tag} block"
+        assert found.group(1) == body, f"README's {tag} table is stale: run make readme-results"
+    for name in recorded:
+        record = json.loads((RECORDS / f"{name}.json").read_text())
+        assert record["study"] == name and record["command"].startswith(f"dllab reproduce {name} ")
+
+
+def test_update_readme_copies_a_study_record_and_rewrites_its_block(tmp_path):
+    out, records, readme = tmp_path / "runs", tmp_path / "records", tmp_path / "README.md"
+    record = _record("tsne", [({"seed": 0}, {"knn_acc": 0.9})], "vae")
+    (out / "tsne").mkdir(parents=True)
+    (out / "tsne" / "results.json").write_text(json.dumps(record))
+    readme.write_text("intro\n<!-- claims:begin -->\nold\n<!-- claims:end -->\n"
+                      "<!-- results:tsne:begin -->\nold table\n<!-- results:tsne:end -->\nend\n")
+    assert update_readme(readme, records, out) == ["claims", "results:tsne"]
+    assert json.loads((records / "tsne.json").read_text()) == record
+    text = readme.read_text()
+    assert results_markdown(record) in text and "old" not in text and text.endswith("end\n")
+    (out / "beta").mkdir()
+    (out / "beta" / "results.json").write_text(json.dumps({**record, "study": "beta"}))
+    with pytest.raises(ValueError, match="README has no <!-- results:beta:begin -->"):
+        update_readme(readme, records, out)
+    assert not (records / "beta.json").exists()  # refused before anything was written
+
+
+def test_every_recorded_run_passes_the_claims_that_apply_to_it():
+    """README's results tables and its claims table agree: a recorded measurement outside a claimed
+    range means the claim or the code changed, and one of them must be looked at."""
+    claims = load_claims()
+    for path in sorted(RECORDS.glob("*.json")):
+        record = json.loads(path.read_text())
+        runs = [({**r["settings"], "kind": r["kind"]}, r["summary"]) for r in record["runs"]]
+        verdicts = [v for config, summary in runs for v in judge(config, summary, claims)]
+        verdicts += [judge_order(c, runs) for c in claims if c.study == record["study"] and c.order_by]
+        failed = [(v.claim.name, v.value) for v in verdicts if v.passed is not True]
+        assert not failed, f"{path.name}: {failed}"

@@ -46,3 +46,17 @@ def native_fp16() -> bool:
         return "amx_fp16" in flags
     probe = getattr(torch.cpu, "_is_amx_fp16_supported", None)
     return bool(probe()) if probe is not None else False
+
+
+def cpu_model() -> str | None:
+    """The CPU's model name from ``/proc/cpuinfo`` (Linux), or ``platform.processor()``, or None."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or None

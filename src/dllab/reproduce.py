@@ -34,10 +34,62 @@ class Spec:
 
 
 @dataclasses.dataclass(frozen=True)
+class Curve:
+    """A per-epoch test metric reduced to one number from ``first_epoch`` on: its minimum
+    (``how="min"``) or the number of epochs at or below ``threshold`` (``how="count_at_most"``)."""
+
+    how: str
+    first_epoch: int
+    threshold: float = 0.0
+
+    def reduce(self, points: list[list[float]]) -> float | None:
+        values = [v for epoch, v in points if epoch >= self.first_epoch]
+        if not values:
+            return None
+        return min(values) if self.how == "min" else float(sum(v <= self.threshold for v in values))
+
+
+@dataclasses.dataclass(frozen=True)
+class Column:
+    """One measured number of a study's results table: ``kind``'s summary ``metric``, printed with
+    ``fmt`` after multiplying by ``scale`` (100 for a percentage), then ``unit``."""
+
+    header: str
+    kind: str
+    metric: str
+    fmt: str = "{:.3g}"
+    scale: float = 1.0
+    unit: str = ""
+    mean_fmt: str | None = None  # for a mean and spread over seeds, where ``fmt`` is too coarse
+    curve: Curve | None = None  # a reduction of the metric's per-epoch record instead of its final value
+
+    def number(self, value: float, fmt: str | None = None) -> str:
+        return (fmt or self.fmt).format(value * self.scale)
+
+    def text(self, value: float, std: float | None = None) -> str:
+        """``value`` (with `` +- std`` when given: a mean over seeds) and the unit."""
+        if std is None:
+            return f"{self.number(value)}{self.unit}"
+        return f"{self.number(value, self.mean_fmt)} +- {self.number(std, self.mean_fmt)}{self.unit}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Table:
+    """How a study's results read in README: one row per variant (the values of ``variants``, each
+    a (header, setting, {value: text}) triple) with every column as mean +- std over the seeds, and
+    the first column's seeds one by one; a study without variants has one row per column and one
+    column per seed."""
+
+    columns: tuple[Column, ...]
+    variants: tuple[tuple[str, str, dict], ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
 class Study:
     name: str
     description: str
     cost: str  # how long it takes, measured (2 cores unless said)
+    table: Table
 
     def runs(self, seeds: int, quick: bool) -> list[Spec]:
         return _PLANS[self.name](seeds, quick)
@@ -69,11 +121,16 @@ def _ablation(seeds: int, quick: bool) -> list[Spec]:
             for s in range(seeds) for name, v in variants.items()]
 
 
-BETAS = (0.1, 1.0, 4.0)
+def _layers(seeds: int, quick: bool) -> list[Spec]:
+    return [_seeded(backend, "classifier", {**ABLATION, "layers": backend}, s, quick)
+            for s in range(seeds) for backend in ("torch", "scratch")]
+
+
+BETAS = (0.1, 0.5, 1.0, 2.0, 4.0)
 
 
 def _beta(seeds: int, quick: bool) -> list[Spec]:
-    return [_seeded(f"beta={b:g}", "vae", {"beta": b, "epochs": 20}, s, quick)
+    return [_seeded(f"beta={b:g}", "vae", {"beta": b, "epochs": 20, "iw_samples": 100}, s, quick)
             for s in range(seeds) for b in BETAS]
 
 
@@ -101,22 +158,65 @@ def _fashion(seeds: int, quick: bool) -> list[Spec]:
     return [_seeded("classifier", "classifier", FASHION, s, quick) for s in range(seeds)]
 
 
-_PLANS = {"demo": _demo, "ablation": _ablation, "beta": _beta, "tsne": _tsne, "gan-bn": _gan_bn,
+_PLANS = {"demo": _demo, "ablation": _ablation, "layers": _layers, "beta": _beta, "tsne": _tsne, "gan-bn": _gan_bn,
           "fashion": _fashion}
+
+PERCENT = {"fmt": "{:.1f}", "scale": 100.0, "unit": " %"}
+COUNT = {"fmt": "{:.0f}", "mean_fmt": "{:.1f}"}  # whole numbers, whose mean over seeds is not
+ON_OFF = {True: "on", False: "off", "on": "on", "off": "off"}
 
 STUDIES = {s.name: s for s in [
     Study("demo", "the three demo models on MNIST-5k: classifier accuracy, VAE ELBO and k-NN, DCGAN "
-          "FID and class coverage", "about 5 minutes per seed on 1 thread of a busy 2-core machine"),
+          "FID and class coverage", "about 5 minutes per seed on 1 thread of a busy 2-core machine",
+          Table((Column("classifier test accuracy", "classifier", "test_acc", **PERCENT),
+                 Column("VAE test ELBO (nats)", "vae", "test_elbo", "{:.1f}"),
+                 Column("VAE latent k-NN accuracy", "vae", "knn_acc", "{:.3f}"),
+                 Column("DCGAN classifier-FID", "dcgan", "clf_fid", "{:.1f}"),
+                 Column("DCGAN classes covered (of 10)", "dcgan", "clf_modes_covered", **COUNT)))),
     Study("ablation", "batch norm x max-pool in ResNet-18 (width 8, 8 epochs, MNIST-5k): batch norm "
-          "makes the learning rate safe", "about 2 minutes per seed"),
+          "makes the learning rate safe", "about 2 minutes per seed",
+          Table((Column("test accuracy", "classifier", "test_acc", **PERCENT),
+                 Column("test loss", "classifier", "test_loss", "{:.3f}"),
+                 Column("ECE", "classifier", "ece", "{:.3f}")),
+                (("batch norm", "norm", ON_OFF), ("max-pool after the stem", "maxpool", ON_OFF)))),
+    Study("layers", "ResNet-18 (width 8, 8 epochs, MNIST-5k) with dllab's from-scratch layers "
+          "against torch.nn: the same seed, data and initial weights, the same accuracy",
+          "about 3 minutes per seed",
+          Table((Column("test accuracy", "classifier", "test_acc", **PERCENT),
+                 Column("test loss", "classifier", "test_loss", "{:.3f}")),
+                (("layers", "layers", {"torch": "torch.nn", "scratch": "dllab.layers (from scratch)"}),))),
     Study("beta", "beta-VAE on MNIST-5k (20 epochs): as beta grows the KL (rate) falls and the "
-          "reconstruction (distortion) rises", "about 10 minutes per seed on 1 thread"),
+          "reconstruction (distortion) rises", "about 4 minutes per seed",
+          Table((Column("test ELBO", "vae", "test_elbo", "{:.1f}"),
+                 Column("reconstruction", "vae", "test_recon", "{:.1f}"),
+                 Column("KL (rate)", "vae", "test_kl", "{:.1f}"),
+                 Column("bits/dim", "vae", "bits_per_dim", "{:.3f}"),
+                 Column("active units (of 16)", "vae", "active_units", **COUNT),
+                 Column("k-NN acc.", "vae", "knn_acc", "{:.3f}"),
+                 Column("IWAE log p(x), k = 100", "vae", "iw_log_likelihood", "{:.1f}")),
+                (("beta", "beta", {}),))),
     Study("tsne", "the default VAE's latent means cluster by class: k-NN accuracy, t-SNE at three "
-          "perplexities", "about 1 minute per seed"),
+          "perplexities", "about 1 minute per seed",
+          Table((Column("k-NN accuracy of the latent means", "vae", "knn_acc", "{:.3f}"),
+                 Column("test ELBO (nats)", "vae", "test_elbo", "{:.1f}"),
+                 Column("active units (of 16)", "vae", "active_units", **COUNT)))),
     Study("gan-bn", "batch norm in the generator against mode collapse (D without batch norm, 20 "
-          "epochs, MNIST-5k)", "about 5 minutes per seed on 1 thread"),
+          "epochs, MNIST-5k)", "about 5 minutes per seed",
+          Table((Column("recall", "dcgan", "clf_recall", "{:.2f}"),
+                 Column("classifier-FID", "dcgan", "clf_fid", "{:.1f}"),
+                 Column("precision", "dcgan", "clf_precision", "{:.2f}"),
+                 Column("classes covered (of 10)", "dcgan", "clf_modes_covered", **COUNT),
+                 Column("fewest classes covered, epoch 4 on", "dcgan", "clf_modes_covered", "{:.1f}",
+                        curve=Curve("min", 4)),
+                 Column("epochs from 4 on with at most 2 classes", "dcgan", "clf_modes_covered", "{:.1f}",
+                        curve=Curve("count_at_most", 4, 2)),
+                 Column("KL(gen ‖ data classes)", "dcgan", "clf_kl_gen_data", "{:.2f}")),
+                (("batch norm in G", "no_g_norm", {False: "on", True: "off"}),))),
     Study("fashion", "ResNet-18 (width 16) on the real Fashion-MNIST to 94.5 % or better",
-          "about 50 minutes per seed"),
+          "about 50 minutes per seed",
+          Table((Column("test accuracy (flip-averaged)", "classifier", "test_acc", "{:.2f}", 100.0, " %"),
+                 Column("test loss", "classifier", "test_loss", "{:.3f}"),
+                 Column("ECE", "classifier", "ece", "{:.3f}")))),
 ]}
 
 
@@ -127,20 +227,26 @@ class Outcome:
     runs: list[Path]
 
 
-def _train_or_reuse(spec: Spec, folder: Path, quiet: bool) -> Path:
+def _train_or_reuse(spec: Spec, folder: Path, quiet: bool, again: str) -> Path:
     from dllab.demo import train_or_reuse
+    from dllab.engine import Interrupted
 
     settings = {**spec.settings, "out": str(folder)}
     if "classifier_run" in settings:  # a label of the same study
         settings["classifier_run"] = str(folder.parent / settings["classifier_run"])
-    return train_or_reuse(spec.kind, settings, "dllab reproduce", quiet)
+    try:
+        return train_or_reuse(spec.kind, settings, "dllab reproduce", quiet)
+    except Interrupted as e:  # the same reproduce reuses the finished runs and continues this one
+        raise e.continued_by(again) from None
 
 
 def run_study(name: str, out: Path, seeds: int = 1, quick: bool = False, quiet: bool = False,
-              claims: list[Claim] | None = None) -> Outcome:
-    """Train (or reuse) the study's runs under ``out/NAME`` and judge the claims on them."""
+              claims: list[Claim] | None = None, again: str | None = None) -> Outcome:
+    """Train (or reuse) the study's runs under ``out/NAME`` and judge the claims on them; a Ctrl-C
+    names ``again`` (default: this study's ``dllab reproduce`` command) as what continues them."""
     from dllab.runs import Run
 
+    again = again or reproduce_command([name], out, seeds, quick)
     claims = load_claims() if claims is None else claims
     specs = STUDIES[name].runs(seeds, quick)
     base = out / (f"{name}-quick" if quick else name)  # never mixed with the full-size runs
@@ -149,13 +255,184 @@ def run_study(name: str, out: Path, seeds: int = 1, quick: bool = False, quiet: 
         if not quiet:
             print(f"dllab reproduce {name}: run {i + 1}/{len(specs)} {spec.label}", file=sys.stderr,
                   flush=True)
-        folders.append(_train_or_reuse(spec, base / spec.label, quiet))
+        folders.append(_train_or_reuse(spec, base / spec.label, quiet, again))
     runs = [(run.config, run.summary()) for run in map(Run.open, folders)]
     study_claims = [c for c in claims if c.study == name and not quick]  # a smoke test judges nothing
     verdicts = [(f.name, v) for f, (config, summary) in zip(folders, runs)
                 for v in judge(config, summary, study_claims)]
     verdicts += [("all runs", judge_order(c, runs)) for c in study_claims if c.order_by is not None]
     return Outcome(name, verdicts, folders)
+
+
+# -- results tables: what a study measured, recorded and rendered for README ----------------------
+
+RECORD_KEYS = ("study", "command", "machine", "runs")
+
+
+def _machine(configs: list[dict]) -> dict:
+    """Where the study's runs were measured: the CPU (model name and its bf16 matrix flags), the
+    threads, torch and the dates, from the runs' own config.json."""
+    from dllab import _cpu
+
+    envs = [c.get("environment", {}) for c in configs]
+    dates = sorted(str(c.get("created", ""))[:10] for c in configs if c.get("created"))
+    cpus = {(e["cpu"], tuple(e.get("cpu_bf16", ()))) for e in envs if e.get("cpu")}
+    if not cpus:  # runs from before dllab recorded the CPU: this machine's, which trained or reused them
+        cpus = {(_cpu.cpu_model(), tuple(sorted({"amx_bf16", "avx512_bf16"} & (_cpu.cpu_flags() or frozenset()))))}
+    cpu = " / ".join(sorted(c for c, _ in cpus))
+    flags = list(next(iter(cpus))[1]) if len(cpus) == 1 else None  # None: runs from several CPUs
+    return {"cpu": cpu, "bf16_flags": flags,
+            "threads": sorted({e.get("cpu_threads") for e in envs if e.get("cpu_threads")}),
+            "torch": sorted({str(e.get("torch")) for e in envs if e.get("torch")}),
+            "gpu": sorted({str(e["gpu"]) for e in envs if e.get("gpu")}),
+            "dates": [dates[0], dates[-1]] if dates else []}
+
+
+def results_record(name: str, seeds: int, folders: list[Path]) -> dict:
+    """The study's measurements as JSON-ready data: each run's label, kind, settings and scalar
+    summary metrics, with the command and the machine that produced them."""
+    from dllab.report import scalar_metrics
+    from dllab.runs import Run
+
+    curves = {c.metric for c in STUDIES[name].table.columns if c.curve is not None}
+    runs, configs = [], []
+    for folder in folders:
+        run = Run.open(folder)
+        config = dict(run.config)
+        configs.append(config)
+        settings = {k: v for k, v in config.items() if k not in ("out", "environment", "created")}
+        entry = {"label": folder.name, "kind": config.get("kind"), "settings": settings,
+                 "summary": scalar_metrics(run.summary() or {})}
+        test = [m for m in run.metrics() if m.get("split") == "test"]
+        entry["curves"] = {k: [[m["epoch"], m[k]] for m in test if isinstance(m.get(k), (int, float))]
+                           for k in sorted(curves)}
+        runs.append(entry)
+    return {"study": name, "command": f"dllab reproduce {name} --seeds {seeds}",
+            "machine": _machine(configs), "runs": runs}
+
+
+def _mean_std(values: list[float]) -> tuple[float, float | None]:
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, None
+    return mean, (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+
+
+def _cell(column: Column, values: list[float]) -> str:
+    if not values:
+        return "-"
+    return column.text(*_mean_std(values))
+
+
+def _value(run: dict, column: Column) -> float | None:
+    if run["kind"] != column.kind:
+        return None
+    if column.curve is not None:
+        return column.curve.reduce(run.get("curves", {}).get(column.metric, []))
+    value = run["summary"].get(column.metric)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _values(runs: list[dict], column: Column) -> list[float]:
+    return [v for v in (_value(r, column) for r in runs) if v is not None]
+
+
+def _caption(record: dict) -> str:
+    m = record["machine"]
+    cpu = m.get("cpu") or "an unnamed CPU"
+    flags = m.get("bf16_flags")
+    bf16 = "" if flags is None else f" ({', '.join(flags)})" if flags else " (no bf16 matrix instructions)"
+    where = f"{', '.join(m['gpu'])}" if m.get("gpu") else f"{cpu}{bf16}"
+    threads = "/".join(str(t) for t in m.get("threads", [])) or "?"
+    dates = " to ".join(dict.fromkeys(m.get("dates", []))) or "undated"
+    seeds = sorted({r["settings"].get("seed") for r in record["runs"]})
+    precisions = sorted({f"{r['kind']} in {r['summary']['precision']}" for r in record["runs"]
+                         if r["summary"].get("precision")})
+    return (f"`{record['command']}`: {where}, {threads} thread(s), torch {', '.join(m.get('torch', []))}, "
+            f"{dates}; {', '.join(precisions) or 'precision unrecorded'}; seeds {', '.join(map(str, seeds))}"
+            + ("; mean +- sample standard deviation over the seeds." if len(seeds) > 1 else "."))
+
+
+def results_markdown(record: dict) -> str:
+    """The README table of one study's record (see :class:`Table`), with a caption naming the
+    command and the machine that measured it."""
+    study = STUDIES[record["study"]]
+    table, runs = study.table, record["runs"]
+    kinds = {c.kind for c in table.columns}
+    runs = [r for r in runs if r["kind"] in kinds]
+    seeds = sorted({r["settings"].get("seed") for r in runs})
+    lines = [_caption(record), ""]
+    if not table.variants:
+        overall = [" all seeds |"] if len(seeds) > 1 else []
+        lines += ["| measured | " + " | ".join(f"seed {s}" for s in seeds) + " |" + "".join(overall),
+                  "| --- |" + " --- |" * (len(seeds) + len(overall))]
+        for col in table.columns:
+            per_seed = [_values([r for r in runs if r["settings"].get("seed") == s], col) for s in seeds]
+            lines.append(f"| {col.header} | " + " | ".join(_cell(col, v) for v in per_seed) + " |"
+                         + (f" {_cell(col, _values(runs, col))} |" if overall else ""))
+        return "\n".join(lines) + "\n"
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        groups.setdefault(tuple(r["settings"].get(key) for _, key, _ in table.variants), []).append(r)
+    first = table.columns[0]
+    headers = [h for h, _, _ in table.variants] + [c.header for c in table.columns]
+    if len(seeds) > 1:
+        headers.insert(len(table.variants) + 1, f"{first.header}, seeds {' / '.join(map(str, seeds))}")
+    lines += ["| " + " | ".join(headers) + " |", "|" + " --- |" * len(headers)]
+    for variant, members in groups.items():
+        cells = [names.get(v, format_setting(v)) for (_, _, names), v in zip(table.variants, variant)]
+        cells += [_cell(c, _values(members, c)) for c in table.columns]
+        if len(seeds) > 1:
+            one_by_one = [_values([m for m in members if m["settings"].get("seed") == s], first) for s in seeds]
+            cells.insert(len(table.variants) + 1,
+                         " / ".join(first.number(v[0]) if v else "-" for v in one_by_one) + first.unit)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def format_setting(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _block(text: str, tag: str, body: str) -> str:
+    """``text`` with what stands between ``<!-- tag:begin -->`` and ``<!-- tag:end -->`` replaced."""
+    begin, end = f"<!-- {tag}:begin -->\n", f"<!-- {tag}:end -->"
+    start, stop = text.find(begin), text.find(end)
+    if start < 0 or stop < start:
+        raise ValueError(f"README has no {begin.strip()} ... {end} block")
+    return text[:start + len(begin)] + body + text[stop:]
+
+
+def readme_blocks(records: Path) -> dict[str, str]:
+    """Every generated README block: the claims table and each recorded study's results table
+    (``records/STUDY.json``, copied from a ``dllab reproduce`` output by :func:`update_readme`)."""
+    import json
+
+    blocks = {"claims": claims_markdown()}
+    for name in STUDIES:
+        path = records / f"{name}.json"
+        if path.is_file():
+            blocks[f"results:{name}"] = results_markdown(json.loads(path.read_text()))
+    return blocks
+
+
+def update_readme(readme: Path, records: Path, out: Path | None = None) -> list[str]:
+    """Copy each study's ``out/STUDY/results.json`` (when ``out`` is given) into ``records`` and
+    rewrite README's generated blocks from the records; returns the blocks written."""
+    from dllab.checkpoint import atomic_write_bytes
+
+    text = readme.read_text()
+    found = [out / name / "results.json" for name in STUDIES] if out is not None else []
+    for src in filter(Path.is_file, found):  # every block must exist before anything is written
+        _block(text, f"results:{src.parent.name}", "")
+    for src in filter(Path.is_file, found):
+        records.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(records / f"{src.parent.name}.json", lambda f, b=src.read_bytes(): f.write(b))
+    blocks = readme_blocks(records)
+    for tag, body in blocks.items():
+        text = _block(text, tag, body)
+    atomic_write_bytes(readme, lambda f: f.write(text.encode()))
+    return list(blocks)
 
 
 def verdict_rows(outcomes: list[Outcome]) -> list[list[str]]:
@@ -194,6 +471,29 @@ def list_studies(claims: list[Claim] | None = None) -> str:
     return "\n".join(out)
 
 
+def _write_results(outcome: Outcome, out: Path, seeds: int, quick: bool) -> None:
+    """``results.json`` (the record README's tables are made from) and ``results.md`` (its table)
+    in the study's folder."""
+    import json
+
+    from dllab.checkpoint import atomic_write_bytes
+
+    record = results_record(outcome.study, seeds, outcome.runs)
+    if quick:
+        record["command"] += " --quick"
+    base = outcome.runs[0].parent
+    atomic_write_bytes(base / "results.json", lambda f: f.write((json.dumps(record, indent=1) + "\n").encode()))
+    atomic_write_bytes(base / "results.md", lambda f: f.write(results_markdown(record).encode()))
+
+
+def reproduce_command(studies: list[str], out: Path, seeds: int, quick: bool) -> str:
+    """The ``dllab reproduce`` command of these arguments (what continues them when stopped)."""
+    import shlex
+
+    return shlex.join(["dllab", "reproduce", *studies, "--seeds", str(seeds), "--out", str(out)]
+                      + (["--quick"] if quick else []))
+
+
 def reproduce(studies: list[str], out: Path, seeds: int = 1, quick: bool = False,
               quiet: bool = False) -> tuple[list[Outcome], Path]:
     """Run the studies; returns their outcomes and the report's path (claims.md beside it)."""
@@ -206,7 +506,13 @@ def reproduce(studies: list[str], out: Path, seeds: int = 1, quick: bool = False
                          "(dllab reproduce --list)")
     if seeds < 1:
         raise ValueError(f"--seeds must be at least 1, got {seeds}")
-    outcomes = [run_study(s, out, seeds, quick, quiet) for s in studies]
+    from dllab.runs import check_runs_folder
+
+    check_runs_folder(out, "--out")  # new, empty, or earlier studies' runs (reused or continued)
+    again = reproduce_command(studies, out, seeds, quick)
+    outcomes = [run_study(s, out, seeds, quick, quiet, again=again) for s in studies]
+    for o in outcomes:
+        _write_results(o, out, seeds, quick)
     rows = verdict_rows(outcomes)
     md = ["| study | run | claim | measured | verdict | source |", "| --- | --- | --- | --- | --- | --- |"]
     md += ["| " + " | ".join(r) + " |" for r in rows]
@@ -216,5 +522,6 @@ def reproduce(studies: list[str], out: Path, seeds: int = 1, quick: bool = False
     return outcomes, html
 
 
-__all__ = ["STUDIES", "Study", "Spec", "Outcome", "reproduce", "run_study", "list_studies",
-           "claims_markdown", "verdict_rows"]
+__all__ = ["STUDIES", "Study", "Spec", "Table", "Column", "Curve", "Outcome", "reproduce", "run_study",
+           "list_studies", "claims_markdown", "verdict_rows", "results_record", "results_markdown",
+           "readme_blocks", "update_readme"]

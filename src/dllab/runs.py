@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from dllab import __version__
+from dllab import __version__, _cpu
 from dllab.checkpoint import CheckpointError, atomic_write_bytes, load_checkpoint, save_checkpoint
 
 
@@ -100,6 +100,8 @@ def environment() -> dict:
         "cuda": torch.version.cuda if torch.cuda.is_available() else None,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "cpu_threads": torch.get_num_threads(),
+        "cpu": _cpu.cpu_model(),
+        "cpu_bf16": sorted({"amx_bf16", "avx512_bf16"} & (_cpu.cpu_flags() or frozenset())),
     }
 
 
