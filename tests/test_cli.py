@@ -173,7 +173,7 @@ def test_a_folder_of_runs_is_not_a_run_and_a_run_is_not_a_folder_of_runs(tmp_pat
     names a run: refused. An empty folder is a fine --out."""
     runs = tmp_path / "sweep"
     (runs / "lr=0.1").mkdir(parents=True)
-    (runs / "lr=0.1" / "config.json").write_text("{}")
+    (runs / "lr=0.1" / "config.json").write_text('{"kind": "vae", "environment": {}}')
     assert main(["train", "vae", "--out", str(runs), "--quiet"]) == 2
     assert f"{runs} is a folder of dllab runs, not a run; choose another --out" in capsys.readouterr().err
     assert main(["sweep", "vae", "--beta", "1", "2", "--sweep-out", str(runs / "lr=0.1"), "--quiet"]) == 2
@@ -317,3 +317,31 @@ def test_a_batch_that_does_not_split_into_packs_is_refused_before_anything_is_wr
     err = capsys.readouterr().err
     assert "--batch-size 32 is not a multiple of --pack 3" in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_another_tools_config_json_a_folder_inside_a_run_and_a_killed_write_are_told_apart(tmp_path, capsys):
+    """A folder with someone else's config.json (a Hugging Face model, say) is not a run, nor is a
+    folder of them a folder of runs; a folder inside a run is refused; a folder holding only the
+    temporary file of a killed atomic write counts as empty."""
+    from dllab.runs import check_run_folder, check_runs_folder, is_run
+
+    models = tmp_path / "models"
+    (models / "bert").mkdir(parents=True)
+    (models / "bert" / "config.json").write_text('{"architectures": ["BertModel"]}')
+    assert not is_run(models / "bert")
+    assert main(["train", "vae", "--out", str(models / "bert"), "--quiet"]) == 2
+    assert "is not empty and is not a dllab run" in capsys.readouterr().err
+    assert main(["sweep", "vae", "--beta", "1", "2", "--sweep-out", str(models), "--quiet"]) == 2
+    assert "is not empty and holds no dllab runs" in capsys.readouterr().err
+    assert _files(models) == ["bert", "bert/config.json"]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text('{"kind": "vae", "environment": {}}')
+    for check in (check_run_folder, check_runs_folder):
+        with pytest.raises(ValueError, match=f"lies inside the dllab run {run}"):
+            check(run / "inner", "--out")
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    (killed / ".config.json.tmp-4242").write_text("{")
+    check_run_folder(killed)
+    check_runs_folder(killed, "--out")

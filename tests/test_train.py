@@ -395,6 +395,13 @@ def test_sweep_trains_every_combination_and_resumes_without_retraining(tmp_path,
     assert len(stamps) == 2
     assert main(argv) == 0  # finished runs are read back, not trained again
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/summary.json")} == stamps
+    capsys.readouterr()
+    other = [*argv[:2], "--label-smoothing", "0.1", *argv[2:]]  # not what the runs there were trained with
+    assert main(other) == 2
+    err = capsys.readouterr().err
+    assert "holds a finished classifier run with other settings (label_smoothing: 0.0 there, 0.1 asked)" in err
+    assert "give the sweep another --sweep-out" in err
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/summary.json")} == stamps
 
 
 def test_an_interrupted_sweep_resumes_its_run(tmp_path, monkeypatch, capsys):

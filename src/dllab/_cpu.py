@@ -22,6 +22,11 @@ def cpu_flags() -> frozenset[str] | None:
     return None
 
 
+def bf16_flags() -> list[str]:
+    """The CPU's bf16 matrix-instruction flags (``amx_bf16``, ``avx512_bf16``) that Linux reports."""
+    return sorted({"amx_bf16", "avx512_bf16"} & (cpu_flags() or frozenset()))
+
+
 def native_bf16() -> bool:
     """True where the CPU has bf16 matrix instructions (AMX-BF16 or AVX512-BF16).
 

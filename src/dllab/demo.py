@@ -40,10 +40,6 @@ FULL = {
 }
 
 
-# settings that say where and how fast a run trains, not what it is: a reused run may differ in them
-NOT_COMPARED = ("out", "device", "data_dir")
-
-
 def default_out(dataset: str = "mnist5k", full: bool = False, epochs: int | None = None) -> Path:
     """``runs/demo`` for the quick demo on mnist5k, else a folder named after what differs."""
     safe = dataset.replace("folder:", "folder-").replace("/", "_")
@@ -52,24 +48,12 @@ def default_out(dataset: str = "mnist5k", full: bool = False, epochs: int | None
     return Path("runs") / "-".join(["demo", *parts])
 
 
-def check_same_settings(run_dir: Path, config: dict, what: str = "the demo") -> None:
-    """Refuse to reuse the finished run in ``run_dir`` unless it was trained with ``config``."""
-    from dllab.runs import RunFolderError, read_json
-
-    saved = read_json(run_dir / "config.json")
-    differ = [f"{k}: {saved.get(k)!r} there, {v!r} asked" for k, v in config.items()
-              if k not in NOT_COMPARED and saved.get(k) != v]
-    if differ:
-        raise RunFolderError(f"{run_dir} holds a finished {saved.get('kind')} run with other settings "
-                             f"({'; '.join(differ)}); give {what} another --out")
-
-
 def train_or_reuse(kind: str, config: dict, what: str = "the demo", quiet: bool = False) -> Path:
     """The run in ``config["out"]``: reused when it is complete and was trained with ``config``
-    (refused by :func:`check_same_settings` otherwise), continued when it is unfinished, trained
+    (refused by :func:`dllab.runs.check_same_settings` otherwise), continued when it is unfinished, trained
     when there is none (train() starts one that has no checkpoint yet). The demo and
     ``dllab reproduce`` both take their runs this way."""
-    from dllab.runs import Run
+    from dllab.runs import Run, check_same_settings
     from dllab.train import train
 
     run_dir = Path(config["out"])

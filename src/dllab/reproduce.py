@@ -271,17 +271,14 @@ RECORD_KEYS = ("study", "command", "machine", "runs")
 
 def _machine(configs: list[dict]) -> dict:
     """Where the study's runs were measured: the CPU (model name and its bf16 matrix flags), the
-    threads, torch and the dates, from the runs' own config.json."""
-    from dllab import _cpu
-
+    threads, torch and the dates, from the runs' own config.json (runs from before dllab recorded
+    the CPU are counted, not guessed)."""
     envs = [c.get("environment", {}) for c in configs]
     dates = sorted(str(c.get("created", ""))[:10] for c in configs if c.get("created"))
     cpus = {(e["cpu"], tuple(e.get("cpu_bf16", ()))) for e in envs if e.get("cpu")}
-    if not cpus:  # runs from before dllab recorded the CPU: this machine's, which trained or reused them
-        cpus = {(_cpu.cpu_model(), tuple(sorted({"amx_bf16", "avx512_bf16"} & (_cpu.cpu_flags() or frozenset()))))}
-    cpu = " / ".join(sorted(c for c, _ in cpus))
-    flags = list(next(iter(cpus))[1]) if len(cpus) == 1 else None  # None: runs from several CPUs
-    return {"cpu": cpu, "bf16_flags": flags,
+    cpu = " / ".join(sorted(c for c, _ in cpus)) or None
+    flags = list(next(iter(cpus))[1]) if len(cpus) == 1 else None  # None: several CPUs, or none recorded
+    return {"cpu": cpu, "bf16_flags": flags, "runs_without_cpu": sum(not e.get("cpu") for e in envs),
             "threads": sorted({e.get("cpu_threads") for e in envs if e.get("cpu_threads")}),
             "torch": sorted({str(e.get("torch")) for e in envs if e.get("torch")}),
             "gpu": sorted({str(e["gpu"]) for e in envs if e.get("gpu")}),
@@ -311,17 +308,14 @@ def results_record(name: str, seeds: int, folders: list[Path]) -> dict:
             "machine": _machine(configs), "runs": runs}
 
 
-def _mean_std(values: list[float]) -> tuple[float, float | None]:
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, None
-    return mean, (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
-
-
 def _cell(column: Column, values: list[float]) -> str:
-    if not values:
-        return "-"
-    return column.text(*_mean_std(values))
+    from dllab.utils import mean_std
+
+    return column.text(*mean_std(values)) if values else "-"
+
+
+def _seeds(runs: list[dict]) -> list:
+    return sorted({r["settings"].get("seed") for r in runs}, key=lambda s: (s is None, s))
 
 
 def _value(run: dict, column: Column) -> float | None:
@@ -339,13 +333,14 @@ def _values(runs: list[dict], column: Column) -> list[float]:
 
 def _caption(record: dict) -> str:
     m = record["machine"]
-    cpu = m.get("cpu") or "an unnamed CPU"
     flags = m.get("bf16_flags")
     bf16 = "" if flags is None else f" ({', '.join(flags)})" if flags else " (no bf16 matrix instructions)"
-    where = f"{', '.join(m['gpu'])}" if m.get("gpu") else f"{cpu}{bf16}"
+    where = f"{', '.join(m['gpu'])}" if m.get("gpu") else f"{m['cpu']}{bf16}" if m.get("cpu") else "CPU unrecorded"
+    if m.get("runs_without_cpu") and m.get("cpu"):
+        where += f" ({m['runs_without_cpu']} of {len(record['runs'])} runs recorded no CPU)"
     threads = "/".join(str(t) for t in m.get("threads", [])) or "?"
     dates = " to ".join(dict.fromkeys(m.get("dates", []))) or "undated"
-    seeds = sorted({r["settings"].get("seed") for r in record["runs"]})
+    seeds = _seeds(record["runs"])
     precisions = sorted({f"{r['kind']} in {r['summary']['precision']}" for r in record["runs"]
                          if r["summary"].get("precision")})
     return (f"`{record['command']}`: {where}, {threads} thread(s), torch {', '.join(m.get('torch', []))}, "
@@ -360,7 +355,7 @@ def results_markdown(record: dict) -> str:
     table, runs = study.table, record["runs"]
     kinds = {c.kind for c in table.columns}
     runs = [r for r in runs if r["kind"] in kinds]
-    seeds = sorted({r["settings"].get("seed") for r in runs})
+    seeds = _seeds(runs)
     lines = [_caption(record), ""]
     if not table.variants:
         overall = [" all seeds |"] if len(seeds) > 1 else []
@@ -403,16 +398,18 @@ def _block(text: str, tag: str, body: str) -> str:
     return text[:start + len(begin)] + body + text[stop:]
 
 
-def readme_blocks(records: Path) -> dict[str, str]:
+def readme_blocks(records: Path | dict[str, bytes]) -> dict[str, str]:
     """Every generated README block: the claims table and each recorded study's results table
-    (``records/STUDY.json``, copied from a ``dllab reproduce`` output by :func:`update_readme`)."""
+    (``records/STUDY.json``, copied from a ``dllab reproduce`` output by :func:`update_readme`;
+    or the records' contents by study name)."""
     import json
 
+    if isinstance(records, Path):
+        records = {p.stem: p.read_bytes() for p in records.glob("*.json")} if records.is_dir() else {}
     blocks = {"claims": claims_markdown()}
     for name in STUDIES:
-        path = records / f"{name}.json"
-        if path.is_file():
-            blocks[f"results:{name}"] = results_markdown(json.loads(path.read_text()))
+        if name in records:
+            blocks[f"results:{name}"] = results_markdown(json.loads(records[name]))
     return blocks
 
 
@@ -421,16 +418,16 @@ def update_readme(readme: Path, records: Path, out: Path | None = None) -> list[
     rewrite README's generated blocks from the records; returns the blocks written."""
     from dllab.checkpoint import atomic_write_bytes
 
+    found = {name: out / name / "results.json" for name in STUDIES} if out is not None else {}
+    new = {name: src.read_bytes() for name, src in found.items() if src.is_file()}
+    kept = {p.stem: p.read_bytes() for p in records.glob("*.json") if p.stem not in new} if records.is_dir() else {}
+    blocks = readme_blocks({**kept, **new})
     text = readme.read_text()
-    found = [out / name / "results.json" for name in STUDIES] if out is not None else []
-    for src in filter(Path.is_file, found):  # every block must exist before anything is written
-        _block(text, f"results:{src.parent.name}", "")
-    for src in filter(Path.is_file, found):
-        records.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(records / f"{src.parent.name}.json", lambda f, b=src.read_bytes(): f.write(b))
-    blocks = readme_blocks(records)
-    for tag, body in blocks.items():
+    for tag, body in blocks.items():  # every block is made before anything is written
         text = _block(text, tag, body)
+    for name, data in new.items():
+        records.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(records / f"{name}.json", lambda f, b=data: f.write(b))
     atomic_write_bytes(readme, lambda f: f.write(text.encode()))
     return list(blocks)
 

@@ -101,13 +101,37 @@ def environment() -> dict:
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "cpu_threads": torch.get_num_threads(),
         "cpu": _cpu.cpu_model(),
-        "cpu_bf16": sorted({"amx_bf16", "avx512_bf16"} & (_cpu.cpu_flags() or frozenset())),
+        "cpu_bf16": _cpu.bf16_flags(),
     }
 
 
-def is_run(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a dllab run folder: one with a config.json (dllab writes it first)."""
-    return (Path(path) / "config.json").is_file()
+def is_run(path: str | os.PathLike, damaged: bool = False) -> bool:
+    """Whether ``path`` is a dllab run folder: its config.json (dllab writes it first) is dllab's,
+    a JSON object naming the run's ``kind`` and ``environment`` (many tools write a config.json).
+    With ``damaged``, a config.json that cannot be read as JSON counts too (opening the run then
+    names the broken file)."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except ValueError:
+        return damaged
+    except OSError:
+        return False
+    return isinstance(config, dict) and isinstance(config.get("kind"), str) and "environment" in config
+
+
+def _own_temporary(path: Path) -> bool:
+    """A file an atomic write of dllab's left behind when it was killed (``.NAME.tmp-PID``)."""
+    return path.name.startswith(".") and ".tmp-" in path.name and path.is_file()
+
+
+def _is_empty(path: Path) -> bool:
+    return not any(not _own_temporary(child) for child in path.iterdir())
+
+
+def _inside_a_run(path: Path, option: str) -> None:
+    for parent in path.resolve().parents:
+        if is_run(parent):
+            raise RunFolderError(f"{path} lies inside the dllab run {parent}; choose another {option}")
 
 
 def holds_runs(path: str | os.PathLike, depth: int = 2) -> bool:
@@ -131,7 +155,8 @@ def check_run_folder(path: str | os.PathLike, option: str = "--out") -> None:
     :meth:`Run.create` then continues with ``resume`` and refuses without)."""
     path = Path(path)
     _not_a_file(path, option)
-    if not path.is_dir() or is_run(path) or not any(path.iterdir()):
+    _inside_a_run(path, option)
+    if not path.is_dir() or is_run(path, damaged=True) or _is_empty(path):
         return
     if holds_runs(path):
         raise RunFolderError(f"{path} is a folder of dllab runs, not a run; choose another {option} "
@@ -145,10 +170,28 @@ def check_runs_folder(path: str | os.PathLike, option: str) -> None:
     continues): a :class:`RunFolderError` naming it and ``option`` otherwise, a run itself included."""
     path = Path(path)
     _not_a_file(path, option)
+    _inside_a_run(path, option)
     if is_run(path):
         raise RunFolderError(f"{path} is a dllab run, not a folder of runs; choose another {option}")
-    if path.is_dir() and any(path.iterdir()) and not holds_runs(path):
+    if path.is_dir() and not _is_empty(path) and not holds_runs(path):
         raise RunFolderError(f"{path} is not empty and holds no dllab runs; choose another {option} or empty it")
+
+
+#: settings that say where and how fast a run trains, not what it is: a reused run may differ in them
+NOT_COMPARED = ("out", "device", "data_dir")
+
+
+def check_same_settings(run_dir: str | os.PathLike, config: dict, what: str = "the demo",
+                        option: str = "--out") -> None:
+    """Refuse to reuse the finished run in ``run_dir`` unless it was trained with ``config`` (the
+    settings asked for; :data:`NOT_COMPARED` aside): a :class:`RunFolderError` naming each
+    difference, and ``what``'s ``option`` as the way out."""
+    saved = read_json(Path(run_dir) / "config.json")
+    differ = [f"{k}: {saved.get(k)!r} there, {v!r} asked" for k, v in config.items()
+              if k not in NOT_COMPARED and saved.get(k) != v]
+    if differ:
+        raise RunFolderError(f"{run_dir} holds a finished {saved.get('kind')} run with other settings "
+                             f"({'; '.join(differ)}); give {what} another {option}")
 
 
 #: a run's states (:attr:`Run.status`)
@@ -371,5 +414,5 @@ class Run:
 
 
 __all__ = ["Run", "RunFolderError", "run_status", "CheckpointError", "read_metrics", "read_json", "write_json",
-           "is_run", "holds_runs", "check_run_folder", "check_runs_folder",
+           "is_run", "holds_runs", "check_run_folder", "check_runs_folder", "check_same_settings",
            "COMPLETE", "INTERRUPTED", "FAILED", "STOPPED", "UNFINISHED"]

@@ -17,7 +17,7 @@ import itertools
 import shlex
 from pathlib import Path
 
-from dllab.runs import Run, check_runs_folder, read_json, read_metrics
+from dllab.runs import Run, check_runs_folder, check_same_settings, read_json, read_metrics
 
 
 def _columns(kind: str) -> list[str]:
@@ -73,20 +73,26 @@ def plan(kind: str, groups: list[tuple[str, list[str]]]) -> list[tuple[str, list
     return combos
 
 
-def run_all(kind: str, combos, out: Path, quiet: bool, again: str) -> list[dict]:
+def run_all(kind: str, combos, out: Path, quiet: bool, again: str, option: str = "--sweep-out") -> list[dict]:
     """Train (or reuse, or continue) each combination's run in ``out``; a Ctrl-C names ``again``,
-    the command that continues them all."""
+    the command that continues them all. A finished run is reused only when it was trained with
+    the settings this command gives (``option`` is the way out otherwise)."""
     from dllab.engine import Interrupted
-    from dllab.train import command_line_config, train, train_parser
+    from dllab.train import command_line_config, given_settings, train, train_parser
 
     parser = train_parser(kind)
     rows = []
     for name, argv, chosen in combos:
         run_dir = out / name
         run = Run.open(run_dir) if (run_dir / "config.json").exists() else None
-        if run is None or not run.complete:
-            run_argv = [*argv, "--out", str(run_dir)]
-            args = parser.parse_args(run_argv)
+        run_argv = [*argv, "--out", str(run_dir)]
+        args = parser.parse_args(run_argv)
+        if run is not None and run.complete:
+            asked = command_line_config(kind, args, run_argv, resume=False)
+            what = {"--sweep-out": "the sweep", "--ablate-out": "the ablation"}.get(option, "it")
+            check_same_settings(run_dir, {k: asked[k] for k in given_settings(kind, argv) if k in asked},
+                                what, option)
+        else:
             # as the CLI does: on resume the flags given, the rest as the run saved them
             config = command_line_config(kind, args, run_argv, resume=run is not None)
             # a run stopped before its first checkpoint starts again from the beginning
@@ -215,7 +221,7 @@ def ablate_main(args, argv: list[str]) -> int:
     out.mkdir(parents=True, exist_ok=True)
     quiet = any(flag == "--quiet" for flag, _ in groups)
     again = shlex.join(["dllab", *_drop_option(argv, "--ablate-out"), "--ablate-out", str(out)])
-    rows = run_all("classifier", combos, out, quiet, again)
+    rows = run_all("classifier", combos, out, quiet, again, "--ablate-out")
     keys = ["batch_norm", "max_pool"] + (["layers"] if args.both_layers else [])
     md, csv_path = write_table(rows, keys + (["seed"] if args.seeds else []), "classifier", out, "ablation")
     plot_overlaid(rows, "classifier", out, "ablation")
@@ -236,10 +242,11 @@ def _seed_columns(kind: str) -> list[str]:
 
 
 def seed_summary(rows: list[dict], keys: list[str], kind: str) -> list[dict]:
-    """One entry per variant (the values of ``keys``): n, and (mean, std) of each summary column.
-
-    The standard deviation is the sample one (n - 1); with one seed it is None.
+    """One entry per variant (the values of ``keys``): n, and (mean, std) of each summary column
+    (:func:`dllab.utils.mean_std`: the sample standard deviation, None with one seed).
     """
+    from dllab.utils import mean_std
+
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault(tuple(r.get(k) for k in keys), []).append(r)
@@ -250,9 +257,7 @@ def seed_summary(rows: list[dict], keys: list[str], kind: str) -> list[dict]:
             values = [float(m[col]) for m in members if isinstance(m.get(col), (int, float))]
             if not values:
                 continue
-            mean = sum(values) / len(values)
-            std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else None
-            entry[col] = (mean, std)
+            entry[col] = mean_std(values)
         out.append(entry)
     return out
 

@@ -36,6 +36,15 @@ def rank_seed(seed: int, rank: int, *parts: int) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
+def mean_std(values: list[float]) -> tuple[float, float | None]:
+    """The mean of ``values`` and their sample standard deviation (n - 1; None for one value):
+    how dllab summarises a metric over seeds."""
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, None
+    return mean, (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     """Turn ``auto|cpu|cuda|cuda:N|mps`` into a device, refusing one that is not there.
 
