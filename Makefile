@@ -8,7 +8,8 @@ PIP := $(VENV)/bin/pip
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 OLDEST_PINS ?= torch==2.4.1 torchvision==0.19.1
 OLDEST_VENV ?= .venv-oldest
-# make gpu-check runs where the project's venv may not exist (a GPU machine's own torch)
+# make gpu-check and readme-results run where the project's venv may not exist (a GPU machine's own
+# torch, a clone): they use its python when there is one and install nothing
 GPU_PYTHON ?= $(if $(wildcard $(VENV)/bin/python),$(VENV)/bin/python,$(PYTHON))
 SOAK ?= 20
 
@@ -74,8 +75,8 @@ gpu-check:
 # after `dllab reproduce STUDY ...`: record each study's results.json in docs/results and regenerate
 # README's claims and results tables from them (tests/test_claims.py keeps them equal)
 REPRODUCE_OUT ?= runs/reproduce
-readme-results: install
-	$(VENV)/bin/python -c "from pathlib import Path; from dllab.reproduce import update_readme; \
+readme-results:
+	$(GPU_PYTHON) -c "from pathlib import Path; from dllab.reproduce import update_readme; \
 	print('regenerated:', ', '.join(update_readme(Path('README.md'), Path('docs/results'), Path('$(REPRODUCE_OUT)'))))"
 
 bench: install

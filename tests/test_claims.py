@@ -158,6 +158,21 @@ def test_update_readme_copies_a_study_record_and_rewrites_its_block(tmp_path):
     with pytest.raises(ValueError, match="README has no <!-- results:beta:begin -->"):
         update_readme(readme, records, out)
     assert not (records / "beta.json").exists()  # refused before anything was written
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        update_readme(readme, records, tmp_path / "no such folder")
+    (tmp_path / "quick" / "tsne-quick").mkdir(parents=True)
+    (tmp_path / "quick" / "tsne-quick" / "results.json").write_text(json.dumps(record))
+    with pytest.raises(FileNotFoundError, match="a --quick study's record is never copied"):
+        update_readme(readme, records, tmp_path / "quick")
+
+
+def test_reproduce_into_one_studys_folder_is_refused(tmp_path, capsys):
+    study = tmp_path / "repro" / "tsne-quick"
+    (study / "vae-seed0").mkdir(parents=True)
+    (study / "vae-seed0" / "config.json").write_text('{"kind": "vae", "environment": {}}')
+    assert main(["reproduce", "tsne", "--quick", "--out", str(study), "--quiet"]) == 2
+    assert f"{study} is one study's folder, not dllab reproduce's" in capsys.readouterr().err
+    assert sorted(p.name for p in study.iterdir()) == ["vae-seed0"]
 
 
 def test_every_recorded_run_passes_the_claims_that_apply_to_it():

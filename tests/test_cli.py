@@ -334,6 +334,11 @@ def test_another_tools_config_json_a_folder_inside_a_run_and_a_killed_write_are_
     assert main(["sweep", "vae", "--beta", "1", "2", "--sweep-out", str(models), "--quiet"]) == 2
     assert "is not empty and holds no dllab runs" in capsys.readouterr().err
     assert _files(models) == ["bert", "bert/config.json"]
+    for argv in (["report", str(models / "bert")], ["compare", str(models / "bert")],
+                 ["train", "vae", "--resume", "--out", str(models / "bert"), "--quiet"]):
+        assert main(argv) == 2, argv
+        assert "is not a dllab run" in capsys.readouterr().err, argv
+    assert _files(models) == ["bert", "bert/config.json"]
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_text('{"kind": "vae", "environment": {}}')

@@ -183,6 +183,8 @@ def load_run(path: str | os.PathLike, label: str | None = None) -> RunData:
     config = _read_json_file(path / "config.json", "config")
     if not isinstance(config, dict):
         raise RunFolderError(f"{path / 'config.json'} holds {type(config).__name__}, not an object")
+    if not isinstance(config.get("kind"), str):
+        raise RunFolderError(f"{path} is not a dllab run folder (its config.json names no kind)")
     summary = {}
     if (path / "summary.json").is_file():
         summary = _read_json_file(path / "summary.json", "summary")

@@ -298,8 +298,10 @@ def results_record(name: str, seeds: int, folders: list[Path]) -> dict:
         config = dict(run.config)
         configs.append(config)
         settings = {k: v for k, v in config.items() if k not in ("out", "environment", "created")}
+        summary = run.summary() or {}
         entry = {"label": folder.name, "kind": config.get("kind"), "settings": settings,
-                 "summary": scalar_metrics(run.summary() or {})}
+                 "summary": scalar_metrics(summary),
+                 "alarms": [[a.get("alarm"), a.get("epoch")] for a in summary.get("alarms", [])]}
         test = [m for m in run.metrics() if m.get("split") == "test"]
         entry["curves"] = {k: [[m["epoch"], m[k]] for m in test if isinstance(m.get(k), (int, float))]
                            for k in sorted(curves)}
@@ -418,8 +420,13 @@ def update_readme(readme: Path, records: Path, out: Path | None = None) -> list[
     rewrite README's generated blocks from the records; returns the blocks written."""
     from dllab.checkpoint import atomic_write_bytes
 
+    if out is not None and not out.is_dir():
+        raise FileNotFoundError(f"{out} does not exist: give the --out of a finished dllab reproduce")
     found = {name: out / name / "results.json" for name in STUDIES} if out is not None else {}
     new = {name: src.read_bytes() for name, src in found.items() if src.is_file()}
+    if out is not None and not new:  # a --quick study's record (STUDY-quick) is a smoke test: never copied
+        raise FileNotFoundError(f"no STUDY/results.json under {out} (a --quick study's record is never "
+                                "copied into README)")
     kept = {p.stem: p.read_bytes() for p in records.glob("*.json") if p.stem not in new} if records.is_dir() else {}
     blocks = readme_blocks({**kept, **new})
     text = readme.read_text()
@@ -460,7 +467,7 @@ def list_studies(claims: list[Claim] | None = None) -> str:
     claims = load_claims() if claims is None else claims
     out = []
     for s in STUDIES.values():
-        out.append(f"{s.name}: {s.description} ({s.cost}; {len(s.runs(1, False))} run(s) per seed)")
+        out.append(f"{s.name}: {s.description} ({s.cost}; {len(s.runs(1, False))} run(s) for one seed)")
         mine = [c for c in claims if c.study == s.name]
         out += [f"  {c.name}: {c.metric} {c.range_text()}  [{c.source}]" for c in mine]
         if not mine:
@@ -503,9 +510,12 @@ def reproduce(studies: list[str], out: Path, seeds: int = 1, quick: bool = False
                          "(dllab reproduce --list)")
     if seeds < 1:
         raise ValueError(f"--seeds must be at least 1, got {seeds}")
-    from dllab.runs import check_runs_folder
+    from dllab.runs import RunFolderError, check_runs_folder, is_run
 
     check_runs_folder(out, "--out")  # new, empty, or earlier studies' runs (reused or continued)
+    if out.is_dir() and any(is_run(child) for child in out.iterdir()):
+        raise RunFolderError(f"{out} is one study's folder, not dllab reproduce's; choose its parent or "
+                             "another --out")
     again = reproduce_command(studies, out, seeds, quick)
     outcomes = [run_study(s, out, seeds, quick, quiet, again=again) for s in studies]
     for o in outcomes:

@@ -247,7 +247,7 @@ class Run:
         else:
             if has_run:
                 raise RunFolderError(
-                    f"{path} already holds a run; continue it with --resume (resume=True from Python) "
+                    f"{path} already holds a run; continue it with --resume "
                     "or choose another --out"
                 )
             check_run_folder(path)  # a file, or a folder of other files
@@ -275,7 +275,10 @@ class Run:
             raise RunFolderError(f"run folder {path} does not exist")
         if not (path / "config.json").exists():
             raise RunFolderError(f"{path} is not a dllab run folder (no config.json)")
-        return cls(path, read_json(path / "config.json"), writer=False)
+        config = read_json(path / "config.json")
+        if not isinstance(config, dict) or not isinstance(config.get("kind"), str):
+            raise RunFolderError(f"{path} is not a dllab run folder (its config.json names no kind)")
+        return cls(path, config, writer=False)
 
     def update_config(self, changes: dict) -> None:
         """Apply settings changed on resume (e.g. more ``epochs``) to ``config``; :meth:`write_config`

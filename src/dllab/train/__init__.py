@@ -120,6 +120,8 @@ def _resumed_config(kind: str, given: dict) -> tuple[dict, dict]:
     if not saved_path.exists():
         raise RunFolderError(f"--resume: no run to resume in {out} (no config.json)")
     saved = read_json(saved_path)
+    if not isinstance(saved, dict) or not isinstance(saved.get("kind"), str):
+        raise RunFolderError(f"--resume: {out} is not a dllab run (its config.json names no kind)")
     if saved.get("kind") != kind:
         raise ValueError(f"--resume: {out} holds a {saved.get('kind')!r} run, not {kind!r}")
     declared = defaults(kind)
