@@ -158,8 +158,8 @@ def _fashion(seeds: int, quick: bool) -> list[Spec]:
     return [_seeded("classifier", "classifier", FASHION, s, quick) for s in range(seeds)]
 
 
-_PLANS = {"demo": _demo, "ablation": _ablation, "layers": _layers, "beta": _beta, "tsne": _tsne, "gan-bn": _gan_bn,
-          "fashion": _fashion}
+_PLANS = {"demo": _demo, "ablation": _ablation, "layers": _layers, "beta": _beta, "tsne": _tsne,
+          "gan-bn": _gan_bn, "fashion": _fashion}
 
 PERCENT = {"fmt": "{:.1f}", "scale": 100.0, "unit": " %"}
 COUNT = {"fmt": "{:.0f}", "mean_fmt": "{:.1f}"}  # whole numbers, whose mean over seeds is not
@@ -265,8 +265,6 @@ def run_study(name: str, out: Path, seeds: int = 1, quick: bool = False, quiet: 
 
 
 # -- results tables: what a study measured, recorded and rendered for README ----------------------
-
-RECORD_KEYS = ("study", "command", "machine", "runs")
 
 
 def _machine(configs: list[dict]) -> dict:
@@ -377,7 +375,7 @@ def results_markdown(record: dict) -> str:
         headers.insert(len(table.variants) + 1, f"{first.header}, seeds {' / '.join(map(str, seeds))}")
     lines += ["| " + " | ".join(headers) + " |", "|" + " --- |" * len(headers)]
     for variant, members in groups.items():
-        cells = [names.get(v, format_setting(v)) for (_, _, names), v in zip(table.variants, variant)]
+        cells = [names.get(v, _format_setting(v)) for (_, _, names), v in zip(table.variants, variant)]
         cells += [_cell(c, _values(members, c)) for c in table.columns]
         if len(seeds) > 1:
             one_by_one = [_values([m for m in members if m["settings"].get("seed") == s], first) for s in seeds]
@@ -387,7 +385,7 @@ def results_markdown(record: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def format_setting(value) -> str:
+def _format_setting(value) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
@@ -475,7 +473,7 @@ def list_studies(claims: list[Claim] | None = None) -> str:
     return "\n".join(out)
 
 
-def _write_results(outcome: Outcome, out: Path, seeds: int, quick: bool) -> None:
+def _write_results(outcome: Outcome, seeds: int, quick: bool) -> None:
     """``results.json`` (the record README's tables are made from) and ``results.md`` (its table)
     in the study's folder."""
     import json
@@ -519,7 +517,7 @@ def reproduce(studies: list[str], out: Path, seeds: int = 1, quick: bool = False
     again = reproduce_command(studies, out, seeds, quick)
     outcomes = [run_study(s, out, seeds, quick, quiet, again=again) for s in studies]
     for o in outcomes:
-        _write_results(o, out, seeds, quick)
+        _write_results(o, seeds, quick)
     rows = verdict_rows(outcomes)
     md = ["| study | run | claim | measured | verdict | source |", "| --- | --- | --- | --- | --- | --- |"]
     md += ["| " + " | ".join(r) + " |" for r in rows]
