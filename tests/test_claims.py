@@ -89,7 +89,9 @@ def test_a_quick_study_trains_reuses_and_reports(tmp_path, capsys):
     assert (out / "claims.md").exists() and "At a glance" in (out / "report.html").read_text()
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("tsne-quick/*/summary.json")}
     assert len(stamps) == 2
-    assert main(["reproduce", "tsne", "--quick", "--seeds", "2", "--out", str(out), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["reproduce", "tsne", "--quick", "--seeds", "2", "--out", str(out)]) == 0
+    assert "run 2/2 vae-seed1 (finished: reused if its settings match)" in capsys.readouterr().err
     assert {p: p.stat().st_mtime_ns for p in out.glob("tsne-quick/*/summary.json")} == stamps  # reused
 
 
