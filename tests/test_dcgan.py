@@ -452,3 +452,39 @@ def test_class_histogram_and_nearest_neighbours_figures(tmp_path):
     _opens(plot_nearest_neighbours(fake, fake.flip(0), tmp_path / "nn1.png"), "PNG")
     with pytest.raises(ValueError, match="do not match"):
         plot_nearest_neighbours(fake, fake[:3], tmp_path / "x.png")
+
+
+def test_r1_penalty_by_hand_and_its_gradient_reaches_d():
+    """D(x) = sum_j w_j x_j^2: grad_x D = 2 w x, so R1 = mean_i sum_j 4 w_j^2 x_ij^2 and
+    dR1/dw_j = mean_i 8 w_j x_ij^2 (float64). The penalty keeps its graph (create_graph), so D's
+    own weights get its gradient, through convolutions and batch norm too."""
+    from dllab.losses.gan import r1_penalty
+
+    torch.manual_seed(0)
+    w = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    penalty = r1_penalty((w * x.square()).sum(1), x)
+    want = (4 * w.detach().square() * x.detach().square()).sum(1).mean()
+    assert torch.allclose(penalty, want, rtol=1e-12)
+    penalty.backward()
+    assert torch.allclose(w.grad, (8 * w.detach() * x.detach().square()).mean(0), rtol=1e-12)
+    # a linear D has a constant slope: R1 = |w|^2 for every batch
+    lin = torch.randn(3, 4, 4, dtype=torch.float64)
+    images = torch.randn(6, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.allclose(r1_penalty((images * lin).sum((1, 2, 3)), images), lin.square().sum())
+    # the DCGAN's discriminator: its convolution weights get the penalty's gradient
+    disc = Discriminator(DCGANConfig(**SMALL))
+    real = torch.rand(8, 1, 28, 28).mul(2).sub(1).requires_grad_(True)
+    r1_penalty(disc(real), real).backward()
+    first = disc.blocks[0][0].weight.grad
+    assert first is not None and first.abs().sum() > 0 and torch.isfinite(first).all()
+
+
+def test_r1_penalty_rejects_what_has_no_slope():
+    from dllab.losses.gan import r1_penalty
+
+    x = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="requires_grad"):
+        r1_penalty(x.sum(1), x)
+    with pytest.raises(ValueError, match="1-D"):
+        r1_penalty(x.requires_grad_(True).sum(), x)

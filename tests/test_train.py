@@ -696,3 +696,19 @@ def test_an_interrupted_sweep_or_study_names_the_command_that_continues_it(comma
     assert main(shlex.split(expected)[1:]) == 0
     runs = [p.parent for p in out.rglob("config.json")]
     assert len(runs) == (2 if command == "sweep" else 1) and all(Run.open(r).complete for r in runs)
+
+
+def test_r1_adds_its_penalty_to_d_only(tmp_path):
+    """`--r1 GAMMA`: the first step's GAN losses are those of the same run without it (same seed,
+    same weights, same batch), the penalty is logged beside them, and it changes what D learns."""
+    plain, r1 = tmp_path / "plain", tmp_path / "r1"
+    assert main(train_argv("dcgan", plain, limit=64, epochs=1)) == 0
+    assert main(train_argv("dcgan", r1, "--r1", "10", limit=64, epochs=1)) == 0
+    first = [next(r for r in read_metrics(run) if r["split"] == "train") for run in (plain, r1)]
+    for key in ("d_loss", "d_loss_real", "d_loss_fake", "d_real", "d_fake_before"):
+        assert first[0][key] == first[1][key], key
+    assert "r1_penalty" not in first[0] and first[1]["r1_penalty"] > 0
+    assert math.isfinite(first[1]["r1_penalty"])
+    a, b = final_weights(plain), final_weights(r1)
+    assert not torch.equal(a["discriminator"]["blocks.0.0.weight"], b["discriminator"]["blocks.0.0.weight"])
+    assert Run.open(r1).config["r1"] == 10.0

@@ -1,5 +1,5 @@
-"""GAN losses on discriminator logits, and the two discriminator regularisers that act on its
-inputs and targets (one-sided label smoothing, instance noise).
+"""GAN losses on discriminator logits, and the discriminator regularisers that act on its inputs,
+targets and slope (one-sided label smoothing, instance noise, DiffAugment, the R1 penalty).
 
 Every loss is a mean over the batch. ``d_loss`` returns the sum of its real and fake parts, each
 a batch mean, so the numbers match the usual DCGAN logs (pytorch/examples ``dcgan/main.py``
@@ -90,6 +90,27 @@ def g_loss(fake_logits: torch.Tensor, kind: str = "bce") -> torch.Tensor:
     if kind == "bce":
         return F.binary_cross_entropy_with_logits(fake_logits, torch.ones_like(fake_logits))
     return -fake_logits.mean()
+
+
+def r1_penalty(real_logits: torch.Tensor, real_inputs: torch.Tensor) -> torch.Tensor:
+    """R1 (Mescheder, Geiger & Nowozin 2018, "Which Training Methods for GANs do actually
+    Converge?", ICML, eq. 9): the mean over the batch of |grad_x D(x)|^2 on real images, kept
+    differentiable (``create_graph``) so that adding ``gamma / 2`` times it to D's loss penalises
+    D's slope on the data. ``real_inputs`` must be the tensor D read, with ``requires_grad``.
+
+    Near the data a discriminator with no such penalty can keep sharpening its boundary; the
+    penalty makes the GAN's gradient field converge locally (their Theorem 4.1) instead of
+    oscillating, and in dllab's demo it is what lets the DCGAN reach every digit: plain, 7 or 8 of
+    10 classes; with gamma = 1, 9 or 10 in each of 3 seeds (README, "Reproduce").
+    """
+    if real_logits.dim() != 1 or real_logits.shape[0] == 0:
+        raise ValueError(f"real_logits must be 1-D and non-empty, got {tuple(real_logits.shape)}")
+    if not real_inputs.requires_grad:
+        raise ValueError("real_inputs does not require grad: pass the tensor D read, made with "
+                         "requires_grad_(True) before D's forward")
+    wide = torch.promote_types(real_logits.dtype, torch.float32)  # bf16 under autocast: sum in fp32
+    (grad,) = torch.autograd.grad(real_logits.to(wide).sum(), real_inputs, create_graph=True)
+    return grad.to(torch.promote_types(grad.dtype, torch.float32)).square().flatten(1).sum(1).mean()
 
 
 def instance_noise_std(step: int, initial: float, anneal_steps: int) -> float:

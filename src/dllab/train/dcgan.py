@@ -1,7 +1,7 @@
 """DCGAN (Radford et al. 2016) on CIFAR-10, MNIST-like digits or Fashion-MNIST.
 
 Adam(2e-4, betas (0.5, 0.999)) for both networks by default, non-saturating BCE or hinge loss,
-one-sided label smoothing, instance noise, spectral norm in D, two-time-scale learning rates and
+one-sided label smoothing, instance noise, the R1 penalty, spectral norm in D, two-time-scale learning rates and
 an EMA of the generator for sampling. Logs per step the D loss on real and fake, the G loss,
 D(x), D(G(z)) before and after the D update, and both gradient norms; renders a fixed noise batch
 every epoch; measures quality and mode collapse in the feature space of a dllab classifier.
@@ -55,6 +55,8 @@ class DCGANTrainConfig(TrainConfig):
     diff_augment: bool = setting(False, "DiffAugment (Zhao et al. 2020): a random translation (1/8) "
                                  "and cutout (1/2) of every input of D, real and generated, in both "
                                  "updates; keeps D from memorising a small training set")
+    r1: float = setting(0.0, "gamma of the R1 penalty, gamma/2 * E|grad D(x)|^2 on real images (Mescheder "
+                        "et al. 2018; 1 in the demo, 10 in their paper); 0 = off", type=nonnegative_float)
     ema: float = setting(0.0, "decay of an EMA of G's weights used for sampling (e.g. 0.999; 0 = off)",
                          type=unit_float)
     classifier_run: str | None = setting(None, "run folder of a dllab classifier on the same dataset: its "
@@ -296,21 +298,33 @@ class DCGANTrainer(Trainer):
         return add_instance_noise(images, batch["noise_std"])
 
     def d_loss(self, batch: dict):
-        """The discriminator's loss: maximise log D(x) + log(1 - D(G(z))). Leaves G(z) in ``batch``."""
+        """The discriminator's loss: maximise log D(x) + log(1 - D(G(z))), plus gamma/2 times the R1
+        penalty with ``--r1 gamma``. Leaves G(z) in ``batch``."""
+        from dllab.losses.gan import r1_penalty
 
         x = batch["x"]
         z = torch.randn(x.shape[0], self.gen.config.nz, device=self.device)
         with self.autocast():
             fake = self.G(z)
-            real_logits = self.D(self._d_input(x, batch))
+            real_in = self._d_input(x, batch)
+            if self.config.r1:
+                real_in = real_in.detach().requires_grad_(True)
+            real_logits = self.D(real_in)
             fake_logits = self.D(self._d_input(fake.detach(), batch))
         loss_d, loss_real, loss_fake = self._d_loss(real_logits.float(), fake_logits.float(), self.config.loss,
                                                     smooth=self.config.label_smoothing)
+        total, extra = loss_d, {}
+        if self.config.r1:  # on the images D read (after DiffAugment and noise, as StyleGAN2-ADA does)
+            penalty = r1_penalty(real_logits, real_in)
+            total = loss_d + self.config.r1 / 2 * penalty
+            extra["r1_penalty"] = penalty.detach()
         batch["fake"] = fake
-        return loss_d, {"d_loss": loss_d.detach(), "d_loss_real": loss_real.detach(),
+        # d_loss is the GAN loss alone, comparable with its equilibrium value 2 ln 2; D minimises
+        # d_loss + r1 / 2 * r1_penalty
+        return total, {"d_loss": loss_d.detach(), "d_loss_real": loss_real.detach(),
                         "d_loss_fake": loss_fake.detach(),
                         "d_real": torch.sigmoid(real_logits.detach().float()).mean(),
-                        "d_fake_before": torch.sigmoid(fake_logits.detach().float()).mean()}
+                        "d_fake_before": torch.sigmoid(fake_logits.detach().float()).mean(), **extra}
 
     def g_loss(self, batch: dict):
         """The generator's non-saturating loss, maximise log D(G(z)), against the updated D."""
