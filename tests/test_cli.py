@@ -215,7 +215,7 @@ def test_a_missing_run_folder_reads_the_same_in_eval_report_and_compare(tmp_path
         assert f"run folder {missing} does not exist" in err and "Traceback" not in err, (argv, err)
 
 
-def test_an_unknown_flag_names_the_command_it_was_given_to(capsys):
+def test_an_unknown_flag_names_the_command_it_was_given_to(capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
         main(["train", "vae", "--bogus"])
     err = capsys.readouterr().err
@@ -224,6 +224,14 @@ def test_an_unknown_flag_names_the_command_it_was_given_to(capsys):
     with pytest.raises(SystemExit):
         main(["compare", "x", "--bogus"])
     assert capsys.readouterr().err.startswith("dllab compare: error: unrecognized arguments: --bogus")
+    # a sweep or an ablation checks its runs' flags up front, and names itself, not `dllab train`
+    for argv, prog in ((["sweep", "vae", "--bogus", "1", "2"], "dllab sweep vae"),
+                       (["ablate", "classifier", "--bogus", "3"], "dllab ablate classifier")):
+        with pytest.raises(SystemExit) as e:
+            main([*argv, "--sweep-out" if argv[0] == "sweep" else "--ablate-out", str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith(f"{prog}: error: unrecognized arguments: --bogus"), err
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("command", ["eval", "datasets", "sweep", "ablate", "demo", "report", "compare"])

@@ -63,6 +63,7 @@ def plan(kind: str, groups: list[tuple[str, list[str]]]) -> list[tuple[str, list
         raise ValueError("nothing to sweep: give at least one flag several values, e.g. "
                          f"dllab sweep {kind} --lr 0.01 0.1 (`dllab train {kind}` trains a single run)")
     parser = train_parser(kind)
+    parser.prog = f"dllab sweep {kind}"  # its errors name the command the user typed
     combos = []
     for choice in itertools.product(*[values for _, values in swept]):
         chosen = {flag: value for (flag, _), value in zip(swept, choice)}
@@ -203,6 +204,7 @@ def ablate_main(args, argv: list[str]) -> int:
     from dllab.train import train_parser
 
     parser = train_parser("classifier")
+    parser.prog = "dllab ablate classifier"
     combos = []
     for seed, layers, (name, extra) in itertools.product(args.seeds or [None], layer_sets, ABLATIONS.items()):
         argv_i = [*base, *[t for f, v in extra for t in (f, v) if t is not None]]
