@@ -212,18 +212,21 @@ def analyse(model: VAE, data, run, device, config: VAETrainConfig, iw_samples: i
         plot_interpolation(model, xa, xb, run.figure_path(f"{prefix}interpolation.png"))
     if model.config.latent_dim == 2:
         plot_manifold(model, run.figure_path(f"{prefix}manifold.png"))
-    out["protocol"] = protocol(model, data, iw_samples, seed)
+    out["protocol"] = protocol(model, data, iw_samples, seed, limit=config.limit)
     return out
 
 
-def protocol(model: VAE, data, iw_samples: int, seed: int) -> dict:
+def protocol(model: VAE, data, iw_samples: int, seed: int, limit: int | None = None) -> dict:
     """How the likelihood numbers were measured, so that they are compared only with like ones
-    (grey-level MNIST-5k ELBOs are not binarised-MNIST ELBOs)."""
+    (grey-level MNIST-5k ELBOs are not binarised-MNIST ELBOs, nor a --limit run's with a full run's)."""
     cfg = model.config
+    n = len(data.test_y)
+    split = (f"{data.name} test, the first {n} images (--limit {limit})" if limit is not None
+             else f"{data.name} test, all {n} images")
     return {
         "metrics": "test ELBO, reconstruction and KL in nats per image (per-image sums); bits/dim; "
                    + (f"IWAE bound with k={iw_samples} (Burda et al. 2016)" if iw_samples else "no IWAE bound"),
-        "split": f"{data.name} test, all {len(data.test_y)} images",
+        "split": split,
         "pixels": ("dynamically binarised" if cfg.binarize == "dynamic" else "grey levels in [0, 1]")
                   + f", {cfg.likelihood} likelihood",
         "iw_samples": iw_samples,
