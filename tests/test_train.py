@@ -712,3 +712,19 @@ def test_r1_adds_its_penalty_to_d_only(tmp_path):
     a, b = final_weights(plain), final_weights(r1)
     assert not torch.equal(a["discriminator"]["blocks.0.0.weight"], b["discriminator"]["blocks.0.0.weight"])
     assert Run.open(r1).config["r1"] == 10.0
+
+
+def test_lazy_r1_applies_the_penalty_every_nth_step_scaled_by_n(tmp_path):
+    """`--r1 5 --r1-every 2` penalises step 0 with gamma 10 and leaves step 1 alone: its step 1
+    starts from the weights of a `--r1 10` run's step 1 (same GAN losses there), and logs no
+    penalty."""
+    every, full = tmp_path / "every", tmp_path / "full"
+    assert main(train_argv("dcgan", every, "--r1", "5", "--r1-every", "2", limit=64, epochs=1)) == 0
+    assert main(train_argv("dcgan", full, "--r1", "10", limit=64, epochs=1)) == 0
+    lazy, eager = ([r for r in read_metrics(run) if r["split"] == "train"] for run in (every, full))
+    assert [r["step"] for r in lazy] == list(range(1, len(lazy) + 1))  # every step logged
+    assert [("r1_penalty" in r) for r in lazy] == [i % 2 == 0 for i in range(len(lazy))]
+    assert lazy[0]["r1_penalty"] == eager[0]["r1_penalty"]
+    for key in ("d_loss_real", "d_loss_fake", "d_real"):
+        assert lazy[1][key] == eager[1][key], key
+    assert all("r1_penalty" in r for r in eager)

@@ -57,6 +57,8 @@ class DCGANTrainConfig(TrainConfig):
                                  "updates; keeps D from memorising a small training set")
     r1: float = setting(0.0, "gamma of the R1 penalty, gamma/2 * E|grad D(x)|^2 on real images (Mescheder "
                         "et al. 2018; 1 in the demo, 10 in their paper); 0 = off", type=nonnegative_float)
+    r1_every: int = setting(1, "lazy R1 (Karras et al. 2020, StyleGAN2): the penalty on every this-many D "
+                            "steps only, times this many, so it costs 1/this as much", type=positive_int)
     ema: float = setting(0.0, "decay of an EMA of G's weights used for sampling (e.g. 0.999; 0 = off)",
                          type=unit_float)
     classifier_run: str | None = setting(None, "run folder of a dllab classifier on the same dataset: its "
@@ -307,16 +309,18 @@ class DCGANTrainer(Trainer):
         with self.autocast():
             fake = self.G(z)
             real_in = self._d_input(x, batch)
-            if self.config.r1:
+            lazy = self.config.r1_every
+            r1 = self.config.r1 * lazy if self.config.r1 and self.step % lazy == 0 else 0.0
+            if r1:
                 real_in = real_in.detach().requires_grad_(True)
             real_logits = self.D(real_in)
             fake_logits = self.D(self._d_input(fake.detach(), batch))
         loss_d, loss_real, loss_fake = self._d_loss(real_logits.float(), fake_logits.float(), self.config.loss,
                                                     smooth=self.config.label_smoothing)
         total, extra = loss_d, {}
-        if self.config.r1:  # on the images D read (after DiffAugment and noise, as StyleGAN2-ADA does)
+        if r1:  # on the images D read (after DiffAugment and noise, as StyleGAN2-ADA does)
             penalty = r1_penalty(real_logits, real_in)
-            total = loss_d + self.config.r1 / 2 * penalty
+            total = loss_d + r1 / 2 * penalty
             extra["r1_penalty"] = penalty.detach()
         batch["fake"] = fake
         # d_loss is the GAN loss alone, comparable with its equilibrium value 2 ln 2; D minimises
