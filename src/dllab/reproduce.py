@@ -170,8 +170,8 @@ def _fashion(seeds: int, quick: bool) -> list[Spec]:
     return [_seeded("classifier", "classifier", FASHION, s, quick) for s in range(seeds)]
 
 
-_PLANS = {"demo": _demo, "demo-bf16": _demo_bf16, "ablation": _ablation, "layers": _layers, "beta": _beta, "tsne": _tsne,
-          "gan-bn": _gan_bn, "fashion": _fashion}
+_PLANS = {"demo": _demo, "demo-bf16": _demo_bf16, "ablation": _ablation, "layers": _layers, "beta": _beta,
+          "tsne": _tsne, "gan-bn": _gan_bn, "fashion": _fashion}
 
 PERCENT = {"fmt": "{:.1f}", "scale": 100.0, "unit": " %"}
 COUNT = {"fmt": "{:.0f}", "mean_fmt": "{:.1f}"}  # whole numbers, whose mean over seeds is not

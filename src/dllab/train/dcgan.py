@@ -1,10 +1,11 @@
 """DCGAN (Radford et al. 2016) on CIFAR-10, MNIST-like digits or Fashion-MNIST.
 
 Adam(2e-4, betas (0.5, 0.999)) for both networks by default, non-saturating BCE or hinge loss,
-one-sided label smoothing, instance noise, the R1 penalty, spectral norm in D, two-time-scale learning rates and
-an EMA of the generator for sampling. Logs per step the D loss on real and fake, the G loss,
-D(x), D(G(z)) before and after the D update, and both gradient norms; renders a fixed noise batch
-every epoch; measures quality and mode collapse in the feature space of a dllab classifier.
+one-sided label smoothing, instance noise, DiffAugment, the (lazy) R1 penalty, spectral norm in D,
+two-time-scale learning rates and an EMA of the generator for sampling. Logs per step the D loss
+on real and fake, the G loss, D(x), D(G(z)) before and after the D update, the R1 penalty and both
+gradient norms; renders a fixed noise batch every epoch; measures quality and mode collapse in
+the feature space of a dllab classifier.
 """
 
 from __future__ import annotations
