@@ -44,7 +44,7 @@ COMMON = ["--dataset", "mnist5k", "--limit", "128", "--epochs", "2", "--seed", "
 CLASSIFIER = ["--width", "4", "--no-norm", "--lr", "0.02", "--schedule", "constant",
               "--warmup-epochs", "0", "--eval-batch-size", "128"]
 VAE = ["--latent-dim", "4", "--tsne-points", "50"]
-DCGAN = ["--g-width", "8", "--d-width", "8", "--nz", "16", "--epochs", "1"]
+DCGAN = ["--g-width", "8", "--d-width", "8", "--nz", "16", "--epochs", "1", "--r1", "1", "--r1-every", "2"]  # R1: double backward under DDP
 BF16 = ["--precision", "bf16"]
 
 
