@@ -488,3 +488,14 @@ def test_r1_penalty_rejects_what_has_no_slope():
         r1_penalty(x.sum(1), x)
     with pytest.raises(ValueError, match="1-D"):
         r1_penalty(x.requires_grad_(True).sum(), x)
+
+
+def test_r1_penalty_under_pacgan_is_per_logit():
+    """With PacGAN one logit reads a pack of images: R1 is |grad|^2 over the whole pack. A linear
+    D summing w.x over a pack of 2 has slope w on each image: R1 = 2 |w|^2, not |w|^2."""
+    from dllab.losses.gan import r1_penalty
+
+    w = torch.randn(5, dtype=torch.float64)
+    x = torch.randn(6, 5, dtype=torch.float64, requires_grad=True)
+    logits = (x @ w).reshape(3, 2).sum(1)  # packs of 2 images, one logit each
+    assert torch.allclose(r1_penalty(logits, x), 2 * w.square().sum())

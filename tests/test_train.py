@@ -490,7 +490,7 @@ TINY_DEMO = {"classifier": {"width": 4, "epochs": 1, "limit": 64, "batch_size": 
                        "batch_size": 32}}
 
 
-def test_demo_reuses_a_finished_run_only_with_the_same_settings(tmp_path, monkeypatch):
+def test_demo_reuses_a_finished_run_only_with_the_same_settings(tmp_path, monkeypatch, capsys):
     """`dllab demo` twice: the second reuses the runs (nothing retrained); with other settings it
     is refused, naming the difference, and nothing is written. The default folder is named after
     the dataset and size, so `dllab demo --dataset fashion-mnist` after `make demo` is a new demo."""
@@ -502,8 +502,11 @@ def test_demo_reuses_a_finished_run_only_with_the_same_settings(tmp_path, monkey
     report = demo_module.demo(out=out, device="cpu", quiet=True)
     assert report == out / "report.html" and report.exists()
     before = _files_and_bytes(out / "classifier")
-    demo_module.demo(out=out, device="cpu", quiet=True)  # reused: not one byte of the runs changed
+    capsys.readouterr()
+    demo_module.demo(out=out, device="cpu", quiet=False)  # reused: not one byte of the runs changed
     assert _files_and_bytes(out / "classifier") == before
+    said = capsys.readouterr().err  # a log (not a terminal) gets one line per stage, saying so
+    assert f"dllab demo: classifier (1/3) in {out / 'classifier'} (finished: reused if its settings match)" in said
     with pytest.raises(RunFolderError, match=r"epochs: 1 there, 2 asked"):
         demo_module.demo(out=out, epochs=2, device="cpu", quiet=True)
     assert _files_and_bytes(out / "classifier") == before
@@ -728,3 +731,40 @@ def test_lazy_r1_applies_the_penalty_every_nth_step_scaled_by_n(tmp_path):
     for key in ("d_loss_real", "d_loss_fake", "d_real"):
         assert lazy[1][key] == eager[1][key], key
     assert all("r1_penalty" in r for r in eager)
+
+
+def test_lazy_r1_is_logged_as_the_mean_over_the_steps_that_gave_it(tmp_path):
+    """With --log-every 2 and --r1-every 2 each record spans one penalised step and one not: it
+    logs that step's penalty, not half of it (the other step is not a zero)."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    lazy = ["--r1", "1", "--r1-every", "2"]
+    assert main(train_argv("dcgan", one, *lazy, "--log-every", "1", limit=64, epochs=1)) == 0
+    assert main(train_argv("dcgan", two, *lazy, "--log-every", "2", limit=64, epochs=1)) == 0
+    each, pairs = ([r for r in read_metrics(run) if r["split"] == "train"] for run in (one, two))
+    assert [r["step"] for r in pairs] == [2]  # 64 images at batch 32: steps 1 and 2
+    assert pairs[0]["r1_penalty"] == pytest.approx(each[0]["r1_penalty"], rel=1e-6)
+    assert pairs[0]["d_loss"] == pytest.approx((each[0]["d_loss"] + each[1]["d_loss"]) / 2, rel=1e-5)
+
+
+@pytest.mark.parametrize("extra, named", [(["--r1-every", "4"], "--r1-every 4 has no effect without --r1"),
+                                          (["--instance-noise-steps", "100"], "without --instance-noise"),
+                                          (["--loss", "hinge", "--label-smoothing", "0.1"],
+                                           "--label-smoothing 0.1 is defined for --loss bce only")])
+def test_dcgan_settings_that_would_do_nothing_are_refused_before_writing(tmp_path, capsys, extra, named):
+    out = tmp_path / "run"
+    assert main(train_argv("dcgan", out, *extra, limit=64, epochs=1)) == 2
+    err = capsys.readouterr().err
+    assert named in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_a_hinge_runs_loss_plot_is_drawn_for_hinge(tmp_path, monkeypatch):
+    import dllab.figures.gan as figures
+
+    kinds = []
+    real = figures.plot_gan_losses
+    monkeypatch.setattr(figures, "plot_gan_losses",
+                        lambda records, path, loss_kind="bce", **kw: kinds.append(loss_kind) or real(
+                            records, path, loss_kind=loss_kind, **kw))
+    assert main(train_argv("dcgan", tmp_path / "run", "--loss", "hinge", limit=64, epochs=1)) == 0
+    assert kinds and set(kinds) == {"hinge"}

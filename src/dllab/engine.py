@@ -61,6 +61,7 @@ SETTLE_EVERY = 50
 #: the weight of a step in the logged means: 0 for a step skipped on the device (see
 #: :meth:`Trainer.train_step`), whose metrics are zeroed rather than left out
 STEP_KEPT = "_kept"
+STEPS_OF = "_steps:"  # + a metric's name: the kept steps that gave it, summed beside it
 
 
 class NonFiniteLossError(RuntimeError):
@@ -333,6 +334,9 @@ class Trainer:
     scale = "standard"
     #: the flags that set the model's size, named when it does not fit in memory
     size_flags: tuple[str, ...] = ()
+    #: train metrics that only some steps give (lazy R1's penalty): logged as the mean over those
+    #: steps, not over every step (which would count the others as zeros)
+    sparse_metrics: tuple[str, ...] = ()
 
     def __init__(self, config: TrainConfig | dict, data, run: Run, device: torch.device, *,
                  quiet: bool = False):
@@ -690,16 +694,26 @@ class Trainer:
 
     def _mean_over_ranks(self, sums: dict[str, torch.Tensor]) -> dict[str, float]:
         """Means of the summed metrics over the kept steps (``sums[STEP_KEPT]``) of every rank, as
-        Python floats (one host sync); ``{}`` when no step was kept."""
+        Python floats (one host sync); ``{}`` when no step was kept. A metric of
+        :attr:`sparse_metrics` is averaged over the kept steps that gave it (``sums[STEPS_OF + key]``)."""
         if not sums:
             return {}
-        keys = [k for k in sums if k != STEP_KEPT]
+        keys = [k for k in sums if k != STEP_KEPT and not k.startswith(STEPS_OF)]
+        counted = [STEPS_OF + k for k in keys if STEPS_OF + k in sums]
         values = torch.stack([torch.as_tensor(sums[k], device=self.device).float().reshape(())
-                              for k in (*keys, STEP_KEPT)])
+                              for k in (*keys, *counted, STEP_KEPT)])
         if self.distributed:  # values live on self.device already
             dist.all_reduce(values, op=dist.ReduceOp.SUM)
-        *totals, kept = values.tolist()
-        return {k: v / kept for k, v in zip(keys, totals)} if kept else {}
+        *numbers, kept = values.tolist()
+        steps = dict(zip(counted, numbers[len(keys):]))
+        if not kept:
+            return {}
+        means = {}
+        for k, total in zip(keys, numbers):
+            n = steps.get(STEPS_OF + k, kept)
+            if n:
+                means[k] = total / n
+        return means
 
     def _evaluate_on_rank0(self) -> dict:
         """``evaluate()`` on rank 0, its numbers sent to every rank (so all decide alike)."""
@@ -942,9 +956,12 @@ class Trainer:
                     self.images_seen += x.shape[0] * self.world_size
                     if metrics:  # the kept steps are counted on the device, not known on the host
                         metrics = {STEP_KEPT: 1.0, **{k: v.float() for k, v in metrics.items()}}
+                        kept = metrics[STEP_KEPT]
                         for k, v in metrics.items():
-                            sums[k] = sums.get(k, 0) + v
-                            epoch_sums[k] = epoch_sums.get(k, 0) + v
+                            for total in (sums, epoch_sums):
+                                total[k] = total.get(k, 0) + v
+                                if k in self.sparse_metrics:  # the mean over the steps that gave it
+                                    total[STEPS_OF + k] = total.get(STEPS_OF + k, 0) + kept
                     bar.update(1)
                     if self.step % log_every == 0 or self.batch_in_epoch == len(train_loader):
                         # every log_every steps, and the epoch's last steps too

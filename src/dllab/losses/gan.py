@@ -94,7 +94,8 @@ def g_loss(fake_logits: torch.Tensor, kind: str = "bce") -> torch.Tensor:
 
 def r1_penalty(real_logits: torch.Tensor, real_inputs: torch.Tensor) -> torch.Tensor:
     """R1 (Mescheder, Geiger & Nowozin 2018, "Which Training Methods for GANs do actually
-    Converge?", ICML, eq. 9): the mean over the batch of |grad_x D(x)|^2 on real images, kept
+    Converge?", ICML, eq. 9): the mean over D's outputs of |grad_x D(x)|^2 on real images (x being
+    all that one output read: an image, or a pack of them under PacGAN), kept
     differentiable (``create_graph``) so that adding ``gamma / 2`` times it to D's loss penalises
     D's slope on the data. ``real_inputs`` must be the tensor D read, with ``requires_grad``.
 
@@ -111,7 +112,10 @@ def r1_penalty(real_logits: torch.Tensor, real_inputs: torch.Tensor) -> torch.Te
                          "requires_grad_(True) before D's forward")
     wide = torch.promote_types(real_logits.dtype, torch.float32)  # bf16 under autocast: sum in fp32
     (grad,) = torch.autograd.grad(real_logits.to(wide).sum(), real_inputs, create_graph=True)
-    return grad.to(torch.promote_types(grad.dtype, torch.float32)).square().flatten(1).sum(1).mean()
+    per_image = grad.to(torch.promote_types(grad.dtype, torch.float32)).square().flatten(1).sum(1)
+    # the mean over D's outputs of |grad|^2 over each one's whole input: with PacGAN (one logit per
+    # pack of images) that is the per-image mean times the pack size
+    return per_image.mean() * (real_inputs.shape[0] / real_logits.shape[0])
 
 
 def instance_noise_std(step: int, initial: float, anneal_steps: int) -> float:

@@ -110,6 +110,15 @@ def validate(config: DCGANTrainConfig, data) -> None:
                          f"size {data.image_size}")
     if config.batch_size % config.pack:
         raise ValueError(f"--batch-size {config.batch_size} is not a multiple of --pack {config.pack}")
+    # settings that would do nothing, or fail at the first step, are refused before anything is written
+    if config.r1_every > 1 and not config.r1:
+        raise ValueError(f"--r1-every {config.r1_every} has no effect without --r1 GAMMA")
+    if config.instance_noise_steps and not config.instance_noise:
+        raise ValueError(f"--instance-noise-steps {config.instance_noise_steps} has no effect without "
+                         "--instance-noise STD")
+    if config.label_smoothing and config.loss != "bce":
+        raise ValueError(f"--label-smoothing {config.label_smoothing:g} is defined for --loss bce only, "
+                         f"not --loss {config.loss}")
 
 
 def param_counts(config: DCGANTrainConfig, data) -> dict[str, int]:
@@ -237,6 +246,7 @@ class DCGANTrainer(Trainer):
     best_mode = "min"
     scale = "tanh"
     size_flags = ("--g-width", "--d-width", "--nz")
+    sparse_metrics = ("r1_penalty",)  # with --r1-every N, every Nth step only
 
     def build(self) -> None:
         from dllab.losses.gan import d_loss, g_loss
@@ -375,7 +385,7 @@ class DCGANTrainer(Trainer):
         # every epoch, or a long run would spend more time drawing it than training
         every = max(1, self.config.epochs // 10)
         if epoch % every == 0 or epoch == self.config.epochs:
-            plot_gan_losses(self.run.metrics(), self.run.figure_path("losses.png"))
+            plot_gan_losses(self.run.metrics(), self.run.figure_path("losses.png"), loss_kind=self.config.loss)
 
     def finish(self, test_metrics) -> dict:
         return analyse(self.sampler(), self.data, self.run, self.device, self.config, self.clf,
