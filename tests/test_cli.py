@@ -232,6 +232,12 @@ def test_an_unknown_flag_names_the_command_it_was_given_to(capsys, tmp_path):
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.startswith(f"{prog}: error: unrecognized arguments: --bogus"), err
     assert not (tmp_path / "out").exists()
+    # a flag with no value, or an unknown one, is named before "nothing to sweep"
+    for argv, named in ((["sweep", "vae", "--bogus"], "unrecognized arguments: --bogus"),
+                        (["sweep", "vae", "--beta"], "argument --beta: expected one argument")):
+        with pytest.raises(SystemExit) as e:
+            main([*argv, "--sweep-out", str(tmp_path / "out")])
+        assert e.value.code == 2 and named in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command", ["eval", "datasets", "sweep", "ablate", "demo", "report", "compare"])

@@ -64,6 +64,16 @@ def train_or_reuse(kind: str, config: dict, what: str = "the demo", quiet: bool 
     return run_dir
 
 
+def reuse_state(run_dir: Path) -> str:
+    """What :func:`train_or_reuse` will do with ``run_dir``, said in a few words for the stage line
+    ("" for a new run)."""
+    from dllab.runs import Run, is_run
+
+    if not is_run(run_dir):
+        return ""
+    return " (finished: reused if its settings match)" if Run.open(run_dir).complete else " (unfinished: continued)"
+
+
 def demo_command(dataset: str = "mnist5k", epochs: int | None = None, full: bool = False,
                  out: str | Path | None = None, device: str = "auto", data_dir: str | None = None) -> str:
     """The ``dllab demo`` command of these arguments: what continues the demo when it was stopped
@@ -112,8 +122,8 @@ def demo(dataset: str = "mnist5k", epochs: int | None = None, full: bool = False
             config["classifier_run"] = str(runs["classifier"])
         bar.set_description(f"dllab demo: {kind}")
         if progress_lines(quiet):  # no progress bars in a log: one line per stage
-            print(f"dllab demo: {kind} ({stages.index(kind) + 1}/{len(stages)}) in {run_dir}",
-                  file=sys.stderr, flush=True)
+            print(f"dllab demo: {kind} ({stages.index(kind) + 1}/{len(stages)}) in {run_dir}"
+                  f"{reuse_state(run_dir)}", file=sys.stderr, flush=True)
         try:
             train_or_reuse(kind, config, quiet=quiet)
         except Interrupted as e:  # the same demo continues it, and then trains what is left

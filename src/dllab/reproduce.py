@@ -262,7 +262,8 @@ def run_study(name: str, out: Path, seeds: int = 1, quick: bool = False, quiet: 
               claims: list[Claim] | None = None, again: str | None = None) -> Outcome:
     """Train (or reuse) the study's runs under ``out/NAME`` and judge the claims on them; a Ctrl-C
     names ``again`` (default: this study's ``dllab reproduce`` command) as what continues them."""
-    from dllab.runs import Run, is_run
+    from dllab.demo import reuse_state
+    from dllab.runs import Run
 
     again = again or reproduce_command([name], out, seeds, quick)
     claims = load_claims() if claims is None else claims
@@ -271,11 +272,8 @@ def run_study(name: str, out: Path, seeds: int = 1, quick: bool = False, quiet: 
     folders = []
     for i, spec in enumerate(specs):
         if not quiet:
-            folder = base / spec.label
-            state = "" if not is_run(folder) else (" (finished: reused if its settings match)"
-                                                   if Run.open(folder).complete else " (unfinished: continued)")
-            print(f"dllab reproduce {name}: run {i + 1}/{len(specs)} {spec.label}{state}", file=sys.stderr,
-                  flush=True)
+            print(f"dllab reproduce {name}: run {i + 1}/{len(specs)} {spec.label}"
+                  f"{reuse_state(base / spec.label)}", file=sys.stderr, flush=True)
         folders.append(_train_or_reuse(spec, base / spec.label, quiet, again))
     runs = [(run.config, run.summary()) for run in map(Run.open, folders)]
     study_claims = [c for c in claims if c.study == name and not quick]  # a smoke test judges nothing

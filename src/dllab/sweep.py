@@ -59,11 +59,12 @@ def plan(kind: str, groups: list[tuple[str, list[str]]]) -> list[tuple[str, list
             raise ValueError(f"{flag} is set by the sweep itself (use --sweep-out)")
     fixed = [tok for flag, values in groups if len(values) <= 1 for tok in [flag, *values]]
     swept = [(flag, values) for flag, values in groups if len(values) > 1]
-    if not swept:
-        raise ValueError("nothing to sweep: give at least one flag several values, e.g. "
-                         f"dllab sweep {kind} --lr 0.01 0.1 (`dllab train {kind}` trains a single run)")
     parser = train_parser(kind)
     parser.prog = f"dllab sweep {kind}"  # its errors name the command the user typed
+    if not swept:
+        parser.parse_args(fixed)  # an unknown flag or a bad value is named first
+        raise ValueError("nothing to sweep: give at least one flag several values, e.g. "
+                         f"dllab sweep {kind} --lr 0.01 0.1 (`dllab train {kind}` trains a single run)")
     combos = []
     for choice in itertools.product(*[values for _, values in swept]):
         chosen = {flag: value for (flag, _), value in zip(swept, choice)}
