@@ -746,11 +746,11 @@ def test_lazy_r1_is_logged_as_the_mean_over_the_steps_that_gave_it(tmp_path):
     assert pairs[0]["d_loss"] == pytest.approx((each[0]["d_loss"] + each[1]["d_loss"]) / 2, rel=1e-5)
 
 
-@pytest.mark.parametrize("extra, named", [(["--r1-every", "4"], "--r1-every 4 has no effect without --r1"),
-                                          (["--instance-noise-steps", "100"], "without --instance-noise"),
+@pytest.mark.parametrize("extra, named", [(["--r1", "1", "--compile"], "torch.compile does not do"),
                                           (["--loss", "hinge", "--label-smoothing", "0.1"],
                                            "--label-smoothing 0.1 is defined for --loss bce only")])
-def test_dcgan_settings_that_would_do_nothing_are_refused_before_writing(tmp_path, capsys, extra, named):
+def test_dcgan_settings_that_would_fail_at_the_first_step_are_refused_before_writing(tmp_path, capsys, extra,
+                                                                                      named):
     out = tmp_path / "run"
     assert main(train_argv("dcgan", out, *extra, limit=64, epochs=1)) == 2
     err = capsys.readouterr().err
@@ -768,3 +768,49 @@ def test_a_hinge_runs_loss_plot_is_drawn_for_hinge(tmp_path, monkeypatch):
                             records, path, loss_kind=loss_kind, **kw))
     assert main(train_argv("dcgan", tmp_path / "run", "--loss", "hinge", limit=64, epochs=1)) == 0
     assert kinds and set(kinds) == {"hinge"}
+
+
+def test_d_minimises_its_gan_loss_plus_half_gamma_times_r1(tmp_path):
+    """The loss D's optimiser sees is d_loss + gamma / 2 * r1_penalty (gamma 2 here: + 1 x the
+    penalty; with --r1-every 3, gamma 6 on the penalised steps), and the logged d_loss is the
+    GAN loss alone, the same as without R1."""
+    from dllab.config import from_mapping
+    from dllab.data import load
+    from dllab.train import config_class, defaults, kind_module
+
+    def d_step(**settings):
+        cfg = from_mapping(config_class("dcgan"), {**defaults("dcgan"), "dataset": "mnist5k", "limit": 64,
+                                                   "batch_size": 32, "device": "cpu", "out": str(tmp_path),
+                                                   "g_width": 8, "d_width": 8, "nz": 16, **settings})
+        torch.manual_seed(0)
+        trainer = kind_module("dcgan").TRAINER(cfg, load("mnist5k", limit=64), Run(tmp_path, {}, writer=False),
+                                               torch.device("cpu"), quiet=True)
+        trainer.build()
+        x, y = next(iter(trainer.loader("train", shuffle=False, augment=False, drop_last=True)))
+        torch.manual_seed(1)  # the same z
+        return trainer.d_loss(trainer.prepare(x, y))
+
+    plain_total, plain = d_step()
+    total, logged = d_step(r1=2.0)
+    lazy_total, lazy = d_step(r1=2.0, r1_every=3)  # step 0 is penalised, at 3 x gamma
+    assert "r1_penalty" not in plain and logged["r1_penalty"] > 0
+    assert torch.equal(logged["d_loss"], plain["d_loss"]) and torch.equal(plain_total, plain["d_loss"])
+    assert torch.allclose(total, plain_total + 1.0 * logged["r1_penalty"], rtol=1e-6)
+    assert torch.allclose(lazy_total, plain_total + 3.0 * lazy["r1_penalty"], rtol=1e-6)
+
+
+def test_a_sparse_metric_is_averaged_over_the_kept_steps_that_gave_it():
+    """Three steps: one skipped on the device (its metrics zeroed, kept 0) that had an R1 penalty,
+    one kept with a penalty of 3, one kept without. d_loss is the mean over the 2 kept steps, the
+    penalty over the 1 kept step that gave it; a window with no such step leaves it out."""
+    from types import SimpleNamespace
+
+    from dllab.engine import STEP_KEPT, STEPS_OF, Trainer
+
+    me = SimpleNamespace(device=torch.device("cpu"), distributed=False)
+    t = torch.tensor
+    sums = {STEP_KEPT: t(2.0), "d_loss": t(1.0 + 2.0), "r1_penalty": t(0.0 + 3.0), STEPS_OF + "r1_penalty": t(1.0)}
+    assert Trainer._mean_over_ranks(me, sums) == {"d_loss": 1.5, "r1_penalty": 3.0}
+    none = {STEP_KEPT: t(1.0), "d_loss": t(2.0), "r1_penalty": t(0.0), STEPS_OF + "r1_penalty": t(0.0)}
+    assert Trainer._mean_over_ranks(me, none) == {"d_loss": 2.0}
+    assert Trainer._mean_over_ranks(me, {STEP_KEPT: t(0.0), "d_loss": t(0.0)}) == {}

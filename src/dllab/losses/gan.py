@@ -98,6 +98,10 @@ def r1_penalty(real_logits: torch.Tensor, real_inputs: torch.Tensor) -> torch.Te
     all that one output read: an image, or a pack of them under PacGAN), kept
     differentiable (``create_graph``) so that adding ``gamma / 2`` times it to D's loss penalises
     D's slope on the data. ``real_inputs`` must be the tensor D read, with ``requires_grad``.
+    The gradient is that of the sum of the logits, which is each output's own when the outputs do
+    not mix samples; a D with batch norm in training mode (the DCGAN's default) or a minibatch-std
+    map mixes them a little, and then each image's gradient also holds the other outputs' slopes
+    through the batch statistics (Mescheder et al. and StyleGAN use Ds without batch norm).
 
     Near the data a discriminator with no such penalty can keep sharpening its boundary; the
     penalty makes the GAN's gradient field converge locally (their Theorem 4.1) instead of

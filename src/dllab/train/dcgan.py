@@ -3,8 +3,8 @@
 Adam(2e-4, betas (0.5, 0.999)) for both networks by default, non-saturating BCE or hinge loss,
 one-sided label smoothing, instance noise, DiffAugment, the (lazy) R1 penalty, spectral norm in D,
 two-time-scale learning rates and an EMA of the generator for sampling. Logs per step the D loss
-on real and fake, the G loss, D(x), D(G(z)) before and after the D update, the R1 penalty and both
-gradient norms; renders a fixed noise batch every epoch; measures quality and mode collapse in
+on real and fake, the G loss, D(x), D(G(z)) before and after the D update, the R1 penalty (on
+each step that computes it) and both gradient norms; renders a fixed noise batch every epoch; measures quality and mode collapse in
 the feature space of a dllab classifier.
 """
 
@@ -59,7 +59,8 @@ class DCGANTrainConfig(TrainConfig):
     r1: float = setting(0.0, "gamma of the R1 penalty, gamma/2 * E|grad D(x)|^2 on real images (Mescheder "
                         "et al. 2018; 1 in the demo, 10 in their paper); 0 = off", type=nonnegative_float)
     r1_every: int = setting(1, "lazy R1 (Karras et al. 2020, StyleGAN2): the penalty on every this-many D "
-                            "steps only, times this many, so it costs 1/this as much", type=positive_int)
+                            "steps only, times this many, so it costs 1/this as much (nothing without --r1)",
+                            type=positive_int)
     ema: float = setting(0.0, "decay of an EMA of G's weights used for sampling (e.g. 0.999; 0 = off)",
                          type=unit_float)
     classifier_run: str | None = setting(None, "run folder of a dllab classifier on the same dataset: its "
@@ -110,12 +111,11 @@ def validate(config: DCGANTrainConfig, data) -> None:
                          f"size {data.image_size}")
     if config.batch_size % config.pack:
         raise ValueError(f"--batch-size {config.batch_size} is not a multiple of --pack {config.pack}")
-    # settings that would do nothing, or fail at the first step, are refused before anything is written
-    if config.r1_every > 1 and not config.r1:
-        raise ValueError(f"--r1-every {config.r1_every} has no effect without --r1 GAMMA")
-    if config.instance_noise_steps and not config.instance_noise:
-        raise ValueError(f"--instance-noise-steps {config.instance_noise_steps} has no effect without "
-                         "--instance-noise STD")
+    # settings that would fail at the first step are refused before anything is written (--r1-every
+    # without --r1 does nothing, and is allowed: `dllab sweep dcgan --r1 0 1 --r1-every 4` is an ablation)
+    if config.r1 and config.compile:
+        raise ValueError("--r1 needs a double backward through D, which torch.compile does not do "
+                         "(aot_autograd); leave out --compile or --r1")
     if config.label_smoothing and config.loss != "bce":
         raise ValueError(f"--label-smoothing {config.label_smoothing:g} is defined for --loss bce only, "
                          f"not --loss {config.loss}")
@@ -329,7 +329,8 @@ class DCGANTrainer(Trainer):
         loss_d, loss_real, loss_fake = self._d_loss(real_logits.float(), fake_logits.float(), self.config.loss,
                                                     smooth=self.config.label_smoothing)
         total, extra = loss_d, {}
-        if r1:  # on the images D read (after DiffAugment and noise, as StyleGAN2-ADA does)
+        if r1:  # on the images as D read them, after --diff-augment and --instance-noise (StyleGAN2-ADA
+            # differentiates through its augmentation to the clean image instead)
             penalty = r1_penalty(real_logits, real_in)
             total = loss_d + r1 / 2 * penalty
             extra["r1_penalty"] = penalty.detach()
