@@ -100,27 +100,27 @@ def _seeded(label: str, kind: str, settings: dict, seed: int, quick: bool) -> Sp
     return Spec(f"{label}-seed{seed}", kind, settings)
 
 
-def _demo(seeds: int, quick: bool) -> list[Spec]:
+def _demo_runs(seeds: int, quick: bool, vae: bool = True, dcgan_label: str = "dcgan", **dcgan) -> list[Spec]:
+    """Per seed, the demo's classifier, its VAE (with ``vae``) and its DCGAN (``dcgan``: settings
+    over the demo's, ``dcgan_label`` its run's name), scored by that classifier."""
     from dllab.demo import QUICK as DEMO
 
     specs = []
     for s in range(seeds):
         clf = _seeded("classifier", "classifier", DEMO["classifier"], s, quick)
-        specs += [clf, _seeded("vae", "vae", DEMO["vae"], s, quick),
-                  _seeded("dcgan", "dcgan", {**DEMO["dcgan"], "classifier_run": clf.label}, s, quick)]
+        specs += [clf, *([_seeded("vae", "vae", DEMO["vae"], s, quick)] if vae else []),
+                  _seeded(dcgan_label, "dcgan", {**DEMO["dcgan"], **dcgan, "classifier_run": clf.label}, s,
+                          quick)]
     return specs
+
+
+def _demo(seeds: int, quick: bool) -> list[Spec]:
+    return _demo_runs(seeds, quick)
 
 
 def _demo_bf16(seeds: int, quick: bool) -> list[Spec]:
     """The demo's DCGAN in bf16 autocast, scored by the demo's classifier (trained as the demo does)."""
-    from dllab.demo import QUICK as DEMO
-
-    specs = []
-    for s in range(seeds):
-        clf = _seeded("classifier", "classifier", DEMO["classifier"], s, quick)
-        specs += [clf, _seeded("dcgan-bf16", "dcgan", {**DEMO["dcgan"], "precision": "bf16",
-                                                        "classifier_run": clf.label}, s, quick)]
-    return specs
+    return _demo_runs(seeds, quick, vae=False, dcgan_label="dcgan-bf16", precision="bf16")
 
 
 ABLATION = {"width": 8, "epochs": 8}

@@ -114,8 +114,7 @@ def r1_penalty(real_logits: torch.Tensor, real_inputs: torch.Tensor) -> torch.Te
     if not real_inputs.requires_grad:
         raise ValueError("real_inputs does not require grad: pass the tensor D read, made with "
                          "requires_grad_(True) before D's forward")
-    wide = torch.promote_types(real_logits.dtype, torch.float32)  # bf16 under autocast: sum in fp32
-    (grad,) = torch.autograd.grad(real_logits.to(wide).sum(), real_inputs, create_graph=True)
+    (grad,) = torch.autograd.grad(real_logits.sum(), real_inputs, create_graph=True)
     per_image = grad.to(torch.promote_types(grad.dtype, torch.float32)).square().flatten(1).sum(1)
     # the mean over D's outputs of |grad|^2 over each one's whole input: with PacGAN (one logit per
     # pack of images) that is the per-image mean times the pack size

@@ -4,8 +4,8 @@ Adam(2e-4, betas (0.5, 0.999)) for both networks by default, non-saturating BCE 
 one-sided label smoothing, instance noise, DiffAugment, the (lazy) R1 penalty, spectral norm in D,
 two-time-scale learning rates and an EMA of the generator for sampling. Logs per step the D loss
 on real and fake, the G loss, D(x), D(G(z)) before and after the D update, the R1 penalty (on
-each step that computes it) and both gradient norms; renders a fixed noise batch every epoch; measures quality and mode collapse in
-the feature space of a dllab classifier.
+each step that computes it) and both gradient norms; renders a fixed noise batch every epoch;
+measures quality and mode collapse in the feature space of a dllab classifier.
 """
 
 from __future__ import annotations
@@ -386,7 +386,8 @@ class DCGANTrainer(Trainer):
         # every epoch, or a long run would spend more time drawing it than training
         every = max(1, self.config.epochs // 10)
         if epoch % every == 0 or epoch == self.config.epochs:
-            plot_gan_losses(self.run.metrics(), self.run.figure_path("losses.png"), loss_kind=self.config.loss)
+            plot_gan_losses(self.run.metrics(), self.run.figure_path("losses.png"),
+                            loss_kind=self.config.loss)
 
     def finish(self, test_metrics) -> dict:
         return analyse(self.sampler(), self.data, self.run, self.device, self.config, self.clf,
