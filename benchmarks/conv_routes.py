@@ -2,6 +2,7 @@
 
     python benchmarks/conv_routes.py routes          # the scratch Conv2d's routes, per ResNet-18 row (~2 min)
     python benchmarks/conv_routes.py weight-grad     # oneDNN's weight gradient against one GEMM (~1 min)
+    python benchmarks/conv_routes.py torch-conv      # TorchConv2d's bf16 routes, forward+backward (~2 min)
 
 ``routes``: the scratch ``Conv2d`` (NCHW fp32, forward+backward) with each route forced in turn,
 as a ratio to ``torch.nn.Conv2d`` timed alongside: the planar im2col or the NHWC one
@@ -14,6 +15,12 @@ transposing copy (``NCHW_GEMM_MIN_PIXELS``). ``chosen`` is the route the thresho
 against ``_conv.conv_weight_grad`` (im2col + one GEMM), channels-last, at the ResNet-18 shapes of
 28x28 inputs, in bf16 and fp32. ``TorchConv2d`` uses the GEMM for bf16 outputs of at most
 ``GEMM_WEIGHT_GRAD_MAX_PIXELS`` pixels on CPUs that multiply bf16 natively.
+
+``torch-conv``: forward+backward of one ``TorchConv2d`` under bf16 autocast, channels-last, batch
+128, at the same shapes, with each of ``_conv.gemm_route``'s answers forced in turn, as a ratio to
+``nn.Conv2d`` (oneDNN's forward and backward) timed alongside: "weight-grad" (the GEMM weight
+gradient only) and "all" (``conv_forward``, ``conv_input_grad`` and the GEMM weight gradient).
+``chosen`` is what the thresholds (``GEMM_WEIGHT_GRAD_MAX_PIXELS``, ``GEMM_CONV_MAX_PIXELS``) pick.
 
 Timings are medians of interleaved repeats; on a shared machine read the ratios, not the ms.
 """
@@ -144,8 +151,52 @@ def weight_grad(batch: int, repeats: int) -> None:
                     acc.append(time.perf_counter() - start)
             cells += f"{median_ms(t_t):>14.2f}{median_ms(t_o):>13.2f}{median_ms(t_o) / median_ms(t_t):>11.2f}"
         out_pixels = g.shape[2] * g.shape[3]
-        used = "gemm" if _conv.gemm_weight_grad_pays(torch.bfloat16, x.device, 1, out_pixels) else "torch"
+        used = "gemm" if _conv.gemm_route(torch.bfloat16, x.device, 1, out_pixels) else "torch"
         print(f"{f'conv{k}x{k} {c_in}->{c_out} s{s} @{h}':<28}{out_pixels:>7}{cells}{used:>20}", flush=True)
+
+
+def torch_conv(batch: int, repeats: int) -> None:
+    from dllab.layers import TorchConv2d
+
+    native = _conv._cpu_has_native(torch.bfloat16)
+    print(f"== TorchConv2d forward+backward, bf16 autocast, channels-last, batch {batch}, each route forced "
+          f"(ratio to nn.Conv2d); torch {torch.__version__}, CPU capability "
+          f"{torch.backends.cpu.get_cpu_capability()}, native bf16 GEMM: {native}, "
+          f"{torch.get_num_threads()} threads ==")
+    routes = ("weight-grad", "all")
+    print(f"{'row':<28}{'out px':>7}{'nn.Conv2d ms':>14}" + "".join(f"{r:>13}" for r in routes) + "  chosen")
+    real = _conv.gemm_route
+    for c_in, c_out, k, s, h in RESNET_28:
+        torch.manual_seed(0)
+        x = torch.randn(batch, c_in, h, h).contiguous(memory_format=torch.channels_last).requires_grad_()
+        ref = torch.nn.Conv2d(c_in, c_out, k, s, k // 2, bias=False).to(memory_format=torch.channels_last)
+        ours = TorchConv2d(c_in, c_out, k, s, k // 2, bias=False).to(memory_format=torch.channels_last)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            g = torch.randn_like(ref(x))
+        out_pixels = g.shape[2] * g.shape[3]
+
+        def step(module, route):
+            _conv.gemm_route = lambda *a, **kw: route
+            try:
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    y = module(x)
+                y.backward(g)
+            finally:
+                _conv.gemm_route = real
+
+        variants = [(ref, None)] + [(ours, r) for r in routes]
+        times: list[list[float]] = [[] for _ in variants]
+        for m, r in variants:
+            step(m, r)
+        for _ in range(repeats):
+            for (m, r), acc in zip(variants, times):
+                start = time.perf_counter()
+                step(m, r)
+                acc.append(time.perf_counter() - start)
+        base = median_ms(times[0])
+        chosen = real(torch.bfloat16, x.device, 1, out_pixels) or "torch"
+        print(f"{f'conv{k}x{k} {c_in}->{c_out} s{s} @{h}':<28}{out_pixels:>7}{base:>14.2f}"
+              + "".join(f"{median_ms(t) / base:>13.2f}" for t in times[1:]) + f"  {chosen}", flush=True)
 
 
 def positive(text: str) -> int:
@@ -158,8 +209,9 @@ def positive(text: str) -> int:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("what", choices=("routes", "weight-grad"))
-    p.add_argument("--batch", type=positive, default=None, help="batch size (routes: 32, weight-grad: 128)")
+    p.add_argument("what", choices=("routes", "weight-grad", "torch-conv"))
+    p.add_argument("--batch", type=positive, default=None,
+                   help="batch size (routes: 32, weight-grad and torch-conv: 128)")
     p.add_argument("--repeats", type=positive, default=7)
     p.add_argument("--memory-format", choices=("contiguous", "channels_last"), default="contiguous",
                    help="routes: the layout of the inputs")
@@ -169,8 +221,10 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     if args.what == "routes":
         routes(args.batch or 32, args.repeats, args.memory_format == "channels_last")
-    else:
+    elif args.what == "weight-grad":
         weight_grad(args.batch or 128, args.repeats)
+    else:
+        torch_conv(args.batch or 128, args.repeats)
 
 
 if __name__ == "__main__":

@@ -488,6 +488,8 @@ def test_r1_penalty_rejects_what_has_no_slope():
         r1_penalty(x.sum(1), x)
     with pytest.raises(ValueError, match="1-D"):
         r1_penalty(x.requires_grad_(True).sum(), x)
+    with pytest.raises(ValueError, match="4 real inputs do not split evenly into 3 outputs"):
+        r1_penalty(x[:3].sum(1), x)  # 3 logits cannot each read a whole pack of the 4 images
 
 
 def test_r1_penalty_under_pacgan_is_per_logit():

@@ -132,9 +132,12 @@ def test_conv2d_matches_torch(case, channels_last, im2col, monkeypatch):
     (17, 3, 1, 2, 1, 16),  # padding beyond the kernel extent: col2im at stride 1
 ])
 @pytest.mark.parametrize("planar_nchw", [True, False])
-def test_conv2d_wide_layers_all_gemm_paths(channels_last, hw, k, s, p, g, c_out, planar_nchw, monkeypatch):
+@pytest.mark.parametrize("weights", ["contiguous", "channels-last, flipped by tap"])
+def test_conv2d_wide_layers_all_gemm_paths(channels_last, hw, k, s, p, g, c_out, planar_nchw, weights, monkeypatch):
     """24 input channels and images up to 17x17, so the per-image GEMM paths and the NHWC col2im run
-    (NCHW inputs with large images through the planar route and, with it switched off, through NHWC)."""
+    (NCHW inputs with large images through the planar route and, with it switched off, through NHWC).
+    A channels-last weight gets its gradient from the GEMM written in place; the stride-1 input
+    gradient's flipped kernel is copied tap by tap, as large weights are."""
     from dllab.layers import _conv
 
     monkeypatch.setattr(_conv, "PLANAR_NCHW", planar_nchw)
@@ -143,6 +146,9 @@ def test_conv2d_wide_layers_all_gemm_paths(channels_last, hw, k, s, p, g, c_out,
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
     w = torch.randn(c_out, 24 // g, k, k, dtype=DT, generator=gen)
+    if weights != "contiguous":
+        monkeypatch.setattr(_conv, "FLIP_BY_TAP_MIN_ELEMENTS", 0)
+        w = w.contiguous(memory_format=torch.channels_last)
     b = torch.randn(c_out, dtype=DT, generator=gen)
     _compare_fn(lambda *t: LF.conv2d(*t, stride=s, padding=p, groups=g),
                 lambda *t: F.conv2d(*t, stride=s, padding=p, groups=g), [x, w, b])

@@ -1,4 +1,5 @@
-"""``TorchConv2d``: ``nn.Conv2d`` whose bf16 weight gradient of small images on the CPU is one GEMM.
+"""``TorchConv2d``: ``nn.Conv2d`` whose bf16 weight gradient of small images on the CPU is one GEMM,
+and whose bf16 forward pass and input gradient of tiny images (at most 16 output pixels) are too.
 
 The route is forced with ``native_bf16`` where a test needs it, so that it runs on every CPU kind
 (without AVX512-BF16/AMX a bf16 GEMM is emulated: slow, but the same numbers up to summation order).
@@ -16,15 +17,19 @@ from dllab.models.resnet import resnet18
 
 
 class ConvLog(TorchDispatchMode):
-    """Records the ``output_mask`` (grad input, grad weight, grad bias) of every native convolution backward."""
+    """Records the ``output_mask`` (grad input, grad weight, grad bias) of every native convolution
+    backward, and counts the native convolution forward passes."""
 
     def __init__(self):
         super().__init__()
         self.masks: list[list[bool]] = []
+        self.forwards = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is torch.ops.aten.convolution_backward.default:
             self.masks.append(list(args[-1]))
+        if func in (torch.ops.aten.convolution.default, torch.ops.aten._convolution.default):
+            self.forwards += 1
         return func(*args, **(kwargs or {}))
 
 
@@ -33,13 +38,23 @@ def native_bf16(monkeypatch):
     monkeypatch.setattr(_conv, "_cpu_has_native", lambda dtype: True)
 
 
-# (c_in, c_out, kernel, stride, padding, dilation, H, W, bias): every one has at most 64 output pixels
+# (c_in, c_out, kernel, stride, padding, dilation, H, W, bias): every one has 17 to 64 output
+# pixels, where only the weight gradient is a GEMM
 SMALL = [
     (8, 12, 3, 1, 1, 1, 6, 6, False),
     (8, 12, 3, 2, 1, 1, 9, 9, True),  # a stride-2 stage entry
-    (6, 10, 1, 2, 0, 1, 8, 8, False),  # a 1x1 stride-2 shortcut
+    (6, 10, 1, 2, 0, 1, 10, 10, False),  # a 1x1 stride-2 shortcut
     (5, 7, 3, 1, 2, 2, 5, 6, True),  # dilation
+    (4, 6, (3, 2), (2, 1), (1, 0), 1, 7, 7, True),  # unequal kernel, stride and padding
+]
+# at most 16 output pixels: the forward pass and the input gradient are GEMMs too
+TINY = [
+    (8, 12, 3, 1, 1, 1, 4, 4, False),  # ResNet-18's last stage
+    (8, 12, 3, 2, 1, 1, 7, 7, True),  # its stride-2 entry, 7x7 -> 4x4
+    (6, 10, 1, 2, 0, 1, 8, 8, False),  # a 1x1 stride-2 shortcut
+    (5, 7, 3, 1, 2, 2, 3, 4, True),  # dilation
     (4, 6, (3, 2), (2, 1), (1, 0), 1, 7, 5, True),  # unequal kernel, stride and padding
+    (3, 5, 3, 1, 0, 1, 3, 3, True),  # one output pixel, no padding
 ]
 
 
@@ -181,6 +196,85 @@ def test_only_where_the_cpu_multiplies_bf16_natively(monkeypatch):
     assert log.masks == [[True, True, False]]
 
 
+@pytest.mark.parametrize("case", TINY)
+def test_the_tiny_route_is_torchs_convolution_in_float64(case):
+    """TorchConvFunction with everything=True (conv_forward, conv_input_grad, conv_weight_grad), as
+    TorchConv2d calls it, against F.conv2d and its gradients in float64."""
+    c_in, c_out, k, s, p, d, h, w, bias = case
+    (kh, kw), stride, padding, dil = pair(k), pair(s), pair(p), pair(d)
+    torch.manual_seed(0)
+    x = torch.randn(3, c_in, h, w, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(c_out, c_in, kh, kw, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(c_out, dtype=torch.float64, requires_grad=True) if bias else None
+    leaves = [t for t in (x, weight, b) if t is not None]
+    y = _conv.TorchConvFunction.apply(x, weight, b, stride, padding, dil, True)
+    y_ref = torch.nn.functional.conv2d(x, weight, b, stride, padding, dil)
+    gy = torch.randn_like(y_ref)
+    got, want = torch.autograd.grad(y, leaves, gy), torch.autograd.grad(y_ref, leaves, gy)
+    assert y.shape == y_ref.shape and y.shape[2] * y.shape[3] <= _conv.GEMM_CONV_MAX_PIXELS
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", TINY)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_bf16_tiny_images_are_gemms_forward_and_backward(native_bf16, case, channels_last):
+    ours, ref, x = make(case)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    mine, theirs = ConvLog(), ConvLog()
+    y, gx, gw, gb = run(ours, x, log=mine)
+    y_ref, gx_ref, gw_ref, gb_ref = run(ref, x, log=theirs)
+    assert (mine.forwards, mine.masks) == (0, [])  # no native convolution at all
+    assert theirs.forwards == 1 and theirs.masks == [[True, True, case[-1]]]
+    assert y.dtype == y_ref.dtype == torch.bfloat16 and y.shape == y_ref.shape
+    assert gx.dtype == gx_ref.dtype == torch.float32 and gw.dtype == gw_ref.dtype == torch.float32
+    assert gx.is_contiguous(memory_format=torch.channels_last) == gx_ref.is_contiguous(
+        memory_format=torch.channels_last)
+    # bf16 GEMMs with float accumulation rounded to bf16: they differ by the summation order
+    for a, e in [(y, y_ref), (gx, gx_ref), (gw, gw_ref)] + ([(gb, gb_ref)] if case[-1] else []):
+        assert (a.float() - e.float()).norm() <= 1e-2 * e.float().norm()
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode", "frozen"])
+def test_tiny_images_take_the_gemm_forward_without_a_gradient_too(native_bf16, mode):
+    ours, ref, x = make(TINY[1])
+    log = ConvLog()
+    with log, torch.autocast("cpu", dtype=torch.bfloat16):
+        if mode == "frozen":  # a frozen layer inside a network: x needs its gradient, w does not
+            ours.requires_grad_(False)
+            y = ours(x.requires_grad_())
+            y.float().sum().backward()
+        else:
+            with torch.no_grad() if mode == "no_grad" else torch.inference_mode():
+                y = ours(x)
+    assert (log.forwards, log.masks) == (0, [])
+    y_ref = ref(x.detach())
+    assert y.dtype == torch.bfloat16 and (y.float() - y_ref.float()).norm() <= 1e-2 * y_ref.float().norm()
+    if mode == "frozen":
+        assert x.grad is not None and ours.weight.grad is None
+    # a buffer first used under inference mode is not an inference tensor for the next training step
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours.requires_grad_(True)
+        ours(x.detach().requires_grad_()).float().sum().backward()
+    assert ours.weight.grad is not None
+
+
+def test_a_differentiated_backward_of_a_tiny_image_is_torchs(native_bf16):
+    """create_graph=True on the tiny route: the forward is dllab's GEMM, the backward torch's own."""
+    results = []
+    for m in make(TINY[1])[:2]:
+        x = make(TINY[1])[2].requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = m(x)
+        gw, = torch.autograd.grad(y.float().pow(2).sum(), m.weight, create_graph=True)
+        gw.pow(2).sum().backward()
+        results.append((gw.detach(), x.grad, m.weight.grad))
+    for ours, theirs in zip(*results):
+        assert (ours - theirs).norm() <= 2e-2 * theirs.norm()
+
+
 @pytest.fixture
 def routed(monkeypatch):
     """Counts the calls that take the GEMM weight-gradient route."""
@@ -200,12 +294,14 @@ def test_no_grad_and_inference_mode_run_nn_conv2d(native_bf16, routed, mode):
     assert routed == [1]
 
 
-@pytest.mark.parametrize("hw,taken", [(8, True), (9, False)])  # 64 output pixels, then 81
-def test_the_route_ends_at_64_output_pixels(native_bf16, routed, hw, taken):
+@pytest.mark.parametrize("hw,route", [(4, "all"), (5, "weight-grad"), (8, "weight-grad"), (9, None)])
+def test_the_routes_end_at_16_and_64_output_pixels(native_bf16, hw, route):
     conv = TorchConv2d(4, 6, 3, padding=1)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        conv(torch.randn(2, 4, hw, hw))
-    assert routed == ([1] if taken else [])
+    log = ConvLog()
+    with log, torch.autocast("cpu", dtype=torch.bfloat16):
+        conv(torch.randn(2, 4, hw, hw, requires_grad=True)).float().sum().backward()
+    assert log.forwards == (0 if route == "all" else 1)
+    assert log.masks == {"all": [], "weight-grad": [[True, False, False]], None: [[True, True, True]]}[route]
 
 
 def test_a_first_layer_whose_input_needs_no_gradient(native_bf16):

@@ -8,8 +8,8 @@ strided slices with first-maximum tie breaking (``_pool.py``), batch norm fused 
 closed-form backward (``_norm.py``). No native convolution, pooling or batch-norm kernel runs.
 
 ``TorchConv2d`` is the exception, and not one of the from-scratch layers: ``torch.nn.Conv2d`` with
-one measured change (bf16 weight gradients of small images on the CPU, see its docstring), the
-convolution of dllab's ``layers="torch"`` backend.
+measured changes (bf16 weight gradients of small images on the CPU, and the whole bf16 convolution
+of tiny ones, see its docstring), the convolution of dllab's ``layers="torch"`` backend.
 """
 
 from dllab.layers import functional

@@ -285,6 +285,29 @@ def weight_matrix(w: torch.Tensor, groups: int, dtype: torch.dtype) -> torch.Ten
     return wg.permute(0, 3, 4, 2, 1).reshape(groups, kh * kw * cg, c_out // groups).to(dtype)
 
 
+# Weights with at least this many elements are flipped tap by tap (below): one pass over the
+# weight in contiguous blocks, where flip + copy make two (512x512x3x3 in fp32: 3.1 ms against 3.7;
+# channels-last: 0.9 against 1.3). Smaller ones take two kernels instead of kh*kw copies.
+FLIP_BY_TAP_MIN_ELEMENTS = 2**16
+
+
+def flipped_weight_matrix(w: torch.Tensor, groups: int, dtype: torch.dtype) -> torch.Tensor:
+    """``weight_matrix`` of the stride-1 input gradient's convolution, in one copy of ``w``: the
+    kernel with its in/out channels swapped per group and both spatial axes flipped, as
+    (G, kh*kw*C_out/G, C/G), rows ordered (tap row, tap column, output channel)."""
+    c_out, cg, kh, kw = w.shape
+    og = c_out // groups
+    wg = w.reshape(groups, og, cg, kh, kw)
+    out = torch.empty(groups, kh, kw, og, cg, dtype=dtype, device=w.device)
+    if workspace.uses_cpu_paths(w.device) and w.numel() >= FLIP_BY_TAP_MIN_ELEMENTS:
+        for i in range(kh):
+            for j in range(kw):
+                out[:, i, j].copy_(wg[:, :, :, kh - 1 - i, kw - 1 - j])
+    else:
+        out.copy_(wg.permute(0, 3, 4, 1, 2).flip(1, 2))
+    return out.view(groups, kh * kw * og, cg)
+
+
 # Per-image GEMMs straight from/to NCHW beat a transposing copy plus one big GEMM only when each
 # image has enough pixels to make a reasonably shaped GEMM (measured on ResNet-18 CIFAR shapes).
 NCHW_GEMM_MIN_PIXELS = 256
@@ -354,6 +377,22 @@ def conv_geometry(x_shape, w_shape, stride, pads, dilation) -> tuple[int, int]:
             out_size(x_shape[3] + left + right, w_shape[3], stride[1], dilation[1]))
 
 
+def conv_forward(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, stride, pads, dilation, groups: int,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """y = conv2d(x, w, bias) by im2col + GEMMs in ``dtype``; y has x's dtype and memory format."""
+    ho, wo = conv_geometry(x.shape, w.shape, stride, pads, dilation)
+    # the output is a fresh tensor (not a view), so in-place ops on it (ReLU(inplace=True)) work
+    y = torch.empty((x.shape[0], w.shape[0], ho, wo), dtype=x.dtype, device=x.device,
+                    memory_format=suggest_memory_format(x))
+    if uses_planar(x, w.shape[2:], groups, ho * wo):  # a stem, or NCHW with large images: module docstring
+        planar_gemm_into(im2col_planar(x, w.shape[2:], stride, pads, dilation, dtype), w, bias, y)
+    else:
+        xp = pad_nhwc(x.permute(0, 2, 3, 1), pads, dtype)
+        col = im2col(xp, w.shape[2:], stride, dilation, groups)
+        gemm_into(col, weight_matrix(w, groups, dtype), bias, y)
+    return y
+
+
 class Conv2dFunction(torch.autograd.Function):
     """y = conv2d(x, w, b) by im2col + GEMM; backward by GEMMs (see the module docstring).
 
@@ -363,18 +402,9 @@ class Conv2dFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, bias, stride, pads, dilation, groups):
         dtype = gemm_dtype(x.dtype, x.device)
-        fmt = suggest_memory_format(x)
-        ho, wo = conv_geometry(x.shape, w.shape, stride, pads, dilation)
-        # the output is a fresh tensor (not a view), so in-place ops on it (ReLU(inplace=True)) work
-        y = torch.empty((x.shape[0], w.shape[0], ho, wo), dtype=x.dtype, device=x.device, memory_format=fmt)
-        if uses_planar(x, w.shape[2:], groups, ho * wo):  # a stem, or NCHW with large images: module docstring
-            planar_gemm_into(im2col_planar(x, w.shape[2:], stride, pads, dilation, dtype), w, bias, y)
-        else:
-            xp = pad_nhwc(x.permute(0, 2, 3, 1), pads, dtype)
-            col = im2col(xp, w.shape[2:], stride, dilation, groups)
-            gemm_into(col, weight_matrix(w, groups, dtype), bias, y)
+        y = conv_forward(x, w, bias, stride, pads, dilation, groups, dtype)
         ctx.save_for_backward(x, w)
-        ctx.conf = (fmt, stride, pads, dilation, groups, bias is not None, dtype)
+        ctx.conf = (suggest_memory_format(x), stride, pads, dilation, groups, bias is not None, dtype)
         return y
 
     @staticmethod
@@ -407,7 +437,7 @@ class Conv2dFunction(torch.autograd.Function):
                 grad_w = planar_weight_grad(col, grad_y, dtype).reshape(w.shape).to(w.dtype)
             elif need_w:
                 grad_w = conv_weight_grad(x, grad_y, gy_nhwc if rows else None, w.shape, stride, pads, dilation, g,
-                                          dtype, w.dtype)
+                                          dtype, w.dtype, suggest_memory_format(w))
         return grad_x, grad_w, grad_b, None, None, None, None
 
 
@@ -426,6 +456,14 @@ def conv_weight_grad(x: torch.Tensor, grad_y: torch.Tensor, gy_rows: torch.Tenso
     n, _, ho, wo = grad_y.shape
     g, m = groups, n * ho * wo
     col = im2col(pad_nhwc(x.permute(0, 2, 3, 1), pads, dtype), (kh, kw), stride, dilation, g)
+    out = torch.empty(tuple(w_shape), dtype=out_dtype, device=x.device, memory_format=memory_format)
+    out_nhwc = out.permute(0, 2, 3, 1)  # (C_out, kh, kw, C): contiguous for a channels-last weight
+    if g == 1 and gy_rows is not None and out_dtype == dtype and out_nhwc.is_contiguous():
+        # a channels-last weight's gradient is grad_y^T @ col itself, written in place: its
+        # transposing copy cost more than the GEMM at 4x4 images (the bf16 3x3 512->512 weight
+        # gradient at batch 32 on an AMX Xeon: 11.5 ms with the copy, 4.1 without)
+        torch.mm(gy_rows.reshape(m, c_out).t(), col[0], out=out_nhwc.view(c_out, -1))
+        return out
     if g == 1 and gy_rows is not None:
         gw = (col[0].t() @ gy_rows.reshape(m, c_out)).t()  # (K, C_out)^T
     elif g == 1:
@@ -436,7 +474,6 @@ def conv_weight_grad(x: torch.Tensor, grad_y: torch.Tensor, gy_rows: torch.Tenso
         gw = torch.bmm(gy_rows.reshape(m, g, c_out // g).permute(1, 2, 0), col)
     # (C_out, kh, kw, C/G) -> (C_out, C/G, kh, kw), one copy (Tensor.to(memory_format=...) may
     # return a transposed view as it is, which AccumulateGrad would then copy again)
-    out = torch.empty(tuple(w_shape), dtype=out_dtype, device=x.device, memory_format=memory_format)
     return out.copy_(gw.reshape(c_out, kh, kw, -1).permute(0, 3, 1, 2))
 
 
@@ -447,17 +484,32 @@ def conv_weight_grad(x: torch.Tensor, grad_y: torch.Tensor, gy_rows: torch.Tenso
 # stride-2 256->512: 8.6 against 1.8). From 14x14 outputs on the two were about even, and oneDNN
 # won at 28x28.
 GEMM_WEIGHT_GRAD_MAX_PIXELS = 64
+# At 4x4 outputs and below its bf16 forward pass and input gradient are slow as well: forward and
+# backward of the 3x3 512->512 convolution at 4x4 (batch 128, channels-last, bf16 autocast, the same
+# AMX Xeon) took 107 ms with oneDNN's forward and input gradient, and 69 ms with ``conv_forward``
+# and ``conv_input_grad``; the stride-2 256->512 one (7x7 -> 4x4) 53 against 35 ms. At 7x7 outputs
+# the two were even (3x3 256->256: 49 ms each). `benchmarks/conv_routes.py torch-conv` measures it.
+GEMM_CONV_MAX_PIXELS = 16
 
 
-def gemm_weight_grad_pays(dtype: torch.dtype, device: torch.device, groups: int, out_pixels: int) -> bool:
-    """Whether ``TorchConvFunction`` should serve a torch convolution computing in ``dtype`` (above)."""
-    return (dtype == torch.bfloat16 and device.type == "cpu" and groups == 1
-            and out_pixels <= GEMM_WEIGHT_GRAD_MAX_PIXELS and _cpu_has_native(dtype))
+def gemm_route(dtype: torch.dtype, device: torch.device, groups: int, out_pixels: int) -> str | None:
+    """How ``TorchConv2d`` serves a torch convolution computing in ``dtype`` with ``out_pixels``
+    output pixels per image: "all" (``conv_forward``, ``conv_input_grad`` and ``conv_weight_grad``),
+    "weight-grad" (torch's forward and input gradient, ``conv_weight_grad``'s weight gradient), or
+    None (torch's own). Only bf16 on a CPU that multiplies it natively, groups 1 (the thresholds above).
+    """
+    if not (dtype == torch.bfloat16 and device.type == "cpu" and groups == 1 and _cpu_has_native(dtype)):
+        return None
+    if out_pixels <= GEMM_CONV_MAX_PIXELS:
+        return "all"
+    return "weight-grad" if out_pixels <= GEMM_WEIGHT_GRAD_MAX_PIXELS else None
 
 
 class TorchConvFunction(torch.autograd.Function):
-    """torch's ``F.conv2d`` forward and input gradient, with the weight gradient from
-    ``conv_weight_grad`` (groups 1): the route ``gemm_weight_grad_pays`` picks. Saves x and w, as torch.
+    """A torch convolution (groups 1) served by ``gemm_route``: the weight gradient from
+    ``conv_weight_grad``, and with ``everything`` also the forward pass and the input gradient
+    from ``conv_forward`` and ``conv_input_grad``; else torch's ``F.conv2d`` forward and its input
+    gradient. Saves x and w, as torch.
 
     A backward that is itself differentiated (``create_graph=True``: gradient penalties,
     Hessian-vector products) is torch's own ``convolution_backward``, which autograd can
@@ -465,34 +517,43 @@ class TorchConvFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, w, bias, stride, padding, dilation):
+    def forward(ctx, x, w, bias, stride, padding, dilation, everything=False):
         ctx.save_for_backward(x, w)
-        ctx.conf = (list(stride), list(padding), list(dilation), None if bias is None else list(bias.shape))
+        ctx.conf = (list(stride), list(padding), list(dilation), None if bias is None else list(bias.shape),
+                    everything)
+        if everything:
+            pads = (padding[0], padding[0], padding[1], padding[1])
+            return conv_forward(x, w, bias, tuple(stride), pads, tuple(dilation), 1, gemm_dtype(x.dtype, x.device))
         return torch.nn.functional.conv2d(x, w, bias, stride, padding, dilation)
 
     @staticmethod
     def backward(ctx, grad_y):
         x, w = ctx.saved_tensors
-        stride, padding, dilation, bias_sizes = ctx.conf
+        stride, padding, dilation, bias_sizes, everything = ctx.conf
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         need_b = need_b and bias_sizes is not None
         if torch.is_grad_enabled():  # create_graph: a backward autograd can differentiate
             grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
                 grad_y, x, w, bias_sizes, stride, padding, dilation, False, [0, 0], 1, [need_x, need_w, need_b])
-            return grad_x, grad_w, grad_b, None, None, None
+            return grad_x, grad_w, grad_b, None, None, None, None
         grad_x = grad_w = grad_b = None
+        pads = (padding[0], padding[0], padding[1], padding[1])
         with torch.autocast(grad_y.device.type, enabled=False):
-            if need_x:
+            if need_x and everything:
+                grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=suggest_memory_format(x))
+                conv_input_grad(grad_y.permute(0, 2, 3, 1), w, tuple(stride), pads, tuple(dilation), 1,
+                                gemm_dtype(x.dtype, x.device), grad_x)
+            elif need_x:
                 grad_x = torch.ops.aten.convolution_backward(grad_y, x, w, None, stride, padding, dilation, False,
                                                              [0, 0], 1, [True, False, False])[0]
             if need_w:
                 rows = pad_nhwc(grad_y.permute(0, 2, 3, 1), (0, 0, 0, 0), w.dtype, slot="grad_y")
-                pads = (padding[0], padding[0], padding[1], padding[1])
                 grad_w = conv_weight_grad(x, grad_y, rows, w.shape, stride, pads, dilation, 1, w.dtype, w.dtype,
                                           suggest_memory_format(w))
             if need_b:
-                grad_b = grad_y.sum((0, 2, 3), dtype=torch.float32).to(w.dtype)
-        return grad_x, grad_w, grad_b, None, None, None
+                acc = torch.promote_types(grad_y.dtype, torch.float32)  # float64 stays float64
+                grad_b = grad_y.sum((0, 2, 3), dtype=acc).to(w.dtype)
+        return grad_x, grad_w, grad_b, None, None, None, None
 
 
 def conv_input_grad(gy: torch.Tensor, w: torch.Tensor, stride, pads, dilation, groups: int, dtype: torch.dtype,
@@ -529,16 +590,16 @@ def conv_input_grad(gy: torch.Tensor, w: torch.Tensor, stride, pads, dilation, g
         # a convolution of grad_y, zero-padded by (extent - pad), with the kernel flipped in both
         # spatial axes and in/out channels swapped (per group):
         # grad_xp[r] = sum_i w[i] grad_y[r - i*d] = sum_i' w[k-1-i'] grad_y_padded[r + i'*d]
-        w_t = w.reshape(g, c_out // g, cg, kh, kw).transpose(1, 2).reshape(c, c_out // g, kh, kw).flip(2, 3)
         gy_nchw, gy_pads = gy.permute(0, 3, 1, 2), (eh - top, eh - bottom, ew - left, ew - right)
         nchw = gy_nchw.is_contiguous() and out_nchw.is_contiguous()
         if g == 1 and planar_nchw((kh, kw), nchw, h * wd):
             # NCHW grad_y and grad_x: the same convolution by the planar route, nothing transposed
+            w_t = w.transpose(0, 1).flip(2, 3)
             planar_gemm_into(im2col_planar(gy_nchw, (kh, kw), (1, 1), gy_pads, (dh, dw), dtype), w_t, None, out_nchw)
             return
         gp = pad_nhwc(gy, gy_pads, dtype)
         col = im2col(gp, (kh, kw), (1, 1), (dh, dw), g)
-        gemm_into(col, weight_matrix(w_t, g, dtype), None, out_nchw)
+        gemm_into(col, flipped_weight_matrix(w, g, dtype), None, out_nchw)
         return
     # col2im: grad_col = grad_y @ wmat^T, then each tap's column block is added back where it was read
     wmat = weight_matrix(w, g, dtype)  # (G, K, C_out/G)

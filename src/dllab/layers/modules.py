@@ -113,18 +113,24 @@ class Conv2d(nn.Module):
 
 class TorchConv2d(nn.Conv2d):
     """A subclass of ``torch.nn.Conv2d`` (same arguments, parameters, ``state_dict`` and kernels) with
-    one measured exception: the convolution of dllab's ``layers="torch"`` backend.
+    measured exceptions: the convolution of dllab's ``layers="torch"`` backend.
 
-    The exception: on a CPU that multiplies bf16 natively, a convolution computing in bf16 (bf16
-    tensors, or float ones under CPU autocast) with groups 1, numeric zero padding, a 4-D input,
-    a weight that needs its gradient and output images of at most 64 pixels takes its weight
-    gradient from one im2col GEMM (``_conv.conv_weight_grad``) instead of oneDNN's, which is
-    1.8-4.8x slower there (``_conv.GEMM_WEIGHT_GRAD_MAX_PIXELS``). Its forward pass and input
-    gradient stay torch's own, and so does a backward that is differentiated again. Everything
-    else is ``nn.Conv2d.forward``: other dtypes and devices, ``torch.no_grad``/inference mode,
-    ``torch.compile``, TorchScript, ``torch.jit.trace``, ``torch.fx`` tracing, ``torch.func``
-    transforms and forward-mode AD. Limitation: module-type tables (``torch.ao.quantization``'s
-    ``fuse_modules``) do not know the subclass.
+    The exceptions hold on a CPU that multiplies bf16 natively, for a convolution computing in bf16
+    (bf16 tensors, or float ones under CPU autocast) with groups 1, numeric zero padding and a 4-D
+    input (``_conv.gemm_route``):
+
+    - with output images of at most 64 pixels and a weight that needs its gradient (grad mode
+      on), the weight gradient is one im2col GEMM (``_conv.conv_weight_grad``) instead of oneDNN's,
+      which is 1.8-4.8x slower there (``_conv.GEMM_WEIGHT_GRAD_MAX_PIXELS``);
+    - with output images of at most 16 pixels, the forward pass and the input gradient are dllab's
+      im2col GEMMs as well (``_conv.conv_forward``, ``_conv.conv_input_grad``), also under
+      ``torch.no_grad``: oneDNN's bf16 kernels are 1.5x slower there (``_conv.GEMM_CONV_MAX_PIXELS``).
+
+    The results differ from ``nn.Conv2d``'s by the summation order of the bf16 GEMMs only. A
+    backward that is differentiated again is torch's own. Everything else is
+    ``nn.Conv2d.forward``: other dtypes and devices, ``torch.compile``, TorchScript,
+    ``torch.jit.trace``, ``torch.fx`` tracing, ``torch.func`` transforms and forward-mode AD.
+    Limitation: module-type tables (``torch.ao.quantization``'s ``fuse_modules``) do not know the subclass.
     """
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -135,19 +141,25 @@ class TorchConv2d(nn.Conv2d):
     @torch.jit.unused
     def _routed_forward(self, input: torch.Tensor) -> torch.Tensor:
         cast = F._autocast_dtype(input.device) if isinstance(input, torch.Tensor) else None
-        dtype = self._gemm_weight_grad_dtype(input, cast)
-        if dtype is None:
+        route = self._gemm_route(input, cast)
+        if route is None:
             return self._conv_forward(input, self.weight, self.bias)
+        dtype, everything = route
         x, w, b = (F._cast(t, dtype) for t in (input, self.weight, self.bias))  # autocast's casts, if any
         with torch.autocast(input.device.type, enabled=False) if cast else contextlib.nullcontext():
-            return _conv.TorchConvFunction.apply(x, w, b, self.stride, self.padding, self.dilation)
+            if everything and not (torch.is_grad_enabled() and any(
+                    t is not None and t.requires_grad for t in (x, w, b))):  # nothing to differentiate
+                pads = (self.padding[0], self.padding[0], self.padding[1], self.padding[1])
+                return _conv.conv_forward(x, w, b, self.stride, pads, self.dilation, 1,
+                                          _conv.gemm_dtype(dtype, input.device))
+            return _conv.TorchConvFunction.apply(x, w, b, self.stride, self.padding, self.dilation, everything)
 
-    def _gemm_weight_grad_dtype(self, input, cast: torch.dtype | None) -> torch.dtype | None:
-        """The dtype this call computes in if it takes the GEMM weight gradient (the class
-        docstring's conditions), else None. ``cast``: the active autocast dtype, if any."""
+    def _gemm_route(self, input, cast: torch.dtype | None) -> tuple[torch.dtype, bool] | None:
+        """(dtype this call computes in, whether the forward and input gradient are GEMMs too) if
+        the call takes one of the class docstring's routes, else None. ``cast``: the active
+        autocast dtype, if any."""
         if (isinstance(input, torch.fx.Proxy) or not isinstance(input, torch.Tensor) or input.dim() != 4
                 or self.padding_mode != "zeros" or isinstance(self.padding, str)
-                or not (self.weight.requires_grad and torch.is_grad_enabled())
                 or torch.compiler.is_compiling() or torch.jit.is_tracing()
                 or torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0):
             return None
@@ -159,7 +171,12 @@ class TorchConv2d(nn.Conv2d):
                 return None
         ho, wo = (F.conv_output_size(input.shape[2 + i], self.kernel_size[i], self.stride[i], 2 * self.padding[i],
                                      self.dilation[i]) for i in (0, 1))
-        return dtype if _conv.gemm_weight_grad_pays(dtype, input.device, self.groups, ho * wo) else None
+        route = _conv.gemm_route(dtype, input.device, self.groups, ho * wo)
+        if route == "all":
+            return dtype, True
+        if route == "weight-grad" and self.weight.requires_grad and torch.is_grad_enabled():
+            return dtype, False
+        return None
 
 
 class MaxPool2d(nn.Module):

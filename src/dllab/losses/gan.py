@@ -114,6 +114,9 @@ def r1_penalty(real_logits: torch.Tensor, real_inputs: torch.Tensor) -> torch.Te
     if not real_inputs.requires_grad:
         raise ValueError("real_inputs does not require grad: pass the tensor D read, made with "
                          "requires_grad_(True) before D's forward")
+    if real_inputs.dim() == 0 or real_inputs.shape[0] % real_logits.shape[0]:
+        raise ValueError(f"{real_inputs.shape[0] if real_inputs.dim() else 0} real inputs do not split evenly "
+                         f"into {real_logits.shape[0]} outputs (PacGAN packs whole groups of images)")
     (grad,) = torch.autograd.grad(real_logits.sum(), real_inputs, create_graph=True)
     per_image = grad.to(torch.promote_types(grad.dtype, torch.float32)).square().flatten(1).sum(1)
     # the mean over D's outputs of |grad|^2 over each one's whole input: with PacGAN (one logit per

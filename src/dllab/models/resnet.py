@@ -16,7 +16,8 @@ Two stems:
 
 Two layer backends: ``layers="torch"`` uses ``torch.nn`` (its convolutions are
 ``dllab.layers.TorchConv2d``, a subclass of ``nn.Conv2d`` whose bf16 weight gradients of small
-images on the CPU come from one GEMM, where oneDNN is 1.8-4.8x slower); ``layers="scratch"`` takes every
+images on the CPU come from one GEMM, where oneDNN is 1.8-4.8x slower, and so do the forward pass
+and input gradient of images of 16 pixels or fewer); ``layers="scratch"`` takes every
 convolution, max-pool and batch norm from ``dllab.layers`` (same signatures and parameter names as
 ``torch.nn``, so the ``state_dict`` is the same). The global average pool is a parameter-free mean
 (``nn.AdaptiveAvgPool2d``) in both.
@@ -79,7 +80,7 @@ class ResNetConfig:
 
 def layer_classes(layers: str) -> tuple[type[nn.Module], type[nn.Module], type[nn.Module]]:
     """(Conv2d, MaxPool2d, BatchNorm2d) classes of a layer backend, "torch" or "scratch"."""
-    if layers == "torch":  # TorchConv2d: nn.Conv2d with oneDNN's slow bf16 weight gradients replaced
+    if layers == "torch":  # TorchConv2d: nn.Conv2d with oneDNN's slow bf16 kernels of small images replaced
         return TorchConv2d, nn.MaxPool2d, nn.BatchNorm2d
     if layers == "scratch":
         return Conv2d, MaxPool2d, BatchNorm2d
