@@ -16,11 +16,12 @@ against ``_conv.conv_weight_grad`` (im2col + one GEMM), channels-last, at the Re
 28x28 inputs, in bf16 and fp32. ``TorchConv2d`` uses the GEMM for bf16 outputs of at most
 ``GEMM_WEIGHT_GRAD_MAX_PIXELS`` pixels on CPUs that multiply bf16 natively.
 
-``torch-conv``: forward+backward of one ``TorchConv2d`` under bf16 autocast, channels-last, batch
-128, at the same shapes, with each of ``_conv.gemm_route``'s answers forced in turn, as a ratio to
-``nn.Conv2d`` (oneDNN's forward and backward) timed alongside: "weight-grad" (the GEMM weight
-gradient only) and "all" (``conv_forward``, ``conv_input_grad`` and the GEMM weight gradient).
-``chosen`` is what the thresholds (``GEMM_WEIGHT_GRAD_MAX_PIXELS``, ``GEMM_CONV_MAX_PIXELS``) pick.
+``torch-conv``: forward+backward of one ``TorchConv2d`` under bf16 autocast, channels-last (or
+NCHW with ``--memory-format contiguous``), batch 128, at the same shapes, with each of
+``_conv.gemm_route``'s answers forced in turn, as a ratio to ``nn.Conv2d`` (oneDNN's forward and
+backward) timed alongside: "weight-grad" (the GEMM weight gradient only) and "all"
+(``conv_forward``, ``conv_input_grad`` and the GEMM weight gradient). ``chosen`` is what the
+thresholds (``GEMM_WEIGHT_GRAD_MAX_PIXELS``, ``GEMM_CONV_MAX_PIXELS``) pick.
 
 Timings are medians of interleaved repeats; on a shared machine read the ratios, not the ms.
 """
@@ -155,11 +156,13 @@ def weight_grad(batch: int, repeats: int) -> None:
         print(f"{f'conv{k}x{k} {c_in}->{c_out} s{s} @{h}':<28}{out_pixels:>7}{cells}{used:>20}", flush=True)
 
 
-def torch_conv(batch: int, repeats: int) -> None:
+def torch_conv(batch: int, repeats: int, channels_last: bool) -> None:
     from dllab.layers import TorchConv2d
 
     native = _conv._cpu_has_native(torch.bfloat16)
-    print(f"== TorchConv2d forward+backward, bf16 autocast, channels-last, batch {batch}, each route forced "
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    print(f"== TorchConv2d forward+backward, bf16 autocast, {'channels-last' if channels_last else 'NCHW'}, "
+          f"batch {batch}, each route forced "
           f"(ratio to nn.Conv2d); torch {torch.__version__}, CPU capability "
           f"{torch.backends.cpu.get_cpu_capability()}, native bf16 GEMM: {native}, "
           f"{torch.get_num_threads()} threads ==")
@@ -168,9 +171,9 @@ def torch_conv(batch: int, repeats: int) -> None:
     real = _conv.gemm_route
     for c_in, c_out, k, s, h in RESNET_28:
         torch.manual_seed(0)
-        x = torch.randn(batch, c_in, h, h).contiguous(memory_format=torch.channels_last).requires_grad_()
-        ref = torch.nn.Conv2d(c_in, c_out, k, s, k // 2, bias=False).to(memory_format=torch.channels_last)
-        ours = TorchConv2d(c_in, c_out, k, s, k // 2, bias=False).to(memory_format=torch.channels_last)
+        x = torch.randn(batch, c_in, h, h).contiguous(memory_format=fmt).requires_grad_()
+        ref = torch.nn.Conv2d(c_in, c_out, k, s, k // 2, bias=False).to(memory_format=fmt)
+        ours = TorchConv2d(c_in, c_out, k, s, k // 2, bias=False).to(memory_format=fmt)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             g = torch.randn_like(ref(x))
         out_pixels = g.shape[2] * g.shape[3]
@@ -213,8 +216,8 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=positive, default=None,
                    help="batch size (routes: 32, weight-grad and torch-conv: 128)")
     p.add_argument("--repeats", type=positive, default=7)
-    p.add_argument("--memory-format", choices=("contiguous", "channels_last"), default="contiguous",
-                   help="routes: the layout of the inputs")
+    p.add_argument("--memory-format", choices=("contiguous", "channels_last"), default=None,
+                   help="routes and torch-conv: the layout of the inputs (torch-conv: default channels_last)")
     p.add_argument("--threads", type=positive, default=None, help="torch intra-op threads (default: torch's)")
     args = p.parse_args(argv)
     if args.threads:
@@ -224,7 +227,7 @@ def main(argv=None) -> None:
     elif args.what == "weight-grad":
         weight_grad(args.batch or 128, args.repeats)
     else:
-        torch_conv(args.batch or 128, args.repeats)
+        torch_conv(args.batch or 128, args.repeats, args.memory_format != "contiguous")
 
 
 if __name__ == "__main__":

@@ -69,6 +69,21 @@ def test_conv_routes_benchmark_times_the_weight_gradient_both_ways():
     assert [row.split()[-1] for row in rows] == ["gemm" if native and px <= 64 else "torch" for px in out_pixels]
 
 
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
+def test_conv_routes_benchmark_times_torch_conv2ds_routes(layout):
+    out = _run("conv_routes.py", "torch-conv", "--batch", "2", "--repeats", "1", "--memory-format", layout)
+    assert ("channels-last" if layout == "channels_last" else "NCHW") in out.splitlines()[0], out
+    rows = [line for line in out.splitlines() if line.startswith("conv")]
+    assert len(rows) == 11, out
+    for row in rows:
+        assert re.search(r"\s\d+(\s+[\d.]+){3}  (all|weight-grad|torch)$", row), row
+    # the chosen column follows the rule: all up to 16 output pixels, the weight gradient up to 64
+    native = "native bf16 GEMM: True" in out
+    out_pixels = [int(row.split()[4]) for row in rows]
+    want = ["torch" if not native or px > 64 else "all" if px <= 16 else "weight-grad" for px in out_pixels]
+    assert [row.split()[-1] for row in rows] == want
+
+
 @pytest.mark.slow  # compiles five functions with TorchInductor (a C++ compiler; ~30 s)
 def test_fused_probe_prints_every_row():
     out = _run("fused_probe.py")

@@ -791,6 +791,19 @@ def test_workspace_grown_during_inference_mode_still_serves_training():
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
+def test_padded_buffers_first_made_in_inference_mode_serve_training():
+    """A zero-bordered padding buffer first made under torch.inference_mode() (an evaluation before
+    any training step of that shape) is a normal tensor: the training step after it writes into it."""
+    torch.manual_seed(0)
+    net = nn.Sequential(Conv2d(16, 16, 3, padding=1), BatchNorm2d(16), MaxPool2d(3, 2, 1), Conv2d(16, 8, 3, padding=1))
+    LF.clear_workspace()
+    with torch.inference_mode():
+        net(torch.randn(2, 16, 6, 6))
+    x = torch.randn(2, 16, 6, 6, requires_grad=True)
+    net(x).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
 def test_device_paths_fixture_takes_the_other_branches(monkeypatch):
     """The switch ``device_paths`` relies on does change the paths: no workspace, native-dtype GEMMs."""
     from dllab.layers._conv import gemm_dtype

@@ -378,12 +378,13 @@ def conv_geometry(x_shape, w_shape, stride, pads, dilation) -> tuple[int, int]:
 
 
 def conv_forward(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, stride, pads, dilation, groups: int,
-                 dtype: torch.dtype) -> torch.Tensor:
-    """y = conv2d(x, w, bias) by im2col + GEMMs in ``dtype``; y has x's dtype and memory format."""
+                 dtype: torch.dtype, memory_format: torch.memory_format | None = None) -> torch.Tensor:
+    """y = conv2d(x, w, bias) by im2col + GEMMs in ``dtype``; y has x's dtype, and ``memory_format``
+    (by default x's)."""
     ho, wo = conv_geometry(x.shape, w.shape, stride, pads, dilation)
     # the output is a fresh tensor (not a view), so in-place ops on it (ReLU(inplace=True)) work
     y = torch.empty((x.shape[0], w.shape[0], ho, wo), dtype=x.dtype, device=x.device,
-                    memory_format=suggest_memory_format(x))
+                    memory_format=memory_format or suggest_memory_format(x))
     if uses_planar(x, w.shape[2:], groups, ho * wo):  # a stem, or NCHW with large images: module docstring
         planar_gemm_into(im2col_planar(x, w.shape[2:], stride, pads, dilation, dtype), w, bias, y)
     else:
@@ -492,6 +493,28 @@ GEMM_WEIGHT_GRAD_MAX_PIXELS = 64
 GEMM_CONV_MAX_PIXELS = 16
 
 
+def strides_like_channels_last(t: torch.Tensor) -> bool:
+    """torch's own test (``is_channels_last_strides_2d``): the strides order the dimensions
+    (C, W, H, N) from fastest to slowest. Unlike ``suggest_memory_format`` it reads the strides of a
+    tensor that is also contiguous, such as a channels-last 1x1 kernel."""
+    if t.dim() != 4:
+        return False
+    smallest = 0
+    for d in (1, 3, 2, 0):
+        if t.shape[d] == 0 or t.stride(d) < smallest or (d == 0 and smallest == t.stride(1)):
+            return False
+        smallest = t.stride(d) * max(t.shape[d], 1)
+    return True
+
+
+def torch_memory_format(x: torch.Tensor, w: torch.Tensor) -> torch.memory_format:
+    """The layout torch's CPU convolution gives its output and its gradients: channels-last if the
+    input's or the weight's strides are, else contiguous."""
+    if strides_like_channels_last(x) or strides_like_channels_last(w):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def gemm_route(dtype: torch.dtype, device: torch.device, groups: int, out_pixels: int) -> str | None:
     """How ``TorchConv2d`` serves a torch convolution computing in ``dtype`` with ``out_pixels``
     output pixels per image: "all" (``conv_forward``, ``conv_input_grad`` and ``conv_weight_grad``),
@@ -523,7 +546,8 @@ class TorchConvFunction(torch.autograd.Function):
                     everything)
         if everything:
             pads = (padding[0], padding[0], padding[1], padding[1])
-            return conv_forward(x, w, bias, tuple(stride), pads, tuple(dilation), 1, gemm_dtype(x.dtype, x.device))
+            return conv_forward(x, w, bias, tuple(stride), pads, tuple(dilation), 1, gemm_dtype(x.dtype, x.device),
+                                torch_memory_format(x, w))
         return torch.nn.functional.conv2d(x, w, bias, stride, padding, dilation)
 
     @staticmethod
@@ -540,7 +564,7 @@ class TorchConvFunction(torch.autograd.Function):
         pads = (padding[0], padding[0], padding[1], padding[1])
         with torch.autocast(grad_y.device.type, enabled=False):
             if need_x and everything:
-                grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=suggest_memory_format(x))
+                grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=torch_memory_format(x, w))
                 conv_input_grad(grad_y.permute(0, 2, 3, 1), w, tuple(stride), pads, tuple(dilation), 1,
                                 gemm_dtype(x.dtype, x.device), grad_x)
             elif need_x:
@@ -549,7 +573,7 @@ class TorchConvFunction(torch.autograd.Function):
             if need_w:
                 rows = pad_nhwc(grad_y.permute(0, 2, 3, 1), (0, 0, 0, 0), w.dtype, slot="grad_y")
                 grad_w = conv_weight_grad(x, grad_y, rows, w.shape, stride, pads, dilation, 1, w.dtype, w.dtype,
-                                          suggest_memory_format(w))
+                                          torch_memory_format(x, w))
             if need_b:
                 acc = torch.promote_types(grad_y.dtype, torch.float32)  # float64 stays float64
                 grad_b = grad_y.sum((0, 2, 3), dtype=acc).to(w.dtype)

@@ -171,7 +171,10 @@ def bordered(slot: str, shape, border: tuple, dtype: torch.dtype, device: torch.
     key = (slot, tuple(shape), tuple(border), dtype, fill)
     buf = _SLOTS.padded.pop(key, None)
     if buf is None:
-        buf = torch.full(shape, fill, dtype=dtype)
+        # made as a normal tensor even under torch.inference_mode(): an inference tensor may not be
+        # written outside it, and the next training step reuses this buffer
+        with torch.inference_mode(False):
+            buf = torch.full(shape, fill, dtype=dtype)
         if not _fits(buf.numel() * buf.element_size()):
             return buf  # over the cap: not kept
         if len(_SLOTS.padded) >= MAX_PADDED:

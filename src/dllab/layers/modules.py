@@ -151,7 +151,7 @@ class TorchConv2d(nn.Conv2d):
                     t is not None and t.requires_grad for t in (x, w, b))):  # nothing to differentiate
                 pads = (self.padding[0], self.padding[0], self.padding[1], self.padding[1])
                 return _conv.conv_forward(x, w, b, self.stride, pads, self.dilation, 1,
-                                          _conv.gemm_dtype(dtype, input.device))
+                                          _conv.gemm_dtype(dtype, input.device), _conv.torch_memory_format(x, w))
             return _conv.TorchConvFunction.apply(x, w, b, self.stride, self.padding, self.dilation, everything)
 
     def _gemm_route(self, input, cast: torch.dtype | None) -> tuple[torch.dtype, bool] | None:
@@ -171,6 +171,8 @@ class TorchConv2d(nn.Conv2d):
                 return None
         ho, wo = (F.conv_output_size(input.shape[2 + i], self.kernel_size[i], self.stride[i], 2 * self.padding[i],
                                      self.dilation[i]) for i in (0, 1))
+        if ho < 1 or wo < 1:  # an empty output: torch's own error message
+            return None
         route = _conv.gemm_route(dtype, input.device, self.groups, ho * wo)
         if route == "all":
             return dtype, True
