@@ -3,6 +3,7 @@
     python benchmarks/conv_routes.py routes          # the scratch Conv2d's routes, per ResNet-18 row (~2 min)
     python benchmarks/conv_routes.py weight-grad     # oneDNN's weight gradient against one GEMM (~1 min)
     python benchmarks/conv_routes.py torch-conv      # TorchConv2d's bf16 routes, forward+backward (~2 min)
+    python benchmarks/conv_routes.py step            # the classifier's bf16 step with the tiny route on/off (~2 min)
 
 ``routes``: the scratch ``Conv2d`` (NCHW fp32, forward+backward) with each route forced in turn,
 as a ratio to ``torch.nn.Conv2d`` timed alongside: the planar im2col or the NHWC one
@@ -22,6 +23,12 @@ NCHW with ``--memory-format contiguous``), batch 128, at the same shapes, with e
 backward) timed alongside: "weight-grad" (the GEMM weight gradient only) and "all"
 (``conv_forward``, ``conv_input_grad`` and the GEMM weight gradient). ``chosen`` is what the
 thresholds (``GEMM_WEIGHT_GRAD_MAX_PIXELS``, ``GEMM_CONV_MAX_PIXELS``) pick.
+
+``step``: the classifier's real bf16 training step (``train_throughput.py``'s ``dllab+bf16``
+runner, ResNet-18 width 64 on MNIST-5k, batch 128, channels-last unless ``--memory-format
+contiguous``) with ``TorchConv2d``'s rule as it is, and with its "all" answers demoted to
+"weight-grad" (the rule before the tiny route), alternating in one process for ``--repeats``
+rounds of 5 s each, so that the machine's load hits both alike.
 
 Timings are medians of interleaved repeats; on a shared machine read the ratios, not the ms.
 """
@@ -202,6 +209,43 @@ def torch_conv(batch: int, repeats: int, channels_last: bool) -> None:
               + "".join(f"{median_ms(t) / base:>13.2f}" for t in times[1:]) + f"  {chosen}", flush=True)
 
 
+def step(batch: int, repeats: int, channels_last: bool) -> None:
+    import statistics
+
+    from train_throughput import Dllab  # benchmarks/, next to this script
+
+    from dllab.data import load
+
+    real = _conv.gemm_route
+
+    def before(*args):
+        route = real(*args)
+        return "weight-grad" if route == "all" else route
+
+    runner = Dllab("classifier", load("mnist5k"), batch, torch.device("cpu"), channels_last=channels_last,
+                   precision="bf16")
+    rates: dict[str, list[float]] = {"tiny route off": [], "tiny route on": []}
+    rules = {"tiny route off": before, "tiny route on": real}
+    print(f"== classifier step, bf16 autocast, {'channels-last' if channels_last else 'NCHW'}, batch {batch}, "
+          f"{repeats} alternating rounds of 5 s; torch {torch.__version__}, native bf16 GEMM: "
+          f"{_conv._cpu_has_native(torch.bfloat16)}, {torch.get_num_threads()} threads ==")
+    try:
+        for i in range(repeats):
+            for name in (list(rules) if i % 2 == 0 else list(rules)[::-1]):
+                _conv.gemm_route = rules[name]
+                runner.step()  # a step of the new rule before timing it
+                start, steps = time.perf_counter(), 0
+                while steps < 2 or time.perf_counter() - start < 5:
+                    runner.step()
+                    steps += 1
+                rates[name].append(steps * batch / (time.perf_counter() - start))
+    finally:
+        _conv.gemm_route = real
+    for name, r in rates.items():
+        print(f"{name:<16} median {statistics.median(r):7.1f} img/s  rounds " + " ".join(f"{x:.0f}" for x in r))
+    print(f"on / off: {statistics.median(rates['tiny route on']) / statistics.median(rates['tiny route off']):.2f}")
+
+
 def positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -212,12 +256,12 @@ def positive(text: str) -> int:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("what", choices=("routes", "weight-grad", "torch-conv"))
+    p.add_argument("what", choices=("routes", "weight-grad", "torch-conv", "step"))
     p.add_argument("--batch", type=positive, default=None,
-                   help="batch size (routes: 32, weight-grad and torch-conv: 128)")
+                   help="batch size (routes: 32, the others: 128)")
     p.add_argument("--repeats", type=positive, default=7)
     p.add_argument("--memory-format", choices=("contiguous", "channels_last"), default=None,
-                   help="routes and torch-conv: the layout of the inputs (torch-conv: default channels_last)")
+                   help="the layout of the inputs (routes: default contiguous; the others: channels_last)")
     p.add_argument("--threads", type=positive, default=None, help="torch intra-op threads (default: torch's)")
     args = p.parse_args(argv)
     if args.threads:
@@ -226,8 +270,10 @@ def main(argv=None) -> None:
         routes(args.batch or 32, args.repeats, args.memory_format == "channels_last")
     elif args.what == "weight-grad":
         weight_grad(args.batch or 128, args.repeats)
-    else:
+    elif args.what == "torch-conv":
         torch_conv(args.batch or 128, args.repeats, args.memory_format != "contiguous")
+    else:
+        step(args.batch or 128, args.repeats, args.memory_format != "contiguous")
 
 
 if __name__ == "__main__":

@@ -84,6 +84,14 @@ def test_conv_routes_benchmark_times_torch_conv2ds_routes(layout):
     assert [row.split()[-1] for row in rows] == want
 
 
+def test_conv_routes_benchmark_times_the_classifier_step_with_and_without_the_tiny_route():
+    out = _run("conv_routes.py", "step", "--batch", "2", "--repeats", "1", "--memory-format", "contiguous")
+    assert "NCHW, batch 2" in out.splitlines()[0], out
+    for name in ("tiny route off", "tiny route on"):
+        assert re.search(rf"^{name}\s+median\s+[\d.]+ img/s  rounds \d+$", out, re.M), out
+    assert re.search(r"^on / off: [\d.]+$", out, re.M), out
+
+
 @pytest.mark.slow  # compiles five functions with TorchInductor (a C++ compiler; ~30 s)
 def test_fused_probe_prints_every_row():
     out = _run("fused_probe.py")
