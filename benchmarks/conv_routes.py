@@ -246,24 +246,37 @@ def step(batch: int, repeats: int, channels_last: bool) -> None:
     print(f"on / off: {statistics.median(rates['tiny route on']) / statistics.median(rates['tiny route off']):.2f}")
 
 
+MAX_BATCH = 4096  # more images than any row here needs (and than MNIST-5k has for ``step``)
+
+
 def positive(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("what", choices=("routes", "weight-grad", "torch-conv", "step"))
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("what", choices=("routes", "weight-grad", "torch-conv", "step"),
+                   help="routes: the scratch Conv2d's routes against nn.Conv2d; weight-grad: oneDNN's weight "
+                        "gradient against one GEMM; torch-conv: TorchConv2d's bf16 routes; step: the classifier's "
+                        "bf16 step with the tiny route on and off (see the module docstring)")
     p.add_argument("--batch", type=positive, default=None,
-                   help="batch size (routes: 32, the others: 128)")
-    p.add_argument("--repeats", type=positive, default=7)
+                   help=f"batch size, at most {MAX_BATCH} (default: 32 for routes, 128 for the others)")
+    p.add_argument("--repeats", type=positive, default=7,
+                   help="timed repeats per row (step: alternating rounds of 5 s per rule) (default: 7)")
     p.add_argument("--memory-format", choices=("contiguous", "channels_last"), default=None,
-                   help="the layout of the inputs (routes: default contiguous; the others: channels_last)")
+                   help="the layout of the inputs (default: contiguous for routes, channels_last for the others)")
     p.add_argument("--threads", type=positive, default=None, help="torch intra-op threads (default: torch's)")
     args = p.parse_args(argv)
+    if args.batch is not None and args.batch > MAX_BATCH:
+        p.error(f"--batch {args.batch} is above {MAX_BATCH}")
+    if args.what == "step" and args.batch is not None and args.batch > 4000:
+        p.error(f"--batch {args.batch}: step trains on MNIST-5k's 4000 training images, so at most 4000")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.what == "routes":

@@ -92,6 +92,18 @@ def test_conv_routes_benchmark_times_the_classifier_step_with_and_without_the_ti
     assert re.search(r"^on / off: [\d.]+$", out, re.M), out
 
 
+@pytest.mark.parametrize("args,message", [
+    (["step", "--batch", "4050"], "at most 4000"),
+    (["torch-conv", "--batch", "99999999999999999999"], "above 4096"),
+    (["routes", "--repeats", "abc"], "expected a positive integer, got 'abc'"),
+    (["routes", "--batch", "0"], "must be at least 1"),
+])
+def test_conv_routes_benchmark_refuses_bad_input_with_a_usage_error(args, message):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "conv_routes.py"), *args], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
 @pytest.mark.slow  # compiles five functions with TorchInductor (a C++ compiler; ~30 s)
 def test_fused_probe_prints_every_row():
     out = _run("fused_probe.py")

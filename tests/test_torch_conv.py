@@ -271,6 +271,30 @@ def test_tiny_images_take_the_gemm_forward_without_a_gradient_too(native_bf16, m
     assert ours.weight.grad is not None
 
 
+@pytest.mark.parametrize("view", ["expanded channels", "sliced width", "n111"])
+def test_odd_strides_get_torchs_layouts(native_bf16, view):
+    """torch reads a layout from the strides (a broadcast channel dimension and ambiguous
+    N111 shapes default to NCHW): the tiny route's output and input gradient follow it."""
+    torch.manual_seed(0)
+    c = 1 if view == "n111" else 16
+    ours = TorchConv2d(c, 8, 3, padding=1).to(torch.bfloat16)
+    ref = nn.Conv2d(c, 8, 3, padding=1).to(torch.bfloat16)
+    ref.load_state_dict(ours.state_dict())
+    bf16 = dict(dtype=torch.bfloat16)
+    x = {"expanded channels": torch.randn(2, 1, 4, 4, **bf16).expand(2, 16, 4, 4),  # strides (16, 0, 4, 1)
+         "sliced width": torch.randn(2, 16, 4, 8, **bf16)[..., ::2],
+         "n111": torch.randn(2, 1, 1, 1, **bf16)}[view]
+    results = []
+    for m in (ours, ref):
+        xi = x.detach().requires_grad_()  # a view with the same strides, as a leaf
+        y = m(xi)
+        y.float().sum().backward()
+        results.append((y, xi.grad))
+    (y, gx), (y_ref, gx_ref) = results
+    assert y.stride() == y_ref.stride() and gx.stride() == gx_ref.stride()
+    assert (y.float() - y_ref.float()).norm() <= 1e-2 * y_ref.float().norm()
+
+
 def test_an_empty_output_gets_torchs_error(native_bf16):
     ours, ref, _ = make(TINY[1])  # 3x3 stride 2, padding 1: a 1x1 input gives an 1x1 output ...
     x = torch.randn(2, 8, 1, 1)

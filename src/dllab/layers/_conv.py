@@ -497,7 +497,7 @@ def strides_like_channels_last(t: torch.Tensor) -> bool:
     """torch's own test (``is_channels_last_strides_2d``): the strides order the dimensions
     (C, W, H, N) from fastest to slowest. Unlike ``suggest_memory_format`` it reads the strides of a
     tensor that is also contiguous, such as a channels-last 1x1 kernel."""
-    if t.dim() != 4:
+    if t.dim() != 4 or t.stride(1) == 0:  # torch: a broadcast channel dimension defaults to NCHW
         return False
     smallest = 0
     for d in (1, 3, 2, 0):
