@@ -528,6 +528,14 @@ def gemm_route(dtype: torch.dtype, device: torch.device, groups: int, out_pixels
     return "weight-grad" if out_pixels <= GEMM_WEIGHT_GRAD_MAX_PIXELS else None
 
 
+def gemm_conv2d(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, stride, padding, dilation) -> torch.Tensor:
+    """``F.conv2d(x, w, bias, stride, padding, dilation)`` (groups 1, an (h, w) padding pair) by
+    ``conv_forward``, in the layout torch gives: the forward of ``gemm_route``'s "all"."""
+    pads = (padding[0], padding[0], padding[1], padding[1])
+    return conv_forward(x, w, bias, tuple(stride), pads, tuple(dilation), 1, gemm_dtype(x.dtype, x.device),
+                        torch_memory_format(x, w))
+
+
 class TorchConvFunction(torch.autograd.Function):
     """A torch convolution (groups 1) served by ``gemm_route``: the weight gradient from
     ``conv_weight_grad``, and with ``everything`` also the forward pass and the input gradient
@@ -545,9 +553,7 @@ class TorchConvFunction(torch.autograd.Function):
         ctx.conf = (list(stride), list(padding), list(dilation), None if bias is None else list(bias.shape),
                     everything)
         if everything:
-            pads = (padding[0], padding[0], padding[1], padding[1])
-            return conv_forward(x, w, bias, tuple(stride), pads, tuple(dilation), 1, gemm_dtype(x.dtype, x.device),
-                                torch_memory_format(x, w))
+            return gemm_conv2d(x, w, bias, stride, padding, dilation)
         return torch.nn.functional.conv2d(x, w, bias, stride, padding, dilation)
 
     @staticmethod

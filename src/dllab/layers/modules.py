@@ -149,9 +149,7 @@ class TorchConv2d(nn.Conv2d):
         with torch.autocast(input.device.type, enabled=False) if cast else contextlib.nullcontext():
             if everything and not (torch.is_grad_enabled() and any(
                     t is not None and t.requires_grad for t in (x, w, b))):  # nothing to differentiate
-                pads = (self.padding[0], self.padding[0], self.padding[1], self.padding[1])
-                return _conv.conv_forward(x, w, b, self.stride, pads, self.dilation, 1,
-                                          _conv.gemm_dtype(dtype, input.device), _conv.torch_memory_format(x, w))
+                return _conv.gemm_conv2d(x, w, b, self.stride, self.padding, self.dilation)
             return _conv.TorchConvFunction.apply(x, w, b, self.stride, self.padding, self.dilation, everything)
 
     def _gemm_route(self, input, cast: torch.dtype | None) -> tuple[torch.dtype, bool] | None:
