@@ -304,17 +304,23 @@ def test_an_empty_output_gets_torchs_error(native_bf16):
             m(x)
 
 
-def test_a_differentiated_backward_of_a_tiny_image_is_torchs(native_bf16):
-    """create_graph=True on the tiny route: the forward is dllab's GEMM, the backward torch's own."""
+def penalty_gradients(case):
+    """(weight gradient, dL/dx, dL/dw) of a gradient penalty (create_graph=True) under bf16
+    autocast, for TorchConv2d and for nn.Conv2d: the backward must itself be differentiable."""
     results = []
-    for m in make(TINY[1])[:2]:
-        x = make(TINY[1])[2].requires_grad_()
+    for m in make(case)[:2]:
+        x = make(case)[2].requires_grad_()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             y = m(x)
         gw, = torch.autograd.grad(y.float().pow(2).sum(), m.weight, create_graph=True)
         gw.pow(2).sum().backward()
         results.append((gw.detach(), x.grad, m.weight.grad))
-    for ours, theirs in zip(*results):
+    return zip(*results)
+
+
+def test_a_differentiated_backward_of_a_tiny_image_is_torchs(native_bf16):
+    """create_graph=True on the tiny route: the forward is dllab's GEMM, the backward torch's own."""
+    for ours, theirs in penalty_gradients(TINY[1]):
         assert (ours - theirs).norm() <= 2e-2 * theirs.norm()
 
 
@@ -371,15 +377,7 @@ def test_channels_last_weights_get_channels_last_gradients(native_bf16):
 def test_a_differentiated_backward_is_torchs(native_bf16):
     """A gradient penalty (create_graph=True) under bf16 autocast: the backward must itself be
     differentiable, so it is torch's convolution_backward there, giving nn.Conv2d's numbers."""
-    results = []
-    for m in make(SMALL[1])[:2]:
-        x = make(SMALL[1])[2].requires_grad_()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            y = m(x)
-        gw, = torch.autograd.grad(y.float().pow(2).sum(), m.weight, create_graph=True)
-        gw.pow(2).sum().backward()
-        results.append((gw.detach(), x.grad, m.weight.grad))
-    for ours, theirs in zip(*results):
+    for ours, theirs in penalty_gradients(SMALL[1]):
         assert torch.equal(ours, theirs)
 
 
