@@ -149,12 +149,12 @@ def test_update_readme_copies_a_study_record_and_rewrites_its_block(tmp_path):
     record = _record("tsne", [({"seed": 0}, {"knn_acc": 0.9})], "vae")
     (out / "tsne").mkdir(parents=True)
     (out / "tsne" / "results.json").write_text(json.dumps(record))
-    readme.write_text("intro\n<!-- claims:begin -->\nold\n<!-- claims:end -->\n"
-                      "<!-- results:tsne:begin -->\nold table\n<!-- results:tsne:end -->\nend\n")
+    readme.write_text("intro\n<!-- claims:begin -->\nSTALE\n<!-- claims:end -->\n"
+                      "<!-- results:tsne:begin -->\nSTALE table\n<!-- results:tsne:end -->\nend\n")
     assert update_readme(readme, records, out) == ["claims", "results:tsne"]
     assert json.loads((records / "tsne.json").read_text()) == record
     text = readme.read_text()
-    assert results_markdown(record) in text and "old" not in text and text.endswith("end\n")
+    assert results_markdown(record) in text and "STALE" not in text and text.endswith("end\n")
     (out / "beta").mkdir()
     (out / "beta" / "results.json").write_text(json.dumps({**record, "study": "beta"}))
     with pytest.raises(ValueError, match="README has no <!-- results:beta:begin -->"):
