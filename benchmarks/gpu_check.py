@@ -12,6 +12,9 @@ meant to take on one GPU):
 2. ``layers``: ``benchmarks/layers.py --device cuda --resnet`` (scratch/torch time, fp32 and bf16).
 3. ``throughput``: ``benchmarks/train_throughput.py --device cuda --batch-size 256 --bf16`` (dllab's
    trainers against the textbook loops, one short round).
+   ``compile``, after the training runs below: the classifier and the VAE again, compiled with
+   torch.compile's ``default`` and ``reduce-overhead`` (CUDA graphs) modes (``dllab train
+   --compile --compile-mode MODE``), their build time left out.
 4. ``classifier``, ``vae``, ``dcgan``: one short run of each on ``--dataset`` (the real
    Fashion-MNIST by default) on the GPU; the DCGAN is scored by that classifier.
 5. ``cifar10-fast``, only with ``--cifar10``: ``dllab train classifier --preset cifar10-fast``, the
@@ -58,6 +61,10 @@ def _stages(out: Path, dataset: str, cifar10: bool = False) -> list[dict]:
         {"name": "dcgan", "limit": 120,
          "argv": [*train, "dcgan", *common, "--batch-size", "128", "--epochs", "3", "--eval-samples", "2000",
                   "--classifier-run", str(out / "classifier"), "--out", str(out / "dcgan")]},
+        {"name": "compile", "limit": 240,
+         "argv": [py, "benchmarks/train_throughput.py", "--device", "cuda", "--kinds", "classifier", "vae",
+                  "--batch-size", "256", "--bf16", "--compile", "--compile-modes", "default", "reduce-overhead",
+                  "--rounds", "1", "--seconds", "3", "--json", str(out / "compile.json")]},
     ] + ([{"name": "cifar10-fast", "limit": 600, "outside_budget": True,
            "argv": [*train, "classifier", "--preset", "cifar10-fast", "--device", "cuda", "--quiet",
                     "--out", str(out / "cifar10-fast")]}] if cifar10 else [])
@@ -87,16 +94,19 @@ def _figures(name: str, log: str, out: Path) -> str:
         parts = [f"{dt}: overall {o}, worst {w}" for (o, w), dt in zip(found, ("fp32", "bf16"))]
         parts += [f"ResNet-18 step {dt} {r}" for dt, r in steps]
         return "; ".join(parts) or "no table"
-    if name == "throughput":
+    if name in ("throughput", "compile"):
         try:
-            res = json.loads((out / "throughput.json").read_text())["results"]
+            res = json.loads((out / f"{name}.json").read_text())["results"]
         except (OSError, ValueError, KeyError):
-            return "no throughput.json"
+            return f"no {name}.json"
         parts = []
         for kind in res:
-            best = max(kind["rows"][1:], key=lambda r: r["images_per_s"])
-            parts.append(f"{kind['kind']} {best['images_per_s']:,.0f} img/s ({best['variant']}, "
-                         f"{best['ratio']:.2f}x the textbook loop)")
+            if name == "compile":  # every compiled variant, against the eager bf16 one
+                shown = [r for r in kind["rows"] if "compile" in r["variant"] or r["variant"] == "dllab+bf16"]
+            else:
+                shown = [max(kind["rows"][1:], key=lambda r: r["images_per_s"])]
+            parts += [f"{kind['kind']} {r['images_per_s']:,.0f} img/s ({r['variant']}, "
+                      f"{r['ratio']:.2f}x the textbook loop)" for r in shown]
         return "; ".join(parts)
     keys = {"classifier": ("test_acc", "train_seconds", "images_per_second"),
             "vae": ("test_elbo", "bits_per_dim", "train_seconds", "images_per_second"),

@@ -3,6 +3,7 @@
     python benchmarks/train_throughput.py              # about 4-5 minutes on 2 busy CPU cores
     python benchmarks/train_throughput.py --quick      # about 1 minute
     python benchmarks/train_throughput.py --compile    # also torch.compile variants (slow to build)
+    python benchmarks/train_throughput.py --compile --compile-modes default reduce-overhead  # GPU: CUDA graphs
     python benchmarks/train_throughput.py --bf16       # also bf16 autocast
     python benchmarks/train_throughput.py --kinds vae --threads 2 --json out.json
 
@@ -26,7 +27,9 @@ bundled MNIST-5k digits (1 x 28 x 28) at the same batch size, it times one train
   autocast (``--bf16``). ``+compile``: ``torch.compile`` of the models, as ``dllab train
   --compile`` does (only with ``--compile``: each model takes one to three minutes to build on a
   2-core CPU). With ``--bf16``, the classifier also gets ``+cl+bf16``; with both flags, every kind
-  gets ``+bf16+compile``.
+  gets ``+bf16+compile``. ``--compile-modes`` names torch.compile's modes to time (``dllab train
+  --compile-mode``; default ``default`` only): each mode other than ``default`` adds its own
+  variants, named ``+compile:MODE`` (``reduce-overhead`` replays CUDA graphs on a GPU).
 
 Every variant is built once; then each round times every variant in turn (the order rotates), for
 ``--seconds`` (at least ``--min-steps`` steps) after ``--warmup`` steps, and the figure is the
@@ -57,6 +60,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import _procmem  # benchmarks/_procmem.py, next to this script
+from dllab.config import COMPILE_MODES
 
 KINDS = ("classifier", "vae", "dcgan")
 BATCH = {"classifier": 32, "vae": 128, "dcgan": 64}  # CPU defaults; dllab's own for VAE and DCGAN
@@ -83,7 +87,7 @@ def step_memory(runner, device: torch.device) -> float:
 def build_runners(kind: str, data, batch: int, device, args) -> dict[str, object]:
     """The reference loop and every dllab variant of ``kind``, built (not yet run)."""
     runners: dict[str, object] = {"reference": Reference(kind, data, batch, device, args.workers)}
-    for name, opts in variants_for(kind, args.compile, args.bf16):
+    for name, opts in variants_for(kind, args.compile, args.bf16, args.compile_modes):
         runners[name] = Dllab(kind, data, batch, device, **opts)
     return runners
 
@@ -302,7 +306,7 @@ class Dllab:
     """A dllab trainer's ``train_step`` driven as ``Trainer.fit`` drives it (no logging I/O)."""
 
     def __init__(self, kind: str, data, batch: int, device, *, fused=True, channels_last=False,
-                 compile=False, precision="fp32", seed: int = 0):
+                 compile=False, compile_mode="default", precision="fp32", seed: int = 0):
         from dllab.runs import Run
         from dllab.train import defaults, kind_module
         from dllab.utils import seed_everything
@@ -310,7 +314,7 @@ class Dllab:
         seed_everything(seed)
         config = {**defaults(kind), "dataset": data.name, "batch_size": batch, "device": device.type,
                   "precision": precision, "channels_last": channels_last, "seed": seed,
-                  "compile": compile, "out": tempfile.gettempdir()}
+                  "compile": compile, "compile_mode": compile_mode, "out": tempfile.gettempdir()}
         run = Run(Path(tempfile.gettempdir()) / "dllab-bench-unused", config, writer=False)
         trainer = kind_module(kind).TRAINER(config, data, run, device, quiet=True)
         with contextlib.nullcontext() if fused else loop_optimizers():
@@ -372,7 +376,7 @@ def loader_rates(ref: Reference, ours: Dllab, device, n_batches: int) -> tuple[f
     return n_batches * ref.batch / (time.perf_counter() - start), ours_rate
 
 
-def variants_for(kind: str, compile: bool, bf16: bool) -> list[tuple[str, dict]]:
+def variants_for(kind: str, compile: bool, bf16: bool, compile_modes=("default",)) -> list[tuple[str, dict]]:
     out = [("dllab-loopopt", {"fused": False}), ("dllab", {})]
     if kind == "classifier":
         out.append(("dllab+cl", {"channels_last": True}))
@@ -380,10 +384,11 @@ def variants_for(kind: str, compile: bool, bf16: bool) -> list[tuple[str, dict]]
         out.append(("dllab+bf16", {"precision": "bf16"}))
         if kind == "classifier":
             out.append(("dllab+cl+bf16", {"channels_last": True, "precision": "bf16"}))
-    if compile:
-        out.append(("dllab+compile", {"compile": True}))
-    if compile and bf16:
-        out.append(("dllab+bf16+compile", {"precision": "bf16", "compile": True}))
+    for mode in dict.fromkeys(compile_modes) if compile else ():  # each mode once
+        tag = "" if mode == "default" else f":{mode}"
+        out.append((f"dllab+compile{tag}", {"compile": True, "compile_mode": mode}))
+        if bf16:
+            out.append((f"dllab+bf16+compile{tag}", {"precision": "bf16", "compile": True, "compile_mode": mode}))
     return out
 
 
@@ -452,6 +457,9 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--loader-batches", type=int, default=30)
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
+    p.add_argument("--compile-modes", nargs="+", choices=COMPILE_MODES, default=["default"], metavar="MODE",
+                   help=f"with --compile, torch.compile's modes to time, each its own variants "
+                        f"({', '.join(COMPILE_MODES)})")
     p.add_argument("--bf16", action="store_true",
                    help="also time bf16 autocast (fast only with AMX/AVX512-BF16 or on GPUs)")
     p.add_argument("--quick", action="store_true", help="1 round, shorter timings, smaller classifier batch")

@@ -7,6 +7,7 @@ come from a child process.
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -104,6 +105,25 @@ def test_conv_routes_benchmark_refuses_bad_input_with_a_usage_error(args, messag
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
+def test_train_throughput_times_each_compile_mode_once(monkeypatch):
+    """``--compile --compile-modes``: one compiled variant (and one bf16 one) per mode, named after
+    it, each with the config settings that ``dllab train --compile --compile-mode`` gives."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import train_throughput
+
+    variants = dict(train_throughput.variants_for("vae", True, True, ["default", "reduce-overhead", "default"]))
+    compiled = {name: opts for name, opts in variants.items() if "compile" in name}
+    assert compiled == {
+        "dllab+compile": {"compile": True, "compile_mode": "default"},
+        "dllab+bf16+compile": {"precision": "bf16", "compile": True, "compile_mode": "default"},
+        "dllab+compile:reduce-overhead": {"compile": True, "compile_mode": "reduce-overhead"},
+        "dllab+bf16+compile:reduce-overhead": {"precision": "bf16", "compile": True, "compile_mode": "reduce-overhead"}}
+    assert not any("compile" in name for name, _ in train_throughput.variants_for("vae", False, True, ["default"]))
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_throughput.py"), "--compile",
+                           "--compile-modes", "fastest"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2 and "invalid choice: 'fastest'" in proc.stderr, proc.stderr
+
+
 @pytest.mark.slow  # compiles five functions with TorchInductor (a C++ compiler; ~30 s)
 def test_fused_probe_prints_every_row():
     out = _run("fused_probe.py")
@@ -129,8 +149,19 @@ def test_gpu_check_reads_the_figures_of_its_stages(tmp_path, monkeypatch):
     (run / "summary.json").write_text('{"test_acc": 0.9312, "train_seconds": 12.5, "precision": "bfloat16"}')
     assert gpu_check._figures("classifier", "", tmp_path) == \
         "test_acc 0.9312, train_seconds 12.5, precision bfloat16"
-    # the preset's stage is there only when asked for, and outside the budget
-    assert [s["name"] for s in gpu_check._stages(tmp_path, "fashion-mnist")][-1] == "dcgan"
+    rows = [{"variant": v, "images_per_s": r * 100.0, "ratio": r} for v, r in
+            [("dllab", 1.5), ("dllab+bf16", 2.0), ("dllab+bf16+compile", 2.5), ("dllab+bf16+compile:reduce-overhead", 3.5)]]
+    (tmp_path / "compile.json").write_text(json.dumps({"results": [{"kind": "classifier", "rows": rows}]}))
+    assert gpu_check._figures("compile", "", tmp_path) == (
+        "classifier 200 img/s (dllab+bf16, 2.00x the textbook loop); classifier 250 img/s (dllab+bf16+compile, "
+        "2.50x the textbook loop); classifier 350 img/s (dllab+bf16+compile:reduce-overhead, 3.50x the textbook loop)")
+    assert gpu_check._figures("throughput", "", tmp_path) == "no throughput.json"
+    # the compile stage times both modes; the preset's stage is there only when asked for, and
+    # outside the budget
+    stages = gpu_check._stages(tmp_path, "fashion-mnist")
+    assert [s["name"] for s in stages][-2:] == ["dcgan", "compile"]
+    argv = stages[-1]["argv"]
+    assert argv[argv.index("--compile-modes") + 1:argv.index("--compile-modes") + 3] == ["default", "reduce-overhead"]
     preset = gpu_check._stages(tmp_path, "fashion-mnist", cifar10=True)[-1]
     assert preset["name"] == "cifar10-fast" and preset["outside_budget"] and "--preset" in preset["argv"]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

@@ -164,9 +164,12 @@ def test_a_streak_of_skips_on_the_device_stops_the_run_at_the_next_read(tmp_path
 
 
 @pytest.mark.slow  # torch.compile builds for up to a minute on a 2-core CPU
-@pytest.mark.parametrize("kind,settings", [("vae", {}), ("classifier", dict(norm=False))])
+@pytest.mark.parametrize("kind,settings", [("vae", {}), ("classifier", dict(norm=False)),
+                                           ("vae", dict(compile_mode="reduce-overhead"))],
+                         ids=["vae", "classifier", "vae-reduce-overhead"])
 def test_a_compiled_step_gives_the_eager_results(kind, settings, tmp_path):
-    """``--compile``: three steps, the second with a NaN batch, compiled and eager from the same
+    """``--compile`` (and ``--compile-mode reduce-overhead``, CUDA graphs on a GPU, TorchInductor's
+    kernels without them on the CPU): three steps, the second with a NaN batch, compiled and eager from the same
     start give the same weights (to float rounding: the compiled kernels fuse and reorder
     arithmetic) and skip the same step. The classifier runs without batch norm here: with it, its
     first steps amplify rounding differences into gradients that differ by up to 30 % (eager on 1

@@ -345,22 +345,65 @@ def test_compile_wraps_the_models_but_checkpoints_hold_plain_weights(kind, tmp_p
 
 
 def test_compile_flag_reaches_the_config_and_may_change_on_resume(tmp_path, monkeypatch):
-    """`--compile` is a speed setting: saved in config.json, and a resumed run may turn it on or off."""
+    """`--compile` and `--compile-mode` are speed settings: saved in config.json, passed to
+    torch.compile, and a resumed run may change them."""
     import dllab.engine as engine
 
     compiled_models = []
-    monkeypatch.setattr(engine.torch, "compile", lambda m, **kw: compiled_models.append(m) or m)
+    monkeypatch.setattr(engine.torch, "compile", lambda m, **kw: compiled_models.append(kw["mode"]) or m)
     out = tmp_path / "run"
+
+    def saved():
+        config = json.loads((out / "config.json").read_text())
+        return config["compile"], config["compile_mode"]
+
     assert main(train_argv("vae", out, "--compile", limit=64, epochs=1)) == 0
-    assert json.loads((out / "config.json").read_text())["compile"] is True
-    assert compiled_models, "the engine should have called torch.compile"
+    assert saved() == (True, "default")
+    assert compiled_models == ["default"], "the engine should have called torch.compile"
     compiled_models.clear()
     assert main(train_argv("vae", out, "--resume", limit=64, epochs=2)) == 0  # not given: kept
-    assert json.loads((out / "config.json").read_text())["compile"] is True and compiled_models
+    assert saved() == (True, "default") and compiled_models == ["default"]
     compiled_models.clear()
-    assert main(train_argv("vae", out, "--resume", "--no-compile", limit=64, epochs=3)) == 0
-    assert json.loads((out / "config.json").read_text())["compile"] is False
+    assert main(train_argv("vae", out, "--resume", "--compile-mode", "reduce-overhead", limit=64, epochs=3)) == 0
+    assert saved() == (True, "reduce-overhead") and compiled_models == ["reduce-overhead"]
+    compiled_models.clear()
+    assert main(train_argv("vae", out, "--resume", "--no-compile", limit=64, epochs=4)) == 0
+    assert saved() == (False, "reduce-overhead")
     assert not compiled_models
+
+
+def test_an_unknown_compile_mode_is_a_usage_error(tmp_path, capsys):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        main(train_argv("vae", out, "--compile", "--compile-mode", "fastest", limit=64, epochs=1))
+    assert e.value.code == 2 and "invalid choice: 'fastest'" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("compile,mode,device,graphs", [
+    (True, "reduce-overhead", "cuda", True), (True, "max-autotune", "cuda", True),
+    (True, "default", "cuda", False), (True, "max-autotune-no-cudagraphs", "cuda", False),
+    (False, "reduce-overhead", "cuda", False), (True, "reduce-overhead", "cpu", False)])
+def test_steps_are_marked_for_cuda_graphs_only_where_torch_records_them(compile, mode, device, graphs, tmp_path,
+                                                                       monkeypatch):
+    """With CUDA graphs (``--compile`` in a graph-recording mode, on a GPU) each training step tells
+    torch where it begins, so that a graph's replay never overwrites outputs the step still reads
+    (the DCGAN calls D three times in one step); elsewhere nothing is marked."""
+    import dllab.engine as engine
+
+    monkeypatch.setattr(engine.torch, "compile", lambda m, **kw: m)  # the plain model, on the CPU
+    marks = []
+    monkeypatch.setattr(engine.torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    trainer = _built_trainer("dcgan", tmp_path, compile=compile, compile_mode=mode)
+    trainer.device = torch.device(device)  # what the property reads; the step itself runs on the CPU
+    assert trainer.uses_cuda_graphs is graphs
+    trainer.device = torch.device("cpu")
+    monkeypatch.setattr(type(trainer), "uses_cuda_graphs", property(lambda self: graphs))
+    x, y = next(iter(trainer.loader("train", shuffle=True, augment=False, drop_last=True)))
+    for _ in range(2):
+        trainer.train_step(x, y)
+        trainer.step += 1
+    assert len(marks) == (2 if graphs else 0)
 
 
 @pytest.mark.slow

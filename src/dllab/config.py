@@ -35,6 +35,9 @@ EXIT_USAGE = 2
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+#: torch.compile's modes (``--compile-mode``); the two that record CUDA graphs on a GPU:
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):
@@ -172,6 +175,13 @@ class TrainConfig:
     compile: bool = setting(False, "torch.compile the model(s): minutes to build, then faster steps "
                             "for the classifier and DCGAN on a CPU (see benchmarks/train_throughput.py)",
                             group=TRAINING, resumable=True)
+    compile_mode: str = setting("default", "torch.compile's mode, with --compile: default; "
+                                "reduce-overhead records CUDA graphs (one launch per step on a GPU; "
+                                "the training batches have one shape, as the last partial batch is "
+                                "dropped); max-autotune also searches kernels (long builds); "
+                                "max-autotune-no-cudagraphs: that without CUDA graphs. On a CPU "
+                                "there are no CUDA graphs", choices=COMPILE_MODES, group=TRAINING,
+                                resumable=True)
     sync_bn: bool = setting(False, "under torchrun, convert BatchNorm layers to SyncBatchNorm (GPUs)",
                             group=TRAINING)
     max_params: int | None = setting(None, "refuse, before anything is written, a model with more "

@@ -49,7 +49,7 @@ import torch.distributed as dist
 from torch import nn
 
 from dllab.checkpoint import CheckpointError
-from dllab.config import TrainConfig, from_mapping
+from dllab.config import CUDA_GRAPH_MODES, TrainConfig, from_mapping
 from dllab.runs import Run
 from dllab.utils import (autocast, dist_info, get_rng_state, precision_name, progress, progress_lines, rank_seed,
                          resolve_precision, seed_everything, set_rng_state)
@@ -478,11 +478,28 @@ class Trainer:
         return self._compiled(nn.parallel.DistributedDataParallel(model, device_ids=ids, **kwargs))
 
     def _compiled(self, model: nn.Module) -> nn.Module:
-        """``torch.compile(model)`` when ``config.compile`` is set. Off by default: on this
-        project's 2-core CPU it took one to three minutes per model to build, then made a step
-        1.9x faster for the ResNet-18 classifier, 1.25x for the DCGAN and no faster for the VAE
-        (benchmarks/train_throughput.py --compile). Checkpoints hold the plain modules' weights."""
-        return torch.compile(model) if self.config.compile else model
+        """``torch.compile(model, mode=config.compile_mode)`` when ``config.compile`` is set. Off
+        by default: on this project's 2-core CPU it took one to three minutes per model to build,
+        then made a step 1.9x faster for the ResNet-18 classifier, 1.25x for the DCGAN and no
+        faster for the VAE (benchmarks/train_throughput.py --compile). Checkpoints hold the plain
+        modules' weights. For the modes that record CUDA graphs see :meth:`uses_cuda_graphs`."""
+        return torch.compile(model, mode=self.config.compile_mode) if self.config.compile else model
+
+    @property
+    def uses_cuda_graphs(self) -> bool:
+        """Whether the compiled models replay CUDA graphs (``--compile`` with a mode of
+        :data:`dllab.config.CUDA_GRAPH_MODES` on a CUDA device).
+
+        torch then keeps each graph's outputs in memory that the graph's next replay overwrites.
+        :meth:`train_step` therefore tells torch where each step begins
+        (``torch.compiler.cudagraph_mark_step_begin``), so that the outputs of the several calls of
+        one step (the DCGAN calls its discriminator three times) stay valid until that step's
+        backward passes and metrics are done, and no step reads a model output of an earlier one.
+        The models are trained on batches of one shape (the training loaders drop the last partial
+        batch), so each graph is recorded once; evaluation runs the plain modules.
+        """
+        return bool(self.config.compile) and self.config.compile_mode in CUDA_GRAPH_MODES \
+            and self.device.type == "cuda"
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum a tensor over ranks (identity when not distributed)."""
@@ -512,6 +529,8 @@ class Trainer:
         - on the host (:meth:`finite`, one host sync per update), for the first step (fused SGD
           must not start its momentum from a skipped step) and for unfused optimisers.
         """
+        if self.uses_cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         self._backup_buffers()  # a skipped step restores them
         self._step_skipped = False
         batch = self.prepare(x, y)
