@@ -391,6 +391,26 @@ def test_max_pool2d_infinities_and_nan():
 
 
 @pytest.mark.usefixtures("device_paths")
+@pytest.mark.parametrize("case", POOL_GRID, ids=[str(i) for i in range(len(POOL_GRID))])
+def test_max_pool2d_all_minus_infinity_windows_choose_torchs_cell(case):
+    """Windows whose real cells are all -inf (float) or the dtype's minimum (integers) report
+    torch's cell, the first real one, in every geometry of the grid: on a GPU this rule is applied
+    everywhere from a cached table of each window's first real tap, not after a test."""
+    h, w, k, s, p, d, ceil = case
+    x = torch.randn(2, 3, h, w, dtype=DT, generator=torch.Generator().manual_seed(12))
+    x[0] = -math.inf  # an image of -inf only; the other keeps a few -inf cells
+    x[1, :, ::2] = -math.inf
+    ya, ia = LF.max_pool2d(x, k, s, p, d, ceil, return_indices=True)
+    yb, ib = F.max_pool2d(x, k, s, p, d, ceil, return_indices=True)
+    assert torch.equal(ya, yb) and torch.equal(ia, ib)
+    xi = torch.randint(-5, 5, (1, 2, h, w), dtype=torch.int64, generator=torch.Generator().manual_seed(13))
+    xi[0, 0] = torch.iinfo(torch.int64).min
+    ya, ia = LF.max_pool2d(xi, k, s, p, d, ceil, return_indices=True)
+    yb, ib = F.max_pool2d(xi.double(), k, s, p, d, ceil, return_indices=True)  # torch pools floats only
+    assert torch.equal(ya.double(), yb) and torch.equal(ia, ib)
+
+
+@pytest.mark.usefixtures("device_paths")
 def test_max_pool2d_unbatched_empty_float32_and_gradcheck():
     gen = torch.Generator().manual_seed(9)
     x = torch.randn(3, 7, 7, dtype=DT, generator=gen)

@@ -217,3 +217,49 @@ def test_a_row_of_skips_ended_before_the_read_still_stops_the_run(tmp_path):
         trainer.step += 1
     with pytest.raises(NonFiniteLossError, match="3 steps in a row"):
         trainer._settle_skips()
+
+
+#: kernels of one call of each from-scratch layer on the paths a CUDA tensor takes, forward and
+#: backward, at most (measured: max-pool 15 + 3, batch norm 14-17 + 15-18, 3x3 convolution 4-5 + 13-15)
+LAYER_BUDGET = {"maxpool": (16, 3), "bn": (18, 19), "conv": (6, 16)}
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels-last"])
+@pytest.mark.parametrize("layer", list(LAYER_BUDGET))
+def test_the_scratch_layers_on_the_gpu_paths_never_wait_and_launch_few_kernels(layer, channels_last, monkeypatch):
+    """On a GPU the from-scratch layers run without host syncs and with a bounded number of kernels.
+    Before this test max-pool read one answer on the host in every forward call (whether NaN or
+    -inf needed torch's rules) and rebuilt its index tables each call: 47 kernels and 1 sync."""
+    from dllab.layers import BatchNorm2d, Conv2d, MaxPool2d, _workspace
+
+    monkeypatch.setattr(_workspace, "uses_cpu_paths", lambda device: False)
+    module = {"maxpool": lambda: MaxPool2d(3, 2, 1), "bn": lambda: BatchNorm2d(16),
+              "conv": lambda: Conv2d(16, 16, 3, padding=1, bias=False)}[layer]()
+    x = torch.randn(4, 16, 12, 12)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_()
+    module(x).sum().backward()  # first call: anything made once
+    with count_ops() as forward:
+        y = module(x)
+    g = torch.ones_like(y)
+    with count_ops() as backward:
+        y.backward(g)
+    assert forward.syncs == backward.syncs == 0, (forward.sync_ops(), backward.sync_ops())
+    budget = LAYER_BUDGET[layer]
+    assert forward.kernels <= budget[0] and backward.kernels <= budget[1], \
+        (forward.kernels, backward.kernels, sorted(forward.by_op.items(), key=lambda kv: -kv[1]))
+
+
+def test_a_scratch_resnet_step_on_the_gpu_paths_never_waits(tmp_path, monkeypatch):
+    """The classifier with every from-scratch layer, max-pool included (the ImageNet stem), on the
+    paths a CUDA tensor takes: no host sync in a step."""
+    from dllab.layers import _workspace
+
+    monkeypatch.setattr(_workspace, "uses_cpu_paths", lambda device: False)
+    trainer, batches = _trainer("classifier", tmp_path, layers="scratch", stem="imagenet")
+    x, y = batches[0]
+    for _ in range(2):
+        trainer.train_step(x, y)
+    after = _count_step(trainer, x, y)
+    assert after.syncs == 0, after.sync_ops()

@@ -15,7 +15,9 @@ rectangle of outputs where it lies inside x, and the rest of the output keeps wh
 padding's -inf never wins), with the output starting at -inf when tap 0 falls in the padding.
 (In NCHW with a column stride the -inf-padded input is copied once, split by column phase, so
 that every view reads unit-stride rows.) On the CPU the passes run a few images at a time, so
-the running maximum stays in the cache between them.
+the running maximum stays in the cache between them. A GPU takes :func:`_forward_windows` instead:
+one copy of all windows and one reduction (15 kernels in all, no host sync, where the running
+maximum took 47 and one sync), since there a launch costs more than the copy.
 
 Ties. Replacing only on ``>`` keeps the *first* maximal tap, which is what torch's max-pool
 kernels do: they scan the window row by row and replace the running maximum only when
@@ -83,6 +85,8 @@ def max_pool2d_forward(x: torch.Tensor, kernel, stride, padding, dilation, out_h
     if not x.is_floating_point() or x.numel() == 0 or n * c * ho * wo == 0:
         return _forward_windows(x, kernel, stride, padding, dilation, out_hw)
     if kh * dh * w + kw * dw >= 2**24:  # float32 offsets (below) would not be exact: a gigantic window
+        return _forward_windows(x, kernel, stride, padding, dilation, out_hw)
+    if not workspace.uses_cpu_paths(x.device):  # a GPU: few launches and no host sync (_forward_windows)
         return _forward_windows(x, kernel, stride, padding, dilation, out_hw)
     channels_last = suggest_memory_format(x) == torch.channels_last
     everywhere = (slice(None), slice(None))
@@ -176,7 +180,14 @@ def _inside(size: int, out: int, stride: int, pad: int, tap: int) -> tuple[int, 
 
 def _forward_windows(x: torch.Tensor, kernel, stride, padding, dilation, out_hw):
     """(values, flat indices) of a max-pool of (N, C, H, W) ``x`` from a copy of all windows, with
-    torch's choices for NaN and all -inf windows (see the module docstring)."""
+    torch's choices for NaN and all -inf windows (see the module docstring).
+
+    This is the GPU's route for every input: one copy of the windows and one reduction, where the
+    running maximum takes three kernels per tap. On the CPU the torch rules for NaN and -inf are
+    applied only when one cheap test on the output says they are needed; on a GPU that test would
+    make the host wait for the device at every call, so both rules are applied everywhere,
+    branch-free (a few more elementwise kernels, no host sync).
+    """
     n, c, h, w = x.shape
     (kh, kw), (sh, sw), (ph, pw), (dh, dw), (ho, wo) = kernel, stride, padding, dilation, out_hw
     channels_last = suggest_memory_format(x) == torch.channels_last
@@ -197,16 +208,60 @@ def _forward_windows(x: torch.Tensor, kernel, stride, padding, dilation, out_hw)
     flat = (lambda t: t.permute(0, 2, 3, 1).reshape(-1)) if channels_last else (lambda t: t.view(-1))
     torch.max(raw.view(kh * kw, -1), 0, out=(flat(values), flat(tap)))  # first maximal tap per window
     low = -torch.inf if x.is_floating_point() else torch.iinfo(x.dtype).min
-    special = not bool(torch.isfinite(values.sum())) if x.is_floating_point() else bool((values == low).any())
+    on_cpu = workspace.uses_cpu_paths(x.device)
+    if not on_cpu:
+        special = True  # applied everywhere: reading a test's answer is a host sync on a GPU
+    elif x.is_floating_point():
+        special = not bool(torch.isfinite(values.sum()))
+    else:
+        special = bool((values == low).any())
     if special:  # NaN or -inf maxima (one cheap test on the sum): torch's choices, see docstring
         if x.is_floating_point():
             nan_tap = kh * kw - 1 - torch.isnan(win).flip(0).int().argmax(0)  # last NaN tap
-            tap.copy_(torch.where(torch.isnan(values), nan_tap, tap))
+            torch.where(torch.isnan(values), nan_tap, tap, out=tap)
         # a window whose real cells are all -inf: the first real cell, not a padding cell
-        i0 = (ph - torch.arange(ho, device=x.device) * sh).clamp(min=0).add(dh - 1).div(dh, rounding_mode="floor")
-        j0 = (pw - torch.arange(wo, device=x.device) * sw).clamp(min=0).add(dw - 1).div(dw, rounding_mode="floor")
-        tap.copy_(torch.where(values == low, i0.view(ho, 1) * kw + j0.view(1, wo), tap))
-    return values, _flat_indices(tap, values, w, kernel, stride, padding, dilation)
+        torch.where(values == low, _geometry("first_real_tap", out_hw, w, kernel, stride, padding, dilation,
+                                             x.device), tap, out=tap)
+    if on_cpu:
+        return values, _flat_indices(tap, values, w, kernel, stride, padding, dilation)
+    # elsewhere two kernels: each tap's offset from its window's first cell, looked up, plus that cell
+    offsets = _geometry("tap_offsets", out_hw, w, kernel, stride, padding, dilation, x.device)
+    base = _geometry("window_base", out_hw, w, kernel, stride, padding, dilation, x.device)
+    return values, torch.add(offsets.take(tap), base)
+
+
+_GEOMETRY: dict[tuple, torch.Tensor] = {}
+GEOMETRY_CACHE_SIZE = 64  # tables kept (a few KiB each for ResNet shapes), least recently used dropped
+
+
+def _geometry(what: str, out_hw, w: int, kernel, stride, padding, dilation, device) -> torch.Tensor:
+    """A constant int64 table of one pooling geometry on ``device``, made once and cached: on a GPU
+    each call would otherwise launch a dozen tiny kernels to rebuild it.
+
+    - ``first_real_tap`` (Ho, Wo): the tap ``i*kw + j`` of each window's first cell inside the
+      input (torch's choice for a window whose real cells are all -inf);
+    - ``tap_offsets`` (kh*kw,): tap ``i*kw + j``'s flat offset ``i*dh*W + j*dw`` from its window's
+      first cell;
+    - ``window_base`` (Ho, Wo): the flat index of each window's first cell (:func:`_window_base`).
+    """
+    key = (what, tuple(out_hw), w, tuple(kernel), tuple(stride), tuple(padding), tuple(dilation), device)
+    table = _GEOMETRY.pop(key, None)
+    if table is None:
+        (ho, wo), (kh, kw), (sh, sw), (ph, pw), (dh, dw) = out_hw, kernel, stride, padding, dilation
+        with torch.inference_mode(False):  # a normal tensor, usable in training after an evaluation
+            if what == "first_real_tap":
+                i0 = [max(0, ph - p * sh + dh - 1) // dh for p in range(ho)]
+                j0 = [max(0, pw - q * sw + dw - 1) // dw for q in range(wo)]
+                table = torch.tensor([[i * kw + j for j in j0] for i in i0], dtype=torch.int64, device=device)
+            elif what == "tap_offsets":
+                table = torch.tensor([i * dh * w + j * dw for i in range(kh) for j in range(kw)],
+                                     dtype=torch.int64, device=device)
+            else:
+                table = _window_base(out_hw, w, stride, padding, device, torch.int64)
+        if len(_GEOMETRY) >= GEOMETRY_CACHE_SIZE:
+            _GEOMETRY.pop(next(iter(_GEOMETRY)))
+    _GEOMETRY[key] = table  # most recently used last
+    return table
 
 
 def _window_base(out_hw, w: int, stride, padding, device, dtype) -> torch.Tensor:
