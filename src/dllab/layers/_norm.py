@@ -18,7 +18,10 @@ over the tensor but subtracts two numbers of size ``var + mean^2``, so it loses
 ``log10(1 + mean^2/var)`` of float32's 7 digits. On the CPU, where each pass over the tensor is
 what costs, the variance comes from one pass (``sum(x)`` and ``|x|^2``), and any channel with
 ``mean^2 > 1000 * var`` (more than 3 digits lost) sends the whole batch through the two-pass
-algorithm instead. Elsewhere (CUDA) and for float64 the two-pass algorithm is always used.
+algorithm instead (that test is read on the host: a GPU would wait for it). For float64 on the
+CPU the two-pass algorithm is always used. Elsewhere (CUDA) float32 and float64 statistics come
+from one ``torch.var_mean`` (a reduction, not a batch-norm kernel), whose one pass is Welford's
+update, as exact as two passes; half-precision inputs take two passes in float32 there.
 
 Running statistics. The normalisation uses the *biased* variance (it is the variance of the very
 numbers being normalised), but the running estimate that eval mode uses should estimate the
@@ -84,8 +87,8 @@ def channel_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, ou
     ``addcmul`` whose first operand is the broadcast shift (0.13 against 0.5 ms for a
     64x512x4x4 tensor here); for channels-last inputs ``addcmul`` is the faster one.
     """
-    if suggest_memory_format(x) == torch.channels_last:
-        return torch.addcmul(shift, x, scale, out=out)
+    if suggest_memory_format(x) == torch.channels_last or not workspace.uses_cpu_paths(x.device):
+        return torch.addcmul(shift, x, scale, out=out)  # (a GPU: one kernel rather than two)
     return torch.mul(x, scale, out=out).add_(shift)
 
 
@@ -110,6 +113,8 @@ def channel_sum(x: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
     reduction across the outer dimension, vectorised along the C*L contiguous values), then over L.
     """
     dtype = None if x.dtype == acc else acc  # (passing dtype= costs a little even when it is x's)
+    if not workspace.uses_cpu_paths(x.device):  # a GPU reduces over several dimensions in one kernel
+        return x.sum(reduce_dims(x), dtype=dtype)
     if x.dim() > 2 and x.is_contiguous():
         x3 = x.view(x.shape[0], x.shape[1], -1)
         if x3.shape[2] >= 64:
@@ -168,14 +173,19 @@ class BatchNormTrainFunction(torch.autograd.Function):
         acc = acc_dtype(x.dtype)
         shape = channel_shape(x)
         inv_n = workspace.scalar(1.0 / (x.numel() // x.shape[1]), acc, x.device)  # (Python numbers cost more)
-        mean = channel_sum(x, acc).mul_(inv_n)  # (C,)
-        var = None
-        if workspace.uses_cpu_paths(x.device) and acc != torch.float64:
+        on_cpu = workspace.uses_cpu_paths(x.device)
+        z, shifted, xc, var = x, False, None, None
+        if not on_cpu and x.dtype == acc:  # a GPU: mean and variance from one Welford pass
+            var, mean = torch.var_mean(x, reduce_dims(x), correction=0)
+            xc = torch.sub(x, mean.view(shape))
+            z, shifted = xc, True
+        else:
+            mean = channel_sum(x, acc).mul_(inv_n)  # (C,)
+        if on_cpu and acc != torch.float64:
             mean_sq = mean * mean
             var = channel_sumsq(x, acc).mul_(inv_n).sub_(mean_sq).clamp_(min=0)  # E[x^2] - mean^2
             if bool(torch.gt(mean_sq, var * workspace.scalar(ONE_PASS_MAX_RATIO, acc, x.device)).any()):
                 var = None  # ill-conditioned: fall back to two passes
-        z, shifted, xc = x, False, None
         if var is None:
             keep = x.dtype == acc  # xc is kept for backward only at full precision
             xc = torch.sub(x, mean.view(shape), out=None if keep else workspace.buffer_like("bn_xc", x, acc))
