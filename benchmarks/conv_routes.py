@@ -4,6 +4,7 @@
     python benchmarks/conv_routes.py weight-grad     # oneDNN's weight gradient against one GEMM (~1 min)
     python benchmarks/conv_routes.py torch-conv      # TorchConv2d's bf16 routes, forward+backward (~2 min)
     python benchmarks/conv_routes.py step            # the classifier's bf16 step with the tiny route on/off (~2 min)
+    python benchmarks/conv_routes.py winograd        # the scratch 3x3 stride-1 rows by Winograd and by im2col (~1 min)
 
 ``routes``: the scratch ``Conv2d`` (NCHW fp32, forward+backward) with each route forced in turn,
 as a ratio to ``torch.nn.Conv2d`` timed alongside: the planar im2col or the NHWC one
@@ -30,6 +31,11 @@ contiguous``) with ``TorchConv2d``'s rule as it is, and with its "all" answers d
 "weight-grad" (the rule before the tiny route), alternating in one process for ``--repeats``
 rounds of 5 s each, so that the machine's load hits both alike.
 
+``winograd``: the scratch ``Conv2d``'s 3x3 stride-1 rows of ResNet-18 on 32x32 and on 28x28
+images (fp32, forward+backward, batch 32, NCHW unless ``--memory-format channels_last``), by
+Winograd's F(2x2, 3x3) (``_winograd.py``: the forward pass and the input gradient) and by
+im2col (``_winograd.WINOGRAD`` off), alternating with ``torch.nn.Conv2d``.
+
 Timings are medians of interleaved repeats; on a shared machine read the ratios, not the ms.
 """
 
@@ -42,7 +48,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from dllab.layers import Conv2d, _conv
+from dllab.layers import Conv2d, _conv, _winograd
 
 NEVER = 10**9
 # (c_in, c_out, kernel, stride, H): ResNet-18's CIFAR-shape convolutions (benchmarks/layers.py's rows)
@@ -249,6 +255,37 @@ def step(batch: int, repeats: int, channels_last: bool) -> None:
 MAX_BATCH = 4096  # more images than any row here needs (and than MNIST-5k has for ``step``)
 
 
+def winograd(batch: int, repeats: int, channels_last: bool) -> None:
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    saved = _winograd.WINOGRAD
+    print(f"== scratch Conv2d 3x3 stride 1, fp32, forward+backward, batch {batch}, {fmt}, {repeats} repeats, "
+          f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+          f"{torch.get_num_threads()} threads ==")
+    print(f"{'row':<24}{'torch ms':>9}{'im2col ms':>10}{'winograd ms':>12}{'im2col/torch':>13}"
+          f"{'winograd/torch':>15}{'winograd/im2col':>16}")
+    try:
+        for c_in, c_out, k, s, h in RESNET_32 + RESNET_28:
+            if k != 3 or s != 1 or c_in < _winograd.MIN_CHANNELS:
+                continue
+            torch.manual_seed(0)
+            x = torch.randn(batch, c_in, h, h).contiguous(memory_format=fmt).requires_grad_()
+            ours = Conv2d(c_in, c_out, 3, padding=1, bias=False)
+            ref = torch.nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
+            ref.load_state_dict(ours.state_dict())
+            g = torch.randn_like(ref(x))
+            times: dict[str, list[float]] = {"torch": [], "im2col": [], "winograd": []}
+            for _ in range(repeats + 1):  # the first round warms up (workspace buffers)
+                for name in times:
+                    _winograd.WINOGRAD = name == "winograd"
+                    times[name].append(step_time(ref if name == "torch" else ours, x, g))
+            ms = {name: median_ms(t[1:]) for name, t in times.items()}
+            print(f"{f'{c_in}->{c_out} @{h}':<24}{ms['torch']:>9.1f}{ms['im2col']:>10.1f}{ms['winograd']:>12.1f}"
+                  f"{ms['im2col'] / ms['torch']:>13.2f}{ms['winograd'] / ms['torch']:>15.2f}"
+                  f"{ms['winograd'] / ms['im2col']:>16.2f}", flush=True)
+    finally:
+        _winograd.WINOGRAD = saved
+
+
 def positive(text: str) -> int:
     try:
         value = int(text)
@@ -261,10 +298,11 @@ def positive(text: str) -> int:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("what", choices=("routes", "weight-grad", "torch-conv", "step"),
+    p.add_argument("what", choices=("routes", "weight-grad", "torch-conv", "step", "winograd"),
                    help="routes: the scratch Conv2d's routes against nn.Conv2d; weight-grad: oneDNN's weight "
                         "gradient against one GEMM; torch-conv: TorchConv2d's bf16 routes; step: the classifier's "
-                        "bf16 step with the tiny route on and off (see the module docstring)")
+                        "bf16 step with the tiny route on and off; winograd: the scratch 3x3 stride-1 rows by "
+                        "Winograd and by im2col (see the module docstring)")
     p.add_argument("--batch", type=positive, default=None,
                    help=f"batch size, at most {MAX_BATCH} (default: 32 for routes, 128 for the others)")
     p.add_argument("--repeats", type=positive, default=7,
@@ -283,6 +321,8 @@ def main(argv=None) -> None:
         routes(args.batch or 32, args.repeats, args.memory_format == "channels_last")
     elif args.what == "weight-grad":
         weight_grad(args.batch or 128, args.repeats)
+    elif args.what == "winograd":
+        winograd(args.batch or 32, args.repeats, args.memory_format == "channels_last")
     elif args.what == "torch-conv":
         torch_conv(args.batch or 128, args.repeats, args.memory_format != "contiguous")
     else:

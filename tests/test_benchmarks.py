@@ -58,6 +58,15 @@ def test_conv_routes_benchmark_times_every_route_and_names_the_chosen_one():
     assert sum(bool(re.search(r"  (per-image gemms|one gemm) \(", line)) for line in out.splitlines()) == 11, out
 
 
+def test_conv_routes_benchmark_times_winograd_against_im2col():
+    out = _run("conv_routes.py", "winograd", "--batch", "2", "--repeats", "1")
+    rows = [line for line in out.splitlines() if re.match(r"\d+->\d+ @\d+ ", line)]
+    assert [r.split()[0] + r.split()[1] for r in rows] == ["64->64@32", "128->128@16", "256->256@8", "512->512@4",
+                                                          "64->64@28", "128->128@14", "256->256@7", "512->512@4"], out
+    for row in rows:  # torch, im2col and winograd times, then three ratios
+        assert len(re.findall(r"\d+\.\d+", row)) == 6, row
+
+
 def test_conv_routes_benchmark_times_the_weight_gradient_both_ways():
     out = _run("conv_routes.py", "weight-grad", "--batch", "2", "--repeats", "1")
     rows = [line for line in out.splitlines() if line.startswith("conv")]

@@ -298,6 +298,73 @@ def test_conv2d_module_errors(kwargs):
         Conv2d(**args)
 
 
+WINOGRAD_GRID = [
+    # (N, C_in, H, W, C_out, padding, bias): 3x3 stride-1 convolutions with 16+ channels
+    (2, 16, 8, 8, 16, 1, False),
+    (3, 16, 7, 9, 24, 1, True),  # odd sizes: a zero row and column complete the last tiles
+    (2, 24, 6, 6, 16, 0, True),  # no padding (4x4 output)
+    (1, 16, 5, 5, 16, 2, False),  # padding 2 (7x7 output); the input gradient's own padding is 0
+    (2, 32, 4, 4, 48, 1, True),  # ResNet's last stage shape
+    (2, 16, 9, 8, 16, "same", False),
+]
+
+
+@pytest.mark.parametrize("chunk", ["default", "one image"])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("case", WINOGRAD_GRID, ids=[str(i) for i in range(len(WINOGRAD_GRID))])
+def test_conv2d_by_winograd_matches_torch(case, channels_last, chunk, monkeypatch):
+    """F(2x2, 3x3) for the forward pass and the input gradient, F(3x3, 2x2) for the weight
+    gradient, in float64 to 1e-10 of torch: values, all three gradients and the layouts."""
+    from dllab.layers import _winograd
+
+    calls = []
+    for name in ("conv", "weight_grad"):
+        real = getattr(_winograd, name)
+        monkeypatch.setattr(_winograd, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    if chunk == "one image":  # chunks of one image: the weight gradient sums over chunks
+        monkeypatch.setattr(_winograd, "CHUNK_BYTES", 1)
+    n, c, h, w, c_out, p, has_bias = case
+    gen = torch.Generator().manual_seed(21)
+    x = torch.randn(n, c, h, w, dtype=DT, generator=gen)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    weight = torch.randn(c_out, c, 3, 3, dtype=DT, generator=gen)
+    bias = torch.randn(c_out, dtype=DT, generator=gen) if has_bias else None
+    ya, yb = _compare_fn(lambda x_, w_, b_: LF.conv2d(x_, w_, b_, 1, p),
+                         lambda x_, w_, b_: F.conv2d(x_, w_, b_, 1, p), [x, weight, bias])
+    assert calls == ["conv", "conv", "weight_grad"], calls  # forward, input gradient, weight gradient
+    assert ya.is_contiguous(memory_format=torch.channels_last) == yb.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_conv2d_by_winograd_in_float32_is_as_close_to_torch_as_float32_allows():
+    """A ResNet layer in float32: Winograd's outputs and gradients agree with float64 to float32
+    rounding (relative error well under 1e-4), as im2col's do."""
+    gen = torch.Generator().manual_seed(22)
+    x = torch.randn(4, 64, 16, 16, generator=gen)
+    weight = torch.randn(64, 64, 3, 3, generator=gen) * 0.05
+    exact = F.conv2d(x.double(), weight.double(), padding=1)
+    y = LF.conv2d(x, weight, None, 1, 1)
+    assert ((y.double() - exact).norm() / exact.norm()).item() < 1e-5
+
+
+@pytest.mark.parametrize("what", ["stride 2", "dilation 2", "groups 2", "5x5", "8 channels", "bfloat16", "cuda paths"])
+def test_winograd_serves_only_what_it_is_for(what, monkeypatch):
+    from dllab.layers import _workspace
+    from dllab.layers._winograd import applies
+
+    cpu = torch.device("cpu")
+    kwargs = dict(c_in=16, w_shape=(16, 16, 3, 3), stride=(1, 1), dilation=(1, 1), groups=1, dtype=torch.float32,
+                  device=cpu)
+    assert applies(**kwargs)
+    change = {"stride 2": dict(stride=(2, 2)), "dilation 2": dict(dilation=(2, 2)),
+              "groups 2": dict(groups=2, w_shape=(16, 8, 3, 3)), "5x5": dict(w_shape=(16, 16, 5, 5)),
+              "8 channels": dict(c_in=8, w_shape=(16, 8, 3, 3)), "bfloat16": dict(dtype=torch.bfloat16),
+              "cuda paths": {}}[what]
+    if what == "cuda paths":
+        monkeypatch.setattr(_workspace, "uses_cpu_paths", lambda device: False)
+    assert not applies(**{**kwargs, **change})
+
+
 # ----------------------------------------------------------------------------------------------
 # max_pool2d
 

@@ -1,0 +1,201 @@
+"""3x3 stride-1 convolutions by Winograd's minimal filtering F(2x2, 3x3).
+
+Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", CVPR 2016
+(https://arxiv.org/abs/1509.09308), section 4.
+
+The idea. Cut the output into 2x2 tiles. The tile at (2p, 2q) reads the 4x4 patch ``d`` of the
+padded input that starts there, and for one input and one output channel it equals
+
+    Y = A^T [ (G g G^T) * (B^T d B) ] A          (* elementwise, all matrices below)
+
+with the 3x3 kernel ``g`` and
+
+    B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]]
+    G   = [[1, 0, 0], [1/2, 1/2, 1/2], [1/2, -1/2, 1/2], [0, 0, 1]]
+    A^T = [[1, 1, 1, 0], [0, 1, -1, -1]]
+
+(each is the correlation that CNNs call convolution, as in the paper). Summed over input channels,
+the 16 elementwise products of one tile become 16 matrix products: for each of the 16 positions k
+of the 4x4 transformed patch, ``M[k] (tiles, C_out) = V[k] (tiles, C) @ U[k] (C, C_out)``, with
+``V = B^T d B`` of every tile and ``U = G g G^T`` of every kernel. That is 16 multiplications per
+tile and channel pair where im2col's GEMM makes 36 (4 output pixels x 9 taps): 2.25x fewer, and
+the transformed input holds 4 values per output pixel and channel where im2col's ``col`` holds 9.
+
+Here. The input is read as NHWC; the 4x4 patches of a chunk of images are one strided view
+(tiles overlap by 2 pixels), copied tap-major into ``D`` (16, tiles * C). The two transforms are
+GEMMs with the 16 x 16 matrix ``B^T (x) B^T`` and the 4 x 16 matrix ``A^T (x) A^T`` (Kronecker
+products: ``vec(B^T d B) = (B^T (x) B^T) vec(d)`` for a row-major vec), the products one batched
+GEMM over the 16 positions. Images go through in chunks whose ``D`` is about ``CHUNK_BYTES``, so
+that the five steps of a chunk find their operands in the cache.
+
+Where it is used (``applies``): on the CPU, for float32 and float64 GEMMs, 3x3 kernels, stride 1,
+no dilation, one group, and at least ``MIN_CHANNELS`` input and output channels: the forward pass,
+and the input gradient (the same convolution of the padded dL/dy with the kernel flipped in
+both spatial axes and its channels swapped). The weight gradient keeps im2col. Measured on the AMX
+Xeon (docs/speed.md). bf16 GEMMs keep im2col: the transforms add up to 9 rounded numbers.
+
+Accuracy. The transforms only add, subtract and halve, so each output is the same sum as im2col's
+in another order, with the input and kernel values combined before they are multiplied; in
+float32 the outputs of a ResNet layer differ from torch's by about 1e-5 relative (im2col: 1e-6),
+and float64 agrees with torch to 1e-12 (tests/test_layers.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dllab.layers import _workspace as workspace
+
+WINOGRAD = True  # off: every 3x3 convolution takes im2col (tests and benchmarks compare the two)
+MIN_CHANNELS = 16  # fewer input or output channels (stems): im2col, whose GEMMs are small anyway
+CHUNK_BYTES = 4 * 2**20  # bytes of the transformed input of one chunk of images
+
+_SMALL = {  # F(2x2, 3x3): the forward pass and the input gradient
+    "BT": ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1)),
+    "G": ((1, 0, 0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0, 0, 1)),
+    "AT": ((1, 1, 1, 0), (0, 1, -1, -1)),
+    # F(3x3, 2x2): the weight gradient, a 3x3 "output" (the kernel) from 4x4 input patches and
+    # 2x2 tiles of dL/dy as the "kernel"
+    "BT32": ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, -1, 0, 1)),
+    "G32": ((1, 0), (0.5, 0.5), (0.5, -0.5), (0, 1)),
+    "AT32": ((1, 1, 1, 0), (0, 1, -1, 0), (0, 1, 1, 1)),
+}
+_MATRICES: dict[tuple, torch.Tensor] = {}
+
+
+def _matrix(name: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The Kronecker square of one of ``_SMALL``'s matrices (``B^T (x) B^T`` is (16, 16), ``G (x) G``
+    (16, 9), ``A^T (x) A^T`` (4, 16); for F(3x3, 2x2) (16, 16), (16, 4) and (9, 16)), cached."""
+    key = (name, dtype, device)
+    if key not in _MATRICES:
+        small = torch.tensor(_SMALL[name], dtype=torch.float64)
+        with torch.inference_mode(False):  # a normal tensor, usable in training after an evaluation
+            _MATRICES[key] = torch.kron(small, small).to(dtype=dtype, device=device)
+    return _MATRICES[key]
+
+
+def applies(c_in: int, w_shape, stride, dilation, groups: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether a convolution is computed by :func:`conv` (see the module docstring)."""
+    c_out, _, kh, kw = w_shape
+    return (WINOGRAD and (kh, kw) == (3, 3) and tuple(stride) == (1, 1) and tuple(dilation) == (1, 1)
+            and groups == 1 and dtype in (torch.float32, torch.float64) and workspace.uses_cpu_paths(device)
+            and min(c_in, c_out) >= MIN_CHANNELS)
+
+
+def tile_pads(h: int, w: int, pads) -> tuple[int, int, int, int]:
+    """``pads`` (top, bottom, left, right) of an (h, w) input, with the bottom and right grown by one
+    where the output has an odd size: every 2x2 tile then lies inside the padded input."""
+    top, bottom, left, right = pads
+    return top, bottom + (h + top + bottom - 2) % 2, left, right + (w + left + right - 2) % 2
+
+
+def weight_transform(w: torch.Tensor, dtype: torch.dtype, flipped: bool = False) -> torch.Tensor:
+    """``U = G g G^T`` of every kernel of ``w`` (C_out, C, 3, 3), as (16, C, C_out) in ``dtype``.
+
+    ``flipped``: the kernel of the input gradient instead, ``w`` flipped in both spatial axes with
+    its channels swapped, as (16, C_out, C)."""
+    c_out, c = w.shape[:2]
+    taps = w.flip(2, 3).transpose(0, 1) if flipped else w  # (K_out, K_in, 3, 3)
+    w9 = taps.permute(2, 3, 1, 0).to(dtype).reshape(9, -1)  # (3*3, K_in * K_out), one copy
+    return torch.mm(_matrix("G", dtype, w.device), w9).view(16, taps.shape[1], taps.shape[0])
+
+
+def conv(xp: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, out_nchw: torch.Tensor) -> None:
+    """``out_nchw`` (N, C_out, Ho, Wo), any layout, <- the 3x3 stride-1 convolution of the padded
+    NHWC input ``xp`` (N, Hp, Wp, C), contiguous, with the transformed kernels ``u`` (16, C, C_out).
+
+    ``xp`` must hold every tile: Hp - 2 and Wp - 2 even (:func:`tile_pads`); the output may be a
+    row and a column smaller than that (an odd size), and keeps its first Ho x Wo pixels.
+    """
+    n, hp, wp, c = xp.shape
+    c_out = u.shape[2]
+    ho, wo = out_nchw.shape[2:]
+    th, tw = (hp - 2) // 2, (wp - 2) // 2
+    dtype, device = xp.dtype, xp.device
+    t16, a16 = _matrix("BT", dtype, device), _matrix("AT", dtype, device)
+    chunk = max(1, min(n, CHUNK_BYTES // (16 * th * tw * c * dtype.itemsize)))
+    pc_max = chunk * th * tw
+    d_buf = workspace.buffer("wino_d", (16, pc_max * c), dtype, device)
+    v_buf = workspace.buffer("wino_v", (16, pc_max * c), dtype, device)
+    m_buf = workspace.buffer("wino_m", (16, pc_max, c_out), dtype, device)
+    y_buf = workspace.buffer("wino_y", (4, pc_max * c_out), dtype, device)
+    even = (2 * th, 2 * tw) == (ho, wo)
+    s_n, s_h, s_w, s_c = xp.stride()
+    out_nhwc = out_nchw.permute(0, 2, 3, 1)  # (N, Ho, Wo, C_out), a view of either layout
+    if not even or out_nchw.dtype != dtype:
+        full = workspace.buffer("wino_out", (chunk, 2 * th, 2 * tw, c_out), dtype, device)
+    for b0 in range(0, n, chunk):
+        nb = min(chunk, n - b0)
+        pc = nb * th * tw
+        # the 4x4 patches of the chunk, tap-major: (4, 4, nb, th, tw, C), tiles 2 pixels apart
+        patches = xp.as_strided((4, 4, nb, th, tw, c), (s_h, s_w, s_n, 2 * s_h, 2 * s_w, s_c),
+                                xp.storage_offset() + b0 * s_n)
+        d = d_buf[:, :pc * c]
+        d.view(4, 4, nb, th, tw, c).copy_(patches)
+        v = v_buf[:, :pc * c]
+        torch.mm(t16, d, out=v)  # V = B^T d B of every tile and channel
+        m = m_buf[:, :pc]
+        torch.bmm(v.view(16, pc, c), u, out=m)  # the 16 products, summed over input channels
+        y = y_buf[:, :pc * c_out]
+        torch.mm(a16, m.view(16, pc * c_out), out=y)  # Y = A^T M A: (2, 2, tiles, C_out)
+        tiles = y.view(2, 2, nb, th, tw, c_out).permute(2, 3, 0, 4, 1, 5)  # (nb, th, 2, tw, 2, C_out)
+        if even and out_nchw.dtype == dtype:
+            dst = out_nhwc[b0:b0 + nb]
+            dst.view(nb, th, 2, tw, 2, c_out).copy_(tiles)
+        else:
+            full[:nb].view(nb, th, 2, tw, 2, c_out).copy_(tiles)
+            dst = out_nhwc[b0:b0 + nb]
+            dst.copy_(full[:nb, :ho, :wo])
+        if bias is not None:
+            dst.add_(bias.to(out_nchw.dtype))
+
+
+def weight_grad(xp: torch.Tensor, gy: torch.Tensor, out: torch.Tensor) -> None:
+    """``out`` (C_out, C, 3, 3), any layout, <- dL/dw of the 3x3 stride-1 convolution of the padded
+    NHWC input ``xp`` (N, Hp, Wp, C), contiguous, as :func:`conv` reads it (:func:`tile_pads`), from
+    dL/dy seen as NHWC ``gy`` (N, Ho, Wo, C_out), any strides.
+
+    ``dw[o, c, i, j] = sum over images and pixels of gy[o, p, q] * xp[c, p + i, q + j]``: per 2x2 tile
+    of dL/dy this is F(3x3, 2x2), the 4x4 input patch of the forward pass against the tile, so
+    ``dW[k] (C_out, C) = sum over tiles of GY[k]^T V[k]`` for the 16 transformed positions k, one
+    batched GEMM per chunk of images accumulated over the chunks, then ``A^T dW A`` gives the 3x3
+    kernel: 2.25x fewer multiplications than im2col's ``grad_y^T @ col``.
+    """
+    n, hp, wp, c = xp.shape
+    c_out = gy.shape[3]
+    ho, wo = gy.shape[1:3]
+    th, tw = (hp - 2) // 2, (wp - 2) // 2
+    dtype, device = xp.dtype, xp.device
+    t16, g16, a9 = (_matrix(m, dtype, device) for m in ("BT32", "G32", "AT32"))
+    if (2 * th, 2 * tw) != (ho, wo) or gy.dtype != dtype:  # odd sizes: a zero row / column completes the tiles
+        padded = workspace.bordered("wino_gy", (n, 2 * th, 2 * tw, c_out), (0, 2 * th - ho, 0, 2 * tw - wo),
+                                    dtype, device)
+        padded[:, :ho, :wo].copy_(gy)
+        gy = padded
+    chunk = max(1, min(n, CHUNK_BYTES // (16 * th * tw * c * dtype.itemsize)))
+    pc_max = chunk * th * tw
+    d_buf = workspace.buffer("wino_d", (16, pc_max * c), dtype, device)
+    v_buf = workspace.buffer("wino_v", (16, pc_max * c), dtype, device)
+    g_buf = workspace.buffer("wino_g", (4, pc_max * c_out), dtype, device)
+    gh_buf = workspace.buffer("wino_gh", (16, pc_max * c_out), dtype, device)
+    dw = workspace.buffer("wino_dw", (16, c_out, c), dtype, device)
+    s_n, s_h, s_w, s_c = xp.stride()
+    for k, b0 in enumerate(range(0, n, chunk)):
+        nb = min(chunk, n - b0)
+        pc = nb * th * tw
+        patches = xp.as_strided((4, 4, nb, th, tw, c), (s_h, s_w, s_n, 2 * s_h, 2 * s_w, s_c),
+                                xp.storage_offset() + b0 * s_n)
+        d = d_buf[:, :pc * c]
+        d.view(4, 4, nb, th, tw, c).copy_(patches)
+        v = v_buf[:, :pc * c]
+        torch.mm(t16, d, out=v)
+        g = g_buf[:, :pc * c_out]  # the 2x2 tiles of dL/dy, tap-major: (2, 2, nb, th, tw, C_out)
+        g.view(2, 2, nb, th, tw, c_out).copy_(gy[b0:b0 + nb].reshape(nb, th, 2, tw, 2, c_out).permute(2, 4, 0, 1, 3, 5))
+        gh = gh_buf[:, :pc * c_out]
+        torch.mm(g16, g, out=gh)
+        if k == 0:
+            torch.bmm(gh.view(16, pc, c_out).transpose(1, 2), v.view(16, pc, c), out=dw)
+        else:
+            dw.baddbmm_(gh.view(16, pc, c_out).transpose(1, 2), v.view(16, pc, c))
+    taps = torch.mm(a9, dw.view(16, c_out * c))  # (3*3, C_out * C)
+    out.copy_(taps.view(3, 3, c_out, c).permute(2, 3, 0, 1))
