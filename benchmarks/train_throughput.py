@@ -88,7 +88,8 @@ def build_runners(kind: str, data, batch: int, device, args) -> dict[str, object
     """The reference loop and every dllab variant of ``kind``, built (not yet run)."""
     runners: dict[str, object] = {"reference": Reference(kind, data, batch, device, args.workers)}
     for name, opts in variants_for(kind, args.compile, args.bf16, args.compile_modes):
-        runners[name] = Dllab(kind, data, batch, device, **opts)
+        if name == "dllab" or not args.only or any(text in name for text in args.only):
+            runners[name] = Dllab(kind, data, batch, device, **opts)
     return runners
 
 
@@ -460,11 +461,16 @@ def main(argv=None) -> int:
     p.add_argument("--compile-modes", nargs="+", choices=COMPILE_MODES, default=["default"], metavar="MODE",
                    help=f"with --compile, torch.compile's modes to time, each its own variants "
                         f"({', '.join(COMPILE_MODES)})")
+    p.add_argument("--only", nargs="+", default=None, metavar="TEXT",
+                   help="time only the dllab variants whose name contains one of these texts (with the "
+                        "reference and plain dllab), e.g. --only bf16")
     p.add_argument("--bf16", action="store_true",
                    help="also time bf16 autocast (fast only with AMX/AVX512-BF16 or on GPUs)")
     p.add_argument("--quick", action="store_true", help="1 round, shorter timings, smaller classifier batch")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
+    if args.compile_modes != ["default"] and not args.compile:
+        p.error("--compile-modes names the modes of the compiled variants: add --compile")
     if args.quick:
         args.rounds, args.seconds, args.min_steps, args.warmup = 1, 2.0, 2, 1
         args.loader_batches = 10

@@ -7,6 +7,7 @@ come from a child process.
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import subprocess
@@ -128,9 +129,19 @@ def test_train_throughput_times_each_compile_mode_once(monkeypatch):
         "dllab+compile:reduce-overhead": {"compile": True, "compile_mode": "reduce-overhead"},
         "dllab+bf16+compile:reduce-overhead": {"precision": "bf16", "compile": True, "compile_mode": "reduce-overhead"}}
     assert not any("compile" in name for name, _ in train_throughput.variants_for("vae", False, True, ["default"]))
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_throughput.py"), "--compile",
-                           "--compile-modes", "fastest"], capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert proc.returncode == 2 and "invalid choice: 'fastest'" in proc.stderr, proc.stderr
+    # --only keeps the reference, plain dllab and the variants named by it
+    monkeypatch.setattr(train_throughput, "Reference", lambda *a, **kw: "reference")
+    monkeypatch.setattr(train_throughput, "Dllab", lambda *a, **kw: kw)
+    args = argparse.Namespace(workers=0, compile=True, bf16=True, compile_modes=["default", "reduce-overhead"],
+                              only=["bf16"])
+    runners = train_throughput.build_runners("vae", None, 8, "cpu", args)
+    assert list(runners) == ["reference", "dllab", "dllab+bf16", "dllab+bf16+compile",
+                             "dllab+bf16+compile:reduce-overhead"]
+    for args, message in ((["--compile", "--compile-modes", "fastest"], "invalid choice: 'fastest'"),
+                          (["--compile-modes", "reduce-overhead"], "add --compile")):
+        proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_throughput.py"), *args],
+                              capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
 
 
 @pytest.mark.slow  # compiles five functions with TorchInductor (a C++ compiler; ~30 s)
@@ -168,7 +179,7 @@ def test_gpu_check_reads_the_figures_of_its_stages(tmp_path, monkeypatch):
     # the compile stage times both modes; the preset's stage is there only when asked for, and
     # outside the budget
     stages = gpu_check._stages(tmp_path, "fashion-mnist")
-    assert [s["name"] for s in stages][-2:] == ["dcgan", "compile"]
+    assert [s["name"] for s in stages][-2:] == ["dcgan", "compile"] and stages[-1]["outside_budget"]
     argv = stages[-1]["argv"]
     assert argv[argv.index("--compile-modes") + 1:argv.index("--compile-modes") + 3] == ["default", "reduce-overhead"]
     preset = gpu_check._stages(tmp_path, "fashion-mnist", cifar10=True)[-1]

@@ -127,6 +127,22 @@ def test_a_study_without_variants_gets_a_column_per_seed_and_a_missing_value_sho
     assert lines[6] == "| active units (of 16) | 16 | 15 | 15.5 +- 0.7 |"  # a mean of counts is not one
 
 
+def test_a_recorded_run_is_judged_only_by_its_own_studys_claims():
+    """A range claim (what ``judge`` checks per run) of another study applies to a recorded run only
+    where that study records a run with the very same settings (the demo's classifier, which demo-bf16 trains too): the fp32 VAE claims
+    must not judge the bf16 VAEs, nor the other way round."""
+    records = {p.stem: json.loads(p.read_text()) for p in RECORDS.glob("*.json")}
+    claims = load_claims()
+    for study, record in records.items():
+        for run in record["runs"]:
+            config = {**run["settings"], "kind": run["kind"]}
+            for claim in claims:
+                if claim.order_by is None and claim.applies_to(config) and claim.study != study:
+                    twins = [r for r in records.get(claim.study, {"runs": []})["runs"]
+                             if r["kind"] == run["kind"] and r["settings"] == run["settings"]]
+                    assert twins, f"{claim.name!r} ({claim.study}) judges {study}'s {run['label']}"
+
+
 def test_readme_results_tables_are_generated_from_the_recorded_studies():
     blocks = readme_blocks(RECORDS)
     recorded = sorted(p.stem for p in RECORDS.glob("*.json"))

@@ -232,3 +232,55 @@ def test_a_training_step_never_syncs_on_cuda(kind, precision, tmp_path):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert all(v.device.type == "cuda" for v in metrics.values())
+
+
+@pytest.mark.parametrize("kind", ["classifier", "vae", "dcgan"])
+def test_cuda_graphs_train_and_give_the_eager_results(kind, tmp_path):
+    """``--compile --compile-mode reduce-overhead`` on the GPU: CUDA graphs are recorded and
+    replayed (the DCGAN calls D three times a step, the case the step marks are for), a short run
+    finishes, and its first steps land on eager's weights to float rounding (TF32 is off)."""
+    import torch._dynamo
+
+    from dllab.config import from_mapping
+    from dllab.data import load
+    from dllab.runs import Run
+    from dllab.train import config_class, defaults, kind_module
+
+    tiny = {"classifier": dict(width=8, norm=False), "vae": dict(), "dcgan": dict(g_width=8, d_width=8, nz=16)}[kind]
+    states = {}
+    for mode in ("eager", "reduce-overhead"):
+        torch.manual_seed(0)
+        torch._dynamo.reset()
+        cfg = from_mapping(config_class(kind), {
+            **defaults(kind), "dataset": "mnist5k", "limit": 256, "batch_size": 32, "device": "cuda",
+            "precision": "fp32", "out": str(tmp_path / mode), "compile": mode != "eager",
+            "compile_mode": "reduce-overhead", **tiny})
+        trainer = kind_module(kind).TRAINER(cfg, load("mnist5k", limit=256), Run(tmp_path / mode, {}, writer=False),
+                                            CUDA, quiet=True)
+        trainer.build()
+        assert trainer.uses_cuda_graphs is (mode != "eager")
+        for x, y in list(trainer.loader("train", shuffle=True, augment=False, drop_last=True))[:6]:
+            metrics = trainer.train_step(x, y)  # outputs of earlier replays are never read again
+            trainer.step += 1
+        assert all(bool(torch.isfinite(v).all()) for v in metrics.values())
+        states[mode] = {k: v.detach().clone() for m in trainer.modules().values() for k, v in m.state_dict().items()}
+    for key, eager in states["eager"].items():
+        if eager.is_floating_point():
+            torch.testing.assert_close(states["reduce-overhead"][key], eager, rtol=1e-3, atol=1e-4, msg=key)
+    out = tmp_path / "run"
+    assert _train(kind, out, "--compile", "--compile-mode", "reduce-overhead", epochs=1) == 0
+
+
+def test_scratch_layers_never_sync_on_cuda():
+    """What tests/test_step_counts.py counts on CPU tensors sent down the CUDA paths, checked by
+    CUDA: the from-scratch conv, batch norm and max-pool (forward and backward) make no host sync."""
+    torch.manual_seed(0)
+    net = nn.Sequential(Conv2d(8, 16, 3, padding=1), BatchNorm2d(16), nn.ReLU(), MaxPool2d(3, 2, 1)).to(CUDA)
+    x = torch.randn(4, 8, 16, 16, device=CUDA, requires_grad=True)
+    net(x).sum().backward()  # first call: anything made once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        net(x).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

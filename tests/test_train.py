@@ -372,6 +372,24 @@ def test_compile_flag_reaches_the_config_and_may_change_on_resume(tmp_path, monk
     assert not compiled_models
 
 
+def test_a_run_from_before_a_setting_existed_resumes_with_its_default(tmp_path, monkeypatch):
+    """A run whose config.json predates ``compile_mode`` resumes; its history records the change
+    from the default the run had, not from nothing."""
+    import dllab.engine as engine
+
+    monkeypatch.setattr(engine.torch, "compile", lambda m, **kw: m)
+    out = tmp_path / "run"
+    assert main(train_argv("vae", out, limit=64, epochs=1)) == 0
+    config = json.loads((out / "config.json").read_text())
+    del config["compile_mode"]
+    (out / "config.json").write_text(json.dumps(config))
+    assert main(train_argv("vae", out, "--resume", "--compile", "--compile-mode", "reduce-overhead",
+                           limit=64, epochs=2)) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["compile_mode"] == "reduce-overhead"
+    assert config["resumed"][-1]["changed"]["compile_mode"] == ["default", "reduce-overhead"]
+
+
 def test_an_unknown_compile_mode_is_a_usage_error(tmp_path, capsys):
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as e:

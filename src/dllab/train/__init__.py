@@ -235,6 +235,8 @@ def train(kind: str, config: config_lib.TrainConfig | dict | None = None, *, res
         cfg = dataclasses.replace(cfg, precision=picked)
     run = create_run(cfg.out, {**dataclasses.asdict(cfg), "kind": kind}, resume=resume)  # rank 0 writes
     if resume:  # e.g. more epochs, or the folder it was moved to: recorded in config.json
+        for key, value in defaults(kind).items():  # a setting added to dllab since the run began:
+            run.config.setdefault(key, value)  # its default, so a change is recorded from that
         run.update_config({**changes, "out": cfg.out})
     trainer = module.TRAINER(run.config, data, run, device, quiet=quiet)
     # a run stopped before its first checkpoint (e.g. Ctrl-C while building) starts from the beginning
