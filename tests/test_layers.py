@@ -309,21 +309,33 @@ WINOGRAD_GRID = [
 ]
 
 
-@pytest.mark.parametrize("chunk", ["default", "one image"])
-@pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("case", WINOGRAD_GRID, ids=[str(i) for i in range(len(WINOGRAD_GRID))])
-def test_conv2d_by_winograd_matches_torch(case, channels_last, chunk, monkeypatch):
-    """F(2x2, 3x3) for the forward pass and the input gradient, F(3x3, 2x2) for the weight
-    gradient, in float64 to 1e-10 of torch: values, all three gradients and the layouts."""
+def _count_winograd(monkeypatch) -> list:
+    """The names of the Winograd functions called from now on, in order."""
     from dllab.layers import _winograd
 
     calls = []
     for name in ("conv", "weight_grad"):
         real = getattr(_winograd, name)
         monkeypatch.setattr(_winograd, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
-    if chunk == "one image":  # chunks of one image: the weight gradient sums over chunks
-        monkeypatch.setattr(_winograd, "CHUNK_BYTES", 1)
+    return calls
+
+
+@pytest.mark.parametrize("pieces", ["default", "one image", "rows of tiles"])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("case", WINOGRAD_GRID, ids=[str(i) for i in range(len(WINOGRAD_GRID))])
+def test_conv2d_by_winograd_matches_torch(case, channels_last, pieces, monkeypatch):
+    """F(2x2, 3x3) for the forward pass and the input gradient, F(3x3, 2x2) for the weight
+    gradient, in float64 to 1e-10 of torch: values, all three gradients and the layouts; also in
+    pieces of one image, or of one row of 2x2 tiles (how images too large for the cache go), whose
+    weight gradients are summed over the pieces."""
+    from dllab.layers import _winograd
+
+    calls = _count_winograd(monkeypatch)
     n, c, h, w, c_out, p, has_bias = case
+    if pieces == "one image":
+        monkeypatch.setattr(_winograd, "CHUNK_BYTES", 16 * (h // 2 + 1) * (w // 2 + 1) * max(c, c_out) * 8)
+    elif pieces == "rows of tiles":
+        monkeypatch.setattr(_winograd, "CHUNK_BYTES", 1)
     gen = torch.Generator().manual_seed(21)
     x = torch.randn(n, c, h, w, dtype=DT, generator=gen)
     if channels_last:
@@ -345,6 +357,34 @@ def test_conv2d_by_winograd_in_float32_is_as_close_to_torch_as_float32_allows():
     exact = F.conv2d(x.double(), weight.double(), padding=1)
     y = LF.conv2d(x, weight, None, 1, 1)
     assert ((y.double() - exact).norm() / exact.norm()).item() < 1e-5
+
+
+def test_winograd_with_an_empty_batch_gives_torchs_zero_gradients(monkeypatch):
+    """An empty batch after a full one: the weight gradient is zero, not what the last call left
+    in a workspace buffer."""
+    calls = _count_winograd(monkeypatch)
+    gen = torch.Generator().manual_seed(23)
+    weight = torch.randn(16, 16, 3, 3, dtype=DT, generator=gen)
+    _compare_fn(lambda x_, w_: LF.conv2d(x_, w_, None, 1, 1), lambda x_, w_: F.conv2d(x_, w_, None, 1, 1),
+                [torch.randn(2, 16, 6, 6, dtype=DT, generator=gen), weight])
+    assert calls == ["conv", "conv", "weight_grad"]
+    _compare_fn(lambda x_, w_: LF.conv2d(x_, w_, None, 1, 1), lambda x_, w_: F.conv2d(x_, w_, None, 1, 1),
+                [torch.zeros(0, 16, 6, 6, dtype=DT), weight])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_convolutions_keep_im2col(dtype, monkeypatch):
+    """Half-precision inputs never take Winograd, also where their GEMMs run in float32 (a CPU
+    without native half-precision arithmetic): its sums of up to 9 numbers, and a bias added after
+    a half-precision rounding, would round more than once."""
+    calls = _count_winograd(monkeypatch)
+    gen = torch.Generator().manual_seed(24)
+    x = torch.randn(2, 16, 8, 8, generator=gen).to(dtype).requires_grad_()
+    weight = torch.randn(16, 16, 3, 3, generator=gen).to(dtype).requires_grad_()
+    LF.conv2d(x, weight, torch.randn(16, generator=gen).to(dtype), 1, 1).sum().backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        LF.conv2d(x.detach().float(), weight.detach().float(), None, 1, 1)
+    assert calls == []
 
 
 @pytest.mark.parametrize("what", ["stride 2", "dilation 2", "groups 2", "5x5", "8 channels", "bfloat16", "cuda paths"])
@@ -475,6 +515,32 @@ def test_max_pool2d_all_minus_infinity_windows_choose_torchs_cell(case):
     ya, ia = LF.max_pool2d(xi, k, s, p, d, ceil, return_indices=True)
     yb, ib = F.max_pool2d(xi.double(), k, s, p, d, ceil, return_indices=True)  # torch pools floats only
     assert torch.equal(ya.double(), yb) and torch.equal(ia, ib)
+
+
+@pytest.mark.usefixtures("device_paths")
+@pytest.mark.parametrize("shape,kwargs", [((1, 1), dict(kernel_size=2, stride=1, padding=1, dilation=(2, 1))),
+                                          ((2, 1), dict(kernel_size=(1, 2), stride=1, padding=(0, 1), dilation=(1, 2))),
+                                          ((1, 4), dict(kernel_size=2, stride=(1, 2), padding=1, dilation=2))])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_max_pool2d_windows_wholly_in_the_padding_are_torchs(shape, kwargs, channels_last):
+    """With dilation a window may hold no real cell: torch reports -inf and an index past the plane.
+    dllab gives the same values and indices instead of failing, and drops those windows'
+    gradients (torch's CPU backward adds them to the cell past the plane, in the next plane: an
+    out-of-bounds write, not a gradient)."""
+    x = torch.randn(2, 3, *shape, dtype=DT, generator=torch.Generator().manual_seed(25))
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    ya, ia = LF.max_pool2d(x, return_indices=True, **kwargs)
+    yb, ib = F.max_pool2d(x, return_indices=True, **kwargs)
+    assert torch.equal(ya, yb) and torch.equal(ia, ib)
+    assert (ib >= shape[0] * shape[1]).any()  # the case is what it says
+    x.requires_grad_()
+    g = torch.randn(yb.shape, dtype=DT, generator=torch.Generator().manual_seed(26))
+    LF.max_pool2d(x, **kwargs).backward(g)
+    inside = ib < shape[0] * shape[1]
+    expected = torch.zeros(2, 3, shape[0] * shape[1], dtype=DT).scatter_add_(
+        2, torch.where(inside, ib, 0).flatten(2), torch.where(inside, g, 0).flatten(2))
+    _close(x.grad, expected.view(x.shape))
 
 
 @pytest.mark.usefixtures("device_paths")

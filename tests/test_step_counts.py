@@ -220,9 +220,9 @@ def test_a_row_of_skips_ended_before_the_read_still_stops_the_run(tmp_path):
 
 
 #: kernels of one call of each from-scratch layer on the paths a CUDA tensor takes, forward and
-#: backward, at most (measured: max-pool 15 + 3, batch norm 10 + 15, 3x3 convolution 4-5 + 13-15;
+#: backward, at most (measured: max-pool 14 + 3, batch norm 10 + 15, 3x3 convolution 4-5 + 13-15;
 #: before the GPU paths were counted, max-pool 47 + 3 with a host sync and batch norm 14-17 + 15-18)
-LAYER_BUDGET = {"maxpool": (16, 3), "bn": (11, 16), "conv": (6, 16)}
+LAYER_BUDGET = {"maxpool": (15, 3), "bn": (11, 16), "conv": (6, 16)}
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels-last"])

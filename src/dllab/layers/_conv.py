@@ -386,7 +386,7 @@ def conv_forward(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, st
     # the output is a fresh tensor (not a view), so in-place ops on it (ReLU(inplace=True)) work
     y = torch.empty((x.shape[0], w.shape[0], ho, wo), dtype=x.dtype, device=x.device,
                     memory_format=memory_format or suggest_memory_format(x))
-    if winograd.applies(x.shape[1], w.shape, stride, dilation, groups, dtype, x.device):  # 3x3, stride 1
+    if winograd.applies(x.shape[1], w.shape, stride, dilation, groups, x.dtype, x.device):  # 3x3, stride 1
         xp = pad_nhwc(x.permute(0, 2, 3, 1), winograd.tile_pads(x.shape[2], x.shape[3], pads), dtype)
         winograd.conv(xp, winograd.weight_transform(w, dtype), bias, y)
     elif uses_planar(x, w.shape[2:], groups, ho * wo):  # a stem, or NCHW with large images: module docstring
@@ -430,7 +430,7 @@ class Conv2dFunction(torch.autograd.Function):
             planar = uses_planar(x, (kh, kw), g, ho * wo)  # its weight gradient reads grad_y as it is
             nchw_grad_x = input_grad_in_nchw(x.shape[1], (kh, kw), g, fmt == torch.contiguous_format, ho * wo)
             # Winograd (3x3, stride 1) reads grad_y through its own padded copies, in any layout
-            wino = winograd.applies(x.shape[1], w.shape, stride, dilation, g, dtype, x.device)
+            wino = winograd.applies(x.shape[1], w.shape, stride, dilation, g, x.dtype, x.device)
             if not rows and not nchw and not wino and ((need_x and not nchw_grad_x) or (need_w and not planar)):
                 gy_nhwc = pad_nhwc(gy_nhwc, (0, 0, 0, 0), dtype, slot="grad_y")
                 rows = True
@@ -631,7 +631,7 @@ def conv_input_grad(gy: torch.Tensor, w: torch.Tensor, stride, pads, dilation, g
         # spatial axes and in/out channels swapped (per group):
         # grad_xp[r] = sum_i w[i] grad_y[r - i*d] = sum_i' w[k-1-i'] grad_y_padded[r + i'*d]
         gy_nchw, gy_pads = gy.permute(0, 3, 1, 2), (eh - top, eh - bottom, ew - left, ew - right)
-        if winograd.applies(c_out, w.shape[1::-1] + w.shape[2:], stride, dilation, g, dtype, gy.device):
+        if winograd.applies(c_out, w.shape[1::-1] + w.shape[2:], stride, dilation, g, out_nchw.dtype, gy.device):
             gp = pad_nhwc(gy, winograd.tile_pads(ho, wo, gy_pads), dtype)
             winograd.conv(gp, winograd.weight_transform(w, dtype, flipped=True), None, out_nchw)
             return

@@ -16,7 +16,7 @@ padding's -inf never wins), with the output starting at -inf when tap 0 falls in
 (In NCHW with a column stride the -inf-padded input is copied once, split by column phase, so
 that every view reads unit-stride rows.) On the CPU the passes run a few images at a time, so
 the running maximum stays in the cache between them. A GPU takes :func:`_forward_windows` instead:
-one copy of all windows and one reduction (15 kernels in all, no host sync, where the running
+one copy of all windows and one reduction (14 kernels in all, no host sync, where the running
 maximum took 47 and one sync), since there a launch costs more than the copy.
 
 Ties. Replacing only on ``>`` keeps the *first* maximal tap, which is what torch's max-pool
@@ -103,6 +103,8 @@ def max_pool2d_forward(x: torch.Tensor, kernel, stride, padding, dilation, out_h
                     r0, c0 = p0 * sh - ph + i * dh, q0 * sw - pw + j * dw
                     taps.append((i * kw + j, (slice(p0, p1), slice(q0, q1)),
                                  x[:, :, r0:r0 + sh * (p1 - p0 - 1) + 1:sh, c0:c0 + sw * (q1 - q0 - 1) + 1:sw]))
+        if not taps:  # no window holds a real cell (torch allows that with dilation): torch's answer
+            return _forward_windows(x, kernel, stride, padding, dilation, out_hw)
         covers = taps[0][0] == 0 and taps[0][2].shape[2:] == (ho, wo)  # tap 0 is inside x for every output
     else:
         # NCHW with a column stride: those views would step through memory sw elements at a time,
@@ -173,6 +175,17 @@ def max_pool2d_forward(x: torch.Tensor, kernel, stride, padding, dilation, out_h
     return values, idx
 
 
+def has_empty_windows(h: int, w: int, kernel, stride, padding, dilation, out_hw) -> bool:
+    """Whether some window lies wholly in the padding (possible with dilation: a 2x1 kernel of
+    dilation 2 over one padded row). torch then reports -inf and an index past the plane, whose
+    gradient it drops; :class:`MaxPool2dFunction` does the same."""
+    def axis_empty(size, out, k, s, p, d):
+        return any(all(not 0 <= o * s - p + i * d < size for i in range(k)) for o in range(out))
+
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw), (ho, wo) = kernel, stride, padding, dilation, out_hw
+    return axis_empty(h, ho, kh, sh, ph, dh) or axis_empty(w, wo, kw, sw, pw, dw)
+
+
 def _inside(size: int, out: int, stride: int, pad: int, tap: int) -> tuple[int, int]:
     """Outputs [lo, hi) along one axis whose cell ``o*stride - pad + tap`` lies in [0, size)."""
     return max(0, -(-(pad - tap) // stride)), min(out, (size - 1 + pad - tap) // stride + 1)
@@ -217,7 +230,10 @@ def _forward_windows(x: torch.Tensor, kernel, stride, padding, dilation, out_hw)
         special = bool((values == low).any())
     if special:  # NaN or -inf maxima (one cheap test on the sum): torch's choices, see docstring
         if x.is_floating_point():
-            nan_tap = kh * kw - 1 - torch.isnan(win).flip(0).int().argmax(0)  # last NaN tap
+            # the last NaN tap of a window that has one: the largest of t * isnan over the taps t, in
+            # the smallest integer type that holds kh*kw (one byte per window cell for 3x3)
+            ids = _geometry("tap_ids", out_hw, w, kernel, stride, padding, dilation, x.device)
+            nan_tap = torch.isnan(win).to(ids.dtype).mul_(ids).amax(0)
             torch.where(torch.isnan(values), nan_tap, tap, out=tap)
         # a window whose real cells are all -inf: the first real cell, not a padding cell
         torch.where(values == low, _geometry("first_real_tap", out_hw, w, kernel, stride, padding, dilation,
@@ -227,11 +243,12 @@ def _forward_windows(x: torch.Tensor, kernel, stride, padding, dilation, out_hw)
     # elsewhere two kernels: each tap's offset from its window's first cell, looked up, plus that cell
     offsets = _geometry("tap_offsets", out_hw, w, kernel, stride, padding, dilation, x.device)
     base = _geometry("window_base", out_hw, w, kernel, stride, padding, dilation, x.device)
-    return values, torch.add(offsets.take(tap), base)
+    idx = torch.empty_like(values, dtype=torch.int64)  # the layout of the values, as torch gives it
+    return values, torch.add(offsets.take(tap), base, out=idx)
 
 
 _GEOMETRY: dict[tuple, torch.Tensor] = {}
-GEOMETRY_CACHE_SIZE = 64  # tables kept (a few KiB each for ResNet shapes), least recently used dropped
+GEOMETRY_CACHE_SIZE = 1024  # tables kept (a few KiB each for ResNet shapes), least recently used dropped
 
 
 def _geometry(what: str, out_hw, w: int, kernel, stride, padding, dilation, device) -> torch.Tensor:
@@ -240,6 +257,7 @@ def _geometry(what: str, out_hw, w: int, kernel, stride, padding, dilation, devi
 
     - ``first_real_tap`` (Ho, Wo): the tap ``i*kw + j`` of each window's first cell inside the
       input (torch's choice for a window whose real cells are all -inf);
+    - ``tap_ids`` (kh*kw, 1, 1, 1, 1): the tap numbers, in the smallest integer type that holds them;
     - ``tap_offsets`` (kh*kw,): tap ``i*kw + j``'s flat offset ``i*dh*W + j*dw`` from its window's
       first cell;
     - ``window_base`` (Ho, Wo): the flat index of each window's first cell (:func:`_window_base`).
@@ -253,13 +271,16 @@ def _geometry(what: str, out_hw, w: int, kernel, stride, padding, dilation, devi
                 i0 = [max(0, ph - p * sh + dh - 1) // dh for p in range(ho)]
                 j0 = [max(0, pw - q * sw + dw - 1) // dw for q in range(wo)]
                 table = torch.tensor([[i * kw + j for j in j0] for i in i0], dtype=torch.int64, device=device)
+            elif what == "tap_ids":
+                table = torch.arange(kh * kw, dtype=torch.uint8 if kh * kw <= 2**8 else torch.int32,
+                                     device=device).view(-1, 1, 1, 1, 1)
             elif what == "tap_offsets":
                 table = torch.tensor([i * dh * w + j * dw for i in range(kh) for j in range(kw)],
                                      dtype=torch.int64, device=device)
             else:
                 table = _window_base(out_hw, w, stride, padding, device, torch.int64)
-        if len(_GEOMETRY) >= GEOMETRY_CACHE_SIZE:
-            _GEOMETRY.pop(next(iter(_GEOMETRY)))
+        if len(_GEOMETRY) >= GEOMETRY_CACHE_SIZE:  # (another thread may have dropped it already)
+            _GEOMETRY.pop(next(iter(_GEOMETRY), None), None)
     _GEOMETRY[key] = table  # most recently used last
     return table
 
@@ -293,6 +314,7 @@ class MaxPool2dFunction(torch.autograd.Function):
     def forward(ctx, x, kernel, stride, padding, dilation, out_hw):
         y, idx = max_pool2d_forward(x, kernel, stride, padding, dilation, out_hw)
         ctx.save_for_backward(idx)
+        ctx.empty_windows = has_empty_windows(x.shape[2], x.shape[3], kernel, stride, padding, dilation, out_hw)
         ctx.x_shape = x.shape
         ctx.fmt = suggest_memory_format(x)
         ctx.mark_non_differentiable(idx)
@@ -306,6 +328,9 @@ class MaxPool2dFunction(torch.autograd.Function):
             return None, None, None, None, None, None
         (idx,) = ctx.saved_tensors
         n, c, h, w = ctx.x_shape
+        if ctx.empty_windows:  # their index lies past the plane: their gradient is dropped, as torch does
+            inside = idx < h * w
+            idx, grad_y = torch.where(inside, idx, 0), torch.where(inside, grad_y, 0)
         if ctx.fmt == torch.channels_last:  # scatter along the pixels of (N, H*W, C): C stays contiguous
             grad_x = torch.zeros((n, h * w, c), dtype=grad_y.dtype, device=grad_y.device)
             grad_x.scatter_add_(1, idx.permute(0, 2, 3, 1).reshape(n, -1, c),

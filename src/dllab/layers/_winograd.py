@@ -25,19 +25,28 @@ Here. The input is read as NHWC; the 4x4 patches of a chunk of images are one st
 (tiles overlap by 2 pixels), copied tap-major into ``D`` (16, tiles * C). The two transforms are
 GEMMs with the 16 x 16 matrix ``B^T (x) B^T`` and the 4 x 16 matrix ``A^T (x) A^T`` (Kronecker
 products: ``vec(B^T d B) = (B^T (x) B^T) vec(d)`` for a row-major vec), the products one batched
-GEMM over the 16 positions. Images go through in chunks whose ``D`` is about ``CHUNK_BYTES``, so
-that the five steps of a chunk find their operands in the cache.
+GEMM over the 16 positions. The work goes in pieces whose ``D`` is about ``CHUNK_BYTES``, so that
+the five steps of a piece find their operands in the cache: a few whole images, or rows of tiles
+of one image when an image alone is larger than that (``_pieces``).
 
-Where it is used (``applies``): on the CPU, for float32 and float64 GEMMs, 3x3 kernels, stride 1,
+The weight gradient is the same idea turned around, F(3x3, 2x2): per 2x2 tile of dL/dy, the 3x3
+kernel gradient is the correlation of the tile's 4x4 input patch with that 2x2 tile, so it is
+``A'^T [ (G' gy G'^T) * (B'^T d B') ] A'`` with F(3x3, 2x2)'s matrices (``_SMALL``), summed over
+tiles: 16 GEMMs (C_out x tiles) @ (tiles x C), one batched GEMM per piece, accumulated.
+
+Where it is used (``applies``): on the CPU, for float32 and float64 tensors, 3x3 kernels, stride 1,
 no dilation, one group, and at least ``MIN_CHANNELS`` input and output channels: the forward pass,
-and the input gradient (the same convolution of the padded dL/dy with the kernel flipped in
-both spatial axes and its channels swapped). The weight gradient keeps im2col. Measured on the AMX
-Xeon (docs/speed.md). bf16 GEMMs keep im2col: the transforms add up to 9 rounded numbers.
+the input gradient (the same convolution of the padded dL/dy with the kernel flipped in both
+spatial axes and its channels swapped) and the weight gradient. Measured on the AMX Xeon
+(docs/speed.md). Half-precision tensors keep im2col, also where their GEMMs run in float32: the
+transforms add up to 9 numbers before the one rounding of the result, and a bias added after a
+half-precision rounding would round twice.
 
 Accuracy. The transforms only add, subtract and halve, so each output is the same sum as im2col's
-in another order, with the input and kernel values combined before they are multiplied; in
-float32 the outputs of a ResNet layer differ from torch's by about 1e-5 relative (im2col: 1e-6),
-and float64 agrees with torch to 1e-12 (tests/test_layers.py).
+in another order, with the input and kernel values combined before they are multiplied. In float32
+the relative error of a ResNet layer's outputs and gradients against float64 was at most 7e-7
+(im2col's and torch's: 4e-7), and 1.2e-6 with inputs offset by 100 or scaled by 1e4; float64
+agrees with torch to 1e-10 and better (tests/test_layers.py).
 """
 
 from __future__ import annotations
@@ -75,7 +84,8 @@ def _matrix(name: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor
 
 
 def applies(c_in: int, w_shape, stride, dilation, groups: int, dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether a convolution is computed by :func:`conv` (see the module docstring)."""
+    """Whether a convolution of tensors of ``dtype`` (the input's, not the GEMMs') is computed here
+    (see the module docstring)."""
     c_out, _, kh, kw = w_shape
     return (WINOGRAD and (kh, kw) == (3, 3) and tuple(stride) == (1, 1) and tuple(dilation) == (1, 1)
             and groups == 1 and dtype in (torch.float32, torch.float64) and workspace.uses_cpu_paths(device)
@@ -100,6 +110,20 @@ def weight_transform(w: torch.Tensor, dtype: torch.dtype, flipped: bool = False)
     return torch.mm(_matrix("G", dtype, w.device), w9).view(16, taps.shape[1], taps.shape[0])
 
 
+def _pieces(n: int, th: int, tw: int, c: int, itemsize: int):
+    """(image, images, first tile row, tile rows) of each piece: whole images, as many as fit
+    ``CHUNK_BYTES`` of transformed input, or, where one image does not fit, blocks of its rows of
+    tiles."""
+    if n == 0 or th == 0 or tw == 0:
+        return []
+    per_row = 16 * tw * c * itemsize
+    rows = max(1, CHUNK_BYTES // per_row)
+    if rows >= th:  # whole images
+        images = max(1, min(n, rows // th))
+        return [(b0, min(images, n - b0), 0, th) for b0 in range(0, n, images)]
+    return [(b, 1, r0, min(rows, th - r0)) for b in range(n) for r0 in range(0, th, rows)]
+
+
 def conv(xp: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, out_nchw: torch.Tensor) -> None:
     """``out_nchw`` (N, C_out, Ho, Wo), any layout, <- the 3x3 stride-1 convolution of the padded
     NHWC input ``xp`` (N, Hp, Wp, C), contiguous, with the transformed kernels ``u`` (16, C, C_out).
@@ -113,41 +137,40 @@ def conv(xp: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, out_nchw:
     th, tw = (hp - 2) // 2, (wp - 2) // 2
     dtype, device = xp.dtype, xp.device
     t16, a16 = _matrix("BT", dtype, device), _matrix("AT", dtype, device)
-    chunk = max(1, min(n, CHUNK_BYTES // (16 * th * tw * c * dtype.itemsize)))
-    pc_max = chunk * th * tw
+    pieces = _pieces(n, th, tw, c, dtype.itemsize)
+    pc_max = max(nb * rb for _, nb, _, rb in pieces) * tw if pieces else 0
     d_buf = workspace.buffer("wino_d", (16, pc_max * c), dtype, device)
     v_buf = workspace.buffer("wino_v", (16, pc_max * c), dtype, device)
     m_buf = workspace.buffer("wino_m", (16, pc_max, c_out), dtype, device)
     y_buf = workspace.buffer("wino_y", (4, pc_max * c_out), dtype, device)
-    even = (2 * th, 2 * tw) == (ho, wo)
+    full = workspace.buffer("wino_out", (pc_max * 4 * c_out,), dtype, device)  # odd sizes, other dtypes
     s_n, s_h, s_w, s_c = xp.stride()
     out_nhwc = out_nchw.permute(0, 2, 3, 1)  # (N, Ho, Wo, C_out), a view of either layout
-    if not even or out_nchw.dtype != dtype:
-        full = workspace.buffer("wino_out", (chunk, 2 * th, 2 * tw, c_out), dtype, device)
-    for b0 in range(0, n, chunk):
-        nb = min(chunk, n - b0)
-        pc = nb * th * tw
-        # the 4x4 patches of the chunk, tap-major: (4, 4, nb, th, tw, C), tiles 2 pixels apart
-        patches = xp.as_strided((4, 4, nb, th, tw, c), (s_h, s_w, s_n, 2 * s_h, 2 * s_w, s_c),
-                                xp.storage_offset() + b0 * s_n)
+    b = None if bias is None else bias.to(dtype)
+    for b0, nb, r0, rb in pieces:
+        pc = nb * rb * tw
+        # the 4x4 patches of the piece, tap-major: (4, 4, nb, rb, tw, C), tiles 2 pixels apart
+        patches = xp.as_strided((4, 4, nb, rb, tw, c), (s_h, s_w, s_n, 2 * s_h, 2 * s_w, s_c),
+                                xp.storage_offset() + b0 * s_n + 2 * r0 * s_h)
         d = d_buf[:, :pc * c]
-        d.view(4, 4, nb, th, tw, c).copy_(patches)
+        d.view(4, 4, nb, rb, tw, c).copy_(patches)
         v = v_buf[:, :pc * c]
         torch.mm(t16, d, out=v)  # V = B^T d B of every tile and channel
         m = m_buf[:, :pc]
         torch.bmm(v.view(16, pc, c), u, out=m)  # the 16 products, summed over input channels
         y = y_buf[:, :pc * c_out]
         torch.mm(a16, m.view(16, pc * c_out), out=y)  # Y = A^T M A: (2, 2, tiles, C_out)
-        tiles = y.view(2, 2, nb, th, tw, c_out).permute(2, 3, 0, 4, 1, 5)  # (nb, th, 2, tw, 2, C_out)
-        if even and out_nchw.dtype == dtype:
-            dst = out_nhwc[b0:b0 + nb]
-            dst.view(nb, th, 2, tw, 2, c_out).copy_(tiles)
-        else:
-            full[:nb].view(nb, th, 2, tw, 2, c_out).copy_(tiles)
-            dst = out_nhwc[b0:b0 + nb]
-            dst.copy_(full[:nb, :ho, :wo])
-        if bias is not None:
-            dst.add_(bias.to(out_nchw.dtype))
+        if b is not None:
+            y.view(4, pc, c_out).add_(b)  # every output pixel of the tile, before the one rounding
+        tiles = y.view(2, 2, nb, rb, tw, c_out).permute(2, 3, 0, 4, 1, 5)  # (nb, rb, 2, tw, 2, C_out)
+        rows = slice(2 * r0, min(2 * (r0 + rb), ho))
+        dst = out_nhwc[b0:b0 + nb, rows]
+        if dst.shape[1:3] == (2 * rb, 2 * tw) and dst.dtype == dtype:
+            dst.view(nb, rb, 2, tw, 2, c_out).copy_(tiles)
+        else:  # an odd last row or column is cut off, another dtype rounded: through one buffer
+            whole = full[:pc * 4 * c_out].view(nb, 2 * rb, 2 * tw, c_out)
+            whole.view(nb, rb, 2, tw, 2, c_out).copy_(tiles)
+            dst.copy_(whole[:, :dst.shape[1], :wo])
 
 
 def weight_grad(xp: torch.Tensor, gy: torch.Tensor, out: torch.Tensor) -> None:
@@ -158,39 +181,42 @@ def weight_grad(xp: torch.Tensor, gy: torch.Tensor, out: torch.Tensor) -> None:
     ``dw[o, c, i, j] = sum over images and pixels of gy[o, p, q] * xp[c, p + i, q + j]``: per 2x2 tile
     of dL/dy this is F(3x3, 2x2), the 4x4 input patch of the forward pass against the tile, so
     ``dW[k] (C_out, C) = sum over tiles of GY[k]^T V[k]`` for the 16 transformed positions k, one
-    batched GEMM per chunk of images accumulated over the chunks, then ``A^T dW A`` gives the 3x3
-    kernel: 2.25x fewer multiplications than im2col's ``grad_y^T @ col``.
+    batched GEMM per piece accumulated over the pieces, then ``A^T dW A`` gives the 3x3 kernel:
+    2.25x fewer multiplications than im2col's ``grad_y^T @ col``.
     """
     n, hp, wp, c = xp.shape
     c_out = gy.shape[3]
     ho, wo = gy.shape[1:3]
     th, tw = (hp - 2) // 2, (wp - 2) // 2
     dtype, device = xp.dtype, xp.device
+    pieces = _pieces(n, th, tw, c, dtype.itemsize)
+    if not pieces or th == 0 or tw == 0:  # an empty batch or image: nothing to sum
+        out.zero_()
+        return
     t16, g16, a9 = (_matrix(m, dtype, device) for m in ("BT32", "G32", "AT32"))
     if (2 * th, 2 * tw) != (ho, wo) or gy.dtype != dtype:  # odd sizes: a zero row / column completes the tiles
         padded = workspace.bordered("wino_gy", (n, 2 * th, 2 * tw, c_out), (0, 2 * th - ho, 0, 2 * tw - wo),
                                     dtype, device)
         padded[:, :ho, :wo].copy_(gy)
         gy = padded
-    chunk = max(1, min(n, CHUNK_BYTES // (16 * th * tw * c * dtype.itemsize)))
-    pc_max = chunk * th * tw
+    pc_max = max(nb * rb for _, nb, _, rb in pieces) * tw
     d_buf = workspace.buffer("wino_d", (16, pc_max * c), dtype, device)
     v_buf = workspace.buffer("wino_v", (16, pc_max * c), dtype, device)
     g_buf = workspace.buffer("wino_g", (4, pc_max * c_out), dtype, device)
     gh_buf = workspace.buffer("wino_gh", (16, pc_max * c_out), dtype, device)
-    dw = workspace.buffer("wino_dw", (16, c_out, c), dtype, device)
+    dw = torch.empty((16, c_out, c), dtype=dtype, device=device)  # (not kept between calls: 16 MiB at 512x512)
     s_n, s_h, s_w, s_c = xp.stride()
-    for k, b0 in enumerate(range(0, n, chunk)):
-        nb = min(chunk, n - b0)
-        pc = nb * th * tw
-        patches = xp.as_strided((4, 4, nb, th, tw, c), (s_h, s_w, s_n, 2 * s_h, 2 * s_w, s_c),
-                                xp.storage_offset() + b0 * s_n)
+    for k, (b0, nb, r0, rb) in enumerate(pieces):
+        pc = nb * rb * tw
+        patches = xp.as_strided((4, 4, nb, rb, tw, c), (s_h, s_w, s_n, 2 * s_h, 2 * s_w, s_c),
+                                xp.storage_offset() + b0 * s_n + 2 * r0 * s_h)
         d = d_buf[:, :pc * c]
-        d.view(4, 4, nb, th, tw, c).copy_(patches)
+        d.view(4, 4, nb, rb, tw, c).copy_(patches)
         v = v_buf[:, :pc * c]
         torch.mm(t16, d, out=v)
-        g = g_buf[:, :pc * c_out]  # the 2x2 tiles of dL/dy, tap-major: (2, 2, nb, th, tw, C_out)
-        g.view(2, 2, nb, th, tw, c_out).copy_(gy[b0:b0 + nb].reshape(nb, th, 2, tw, 2, c_out).permute(2, 4, 0, 1, 3, 5))
+        g = g_buf[:, :pc * c_out]  # the 2x2 tiles of dL/dy, tap-major: (2, 2, nb, rb, tw, C_out)
+        tiles = gy[b0:b0 + nb, 2 * r0:2 * (r0 + rb)].reshape(nb, rb, 2, tw, 2, c_out)
+        g.view(2, 2, nb, rb, tw, c_out).copy_(tiles.permute(2, 4, 0, 1, 3, 5))
         gh = gh_buf[:, :pc * c_out]
         torch.mm(g16, g, out=gh)
         if k == 0:
