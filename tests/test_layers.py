@@ -372,6 +372,31 @@ def test_winograd_with_an_empty_batch_gives_torchs_zero_gradients(monkeypatch):
                 [torch.zeros(0, 16, 6, 6, dtype=DT), weight])
 
 
+@pytest.mark.parametrize("where", ["x", "weight", "grad_y"])
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan, 3e38])
+def test_non_finite_or_huge_operands_take_im2col_and_give_torchs_answer(where, value, monkeypatch):
+    """Winograd's transforms take differences (inf - inf is NaN where torch gives inf) and grow
+    sums; an operand that is not finite, or near the float32 range, goes through im2col, whose
+    results are torch's, non-finite ones included."""
+    calls = _count_winograd(monkeypatch)
+    gen = torch.Generator().manual_seed(27)
+    x = torch.randn(2, 16, 6, 6, generator=gen)
+    weight = torch.randn(16, 16, 3, 3, generator=gen)
+    g = torch.randn(2, 16, 6, 6, generator=gen)
+    {"x": x, "weight": weight, "grad_y": g}[where][0, 0, 1, 1] = value
+    xa, wa = x.clone().requires_grad_(), weight.clone().requires_grad_()
+    xb, wb = x.clone().requires_grad_(), weight.clone().requires_grad_()
+    ya, yb = LF.conv2d(xa, wa, None, 1, 1), F.conv2d(xb, wb, None, 1, 1)
+    ya.backward(g)
+    yb.backward(g)
+    for a, b in ((ya.detach(), yb.detach()), (xa.grad, xb.grad), (wa.grad, wb.grad)):
+        assert torch.equal(torch.isnan(a), torch.isnan(b)) and torch.equal(torch.isinf(a), torch.isinf(b))
+        finite = torch.isfinite(b)
+        torch.testing.assert_close(a[finite], b[finite], rtol=1e-4, atol=1e-3 * max(1.0, float(b[finite].abs().max())))
+    assert "weight_grad" not in calls or where == "weight"  # the operands with the odd value took im2col
+    assert calls.count("conv") == (0 if where in ("x", "weight") else 1) + (0 if where in ("weight", "grad_y") else 1)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_convolutions_keep_im2col(dtype, monkeypatch):
     """Half-precision inputs never take Winograd, also where their GEMMs run in float32 (a CPU

@@ -386,7 +386,8 @@ def conv_forward(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, st
     # the output is a fresh tensor (not a view), so in-place ops on it (ReLU(inplace=True)) work
     y = torch.empty((x.shape[0], w.shape[0], ho, wo), dtype=x.dtype, device=x.device,
                     memory_format=memory_format or suggest_memory_format(x))
-    if winograd.applies(x.shape[1], w.shape, stride, dilation, groups, x.dtype, x.device):  # 3x3, stride 1
+    if (winograd.applies(x.shape[1], w.shape, stride, dilation, groups, x.dtype, x.device)  # 3x3, stride 1
+            and winograd.well_scaled(x, w, 9 * x.shape[1])):
         xp = pad_nhwc(x.permute(0, 2, 3, 1), winograd.tile_pads(x.shape[2], x.shape[3], pads), dtype)
         winograd.conv(xp, winograd.weight_transform(w, dtype), bias, y)
     elif uses_planar(x, w.shape[2:], groups, ho * wo):  # a stem, or NCHW with large images: module docstring
@@ -431,15 +432,18 @@ class Conv2dFunction(torch.autograd.Function):
             nchw_grad_x = input_grad_in_nchw(x.shape[1], (kh, kw), g, fmt == torch.contiguous_format, ho * wo)
             # Winograd (3x3, stride 1) reads grad_y through its own padded copies, in any layout
             wino = winograd.applies(x.shape[1], w.shape, stride, dilation, g, x.dtype, x.device)
-            if not rows and not nchw and not wino and ((need_x and not nchw_grad_x) or (need_w and not planar)):
+            wino_x = wino and need_x and winograd.well_scaled(grad_y, w, 9 * c_out)
+            wino_w = wino and need_w and winograd.well_scaled(grad_y, x, n * ho * wo)
+            if not rows and not nchw and ((need_x and not nchw_grad_x and not wino_x)
+                                          or (need_w and not planar and not wino_w)):
                 gy_nhwc = pad_nhwc(gy_nhwc, (0, 0, 0, 0), dtype, slot="grad_y")
                 rows = True
             if need_b and has_bias:
                 grad_b = grad_y.sum((0, 2, 3), dtype=dtype).to(w.dtype)
             if need_x:
                 grad_x = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
-                conv_input_grad(gy_nhwc, w, stride, pads, dilation, g, dtype, grad_x)
-            if need_w and wino:
+                conv_input_grad(gy_nhwc, w, stride, pads, dilation, g, dtype, grad_x, winograd_ok=wino_x)
+            if wino_w:
                 grad_w = torch.empty(w.shape, dtype=w.dtype, device=w.device, memory_format=suggest_memory_format(w))
                 xp = pad_nhwc(x.permute(0, 2, 3, 1), winograd.tile_pads(x.shape[2], x.shape[3], pads), dtype)
                 winograd.weight_grad(xp, grad_y.permute(0, 2, 3, 1), grad_w)
@@ -597,9 +601,10 @@ class TorchConvFunction(torch.autograd.Function):
 
 
 def conv_input_grad(gy: torch.Tensor, w: torch.Tensor, stride, pads, dilation, groups: int, dtype: torch.dtype,
-                    out_nchw: torch.Tensor) -> None:
+                    out_nchw: torch.Tensor, winograd_ok: bool | None = None) -> None:
     """dL/dx into ``out_nchw`` (N, C, H, W), from dL/dy seen as NHWC ``gy`` (N, Ho, Wo, C_out), any
-    strides; the GEMMs run in ``dtype``."""
+    strides; the GEMMs run in ``dtype``. ``winograd_ok``: whether Winograd may serve it, when the
+    caller has asked already (``winograd.applies`` and ``winograd.well_scaled``)."""
     n, c, h, wd = out_nchw.shape
     c_out, cg, kh, kw = w.shape
     (sh, sw), (dh, dw), g = stride, dilation, groups
@@ -631,7 +636,10 @@ def conv_input_grad(gy: torch.Tensor, w: torch.Tensor, stride, pads, dilation, g
         # spatial axes and in/out channels swapped (per group):
         # grad_xp[r] = sum_i w[i] grad_y[r - i*d] = sum_i' w[k-1-i'] grad_y_padded[r + i'*d]
         gy_nchw, gy_pads = gy.permute(0, 3, 1, 2), (eh - top, eh - bottom, ew - left, ew - right)
-        if winograd.applies(c_out, w.shape[1::-1] + w.shape[2:], stride, dilation, g, out_nchw.dtype, gy.device):
+        if winograd_ok is None:
+            winograd_ok = (winograd.applies(c_out, w.shape[1::-1] + w.shape[2:], stride, dilation, g, out_nchw.dtype,
+                                            gy.device) and winograd.well_scaled(gy, w, 9 * c_out))
+        if winograd_ok:
             gp = pad_nhwc(gy, winograd.tile_pads(ho, wo, gy_pads), dtype)
             winograd.conv(gp, winograd.weight_transform(w, dtype, flipped=True), None, out_nchw)
             return

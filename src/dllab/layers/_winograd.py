@@ -42,6 +42,11 @@ spatial axes and its channels swapped) and the weight gradient. Measured on the 
 transforms add up to 9 numbers before the one rounding of the result, and a bias added after a
 half-precision rounding would round twice.
 
+Non-finite and huge inputs. The transforms take differences, so an inf in the input would give
+NaN (inf - inf) where torch gives inf, and values near the float range could overflow where
+torch's direct sums do not: each use checks its operands first (``well_scaled``, one max-abs
+pass over each) and leaves such inputs to im2col.
+
 Accuracy. The transforms only add, subtract and halve, so each output is the same sum as im2col's
 in another order, with the input and kernel values combined before they are multiplied. In float32
 the relative error of a ResNet layer's outputs and gradients against float64 was at most 7e-7
@@ -90,6 +95,20 @@ def applies(c_in: int, w_shape, stride, dilation, groups: int, dtype: torch.dtyp
     return (WINOGRAD and (kh, kw) == (3, 3) and tuple(stride) == (1, 1) and tuple(dilation) == (1, 1)
             and groups == 1 and dtype in (torch.float32, torch.float64) and workspace.uses_cpu_paths(device)
             and min(c_in, c_out) >= MIN_CHANNELS)
+
+
+def well_scaled(a: torch.Tensor, b: torch.Tensor, terms: int) -> bool:
+    """Whether Winograd gives what im2col gives for operands ``a`` and ``b`` of a sum of ``terms``
+    products: both finite, and small enough that its transforms cannot overflow where a direct sum
+    would not (they grow a product by at most 81x, 9x for each of the input and output
+    transforms). Otherwise (an inf in an activation, say, where Winograd's differences would make
+    NaN from inf - inf and torch gives inf) the caller takes im2col. One max-abs pass over each
+    operand; CPU only, so reading the answer costs no device sync."""
+    if a.numel() == 0 or b.numel() == 0:
+        return True  # nothing to overflow (an empty batch)
+    na = float(torch.linalg.vector_norm(a, float("inf")))
+    nb = float(torch.linalg.vector_norm(b, float("inf")))
+    return na * nb * 81.0 * max(terms, 1) < torch.finfo(a.dtype).max  # False for NaN and inf too
 
 
 def tile_pads(h: int, w: int, pads) -> tuple[int, int, int, int]:
