@@ -398,6 +398,28 @@ def test_an_unknown_compile_mode_is_a_usage_error(tmp_path, capsys):
     assert not out.exists()
 
 
+def test_a_compile_mode_without_compile_is_refused_before_anything_is_written(tmp_path, capsys, monkeypatch):
+    """A mode without --compile would be ignored: refused (exit 2) for a new run, at a resume that
+    gives it, and by a sweep before its first run; a resume may still turn --compile off."""
+    import dllab.engine as engine
+
+    monkeypatch.setattr(engine.torch, "compile", lambda m, **kw: m)
+    out = tmp_path / "run"
+    assert main(train_argv("vae", out, "--compile-mode", "reduce-overhead", limit=64, epochs=1)) == 2
+    assert "--compile-mode reduce-overhead is torch.compile's mode" in capsys.readouterr().err and not out.exists()
+    sweep_out = tmp_path / "sweep"
+    assert main(["sweep", "vae", "--compile-mode", "default", "reduce-overhead", "--dataset", "mnist5k",
+                 "--limit", "64", "--epochs", "1", "--sweep-out", str(sweep_out), "--quiet"]) == 2
+    assert "add --compile" in capsys.readouterr().err and not sweep_out.exists()
+    assert main(train_argv("vae", out, limit=64, epochs=1)) == 0
+    assert main(train_argv("vae", out, "--resume", "--compile-mode", "max-autotune", limit=64, epochs=2)) == 2
+    assert main(train_argv("vae", out, "--resume", "--compile", "--compile-mode", "max-autotune", limit=64,
+                           epochs=2)) == 0
+    assert main(train_argv("vae", out, "--resume", "--no-compile", limit=64, epochs=3)) == 0  # the mode is kept
+    config = json.loads((out / "config.json").read_text())
+    assert (config["compile"], config["compile_mode"]) == (False, "max-autotune")
+
+
 @pytest.mark.parametrize("compile,mode,device,graphs", [
     (True, "reduce-overhead", "cuda", True), (True, "max-autotune", "cuda", True),
     (True, "default", "cuda", False), (True, "max-autotune-no-cudagraphs", "cuda", False),

@@ -175,13 +175,13 @@ class TrainConfig:
     compile: bool = setting(False, "torch.compile the model(s): minutes to build, then faster steps "
                             "for the classifier and DCGAN on a CPU (see benchmarks/train_throughput.py)",
                             group=TRAINING, resumable=True)
-    compile_mode: str = setting("default", "torch.compile's mode, with --compile: default; "
+    compile_mode: str = setting("default", "torch.compile's mode (needs --compile): default; "
                                 "reduce-overhead records CUDA graphs (one launch per step on a GPU; "
                                 "the training batches have one shape, as the last partial batch is "
-                                "dropped); max-autotune also searches kernels (long builds); "
-                                "max-autotune-no-cudagraphs: that without CUDA graphs. On a CPU "
-                                "there are no CUDA graphs", choices=COMPILE_MODES, group=TRAINING,
-                                resumable=True)
+                                "dropped); max-autotune searches kernel configurations (long builds) "
+                                "and records CUDA graphs; max-autotune-no-cudagraphs searches without "
+                                "them. On a CPU there are no CUDA graphs", choices=COMPILE_MODES,
+                                group=TRAINING, resumable=True)
     sync_bn: bool = setting(False, "under torchrun, convert BatchNorm layers to SyncBatchNorm (GPUs)",
                             group=TRAINING)
     max_params: int | None = setting(None, "refuse, before anything is written, a model with more "
@@ -206,6 +206,16 @@ class TrainConfig:
                              group=RUN_FOLDER, resumable=True)
     checkpoint_every: int = setting(0, "also save last.pt every N steps (0: only at the end of each "
                                     "epoch)", type=nonnegative_int, group=RUN_FOLDER, resumable=True)
+
+
+def check_compile_mode(compile: bool, compile_mode: str) -> None:
+    """``--compile-mode`` names torch.compile's mode, so another mode than the default given without
+    ``--compile`` would be ignored: a ValueError naming the way out (a sweep over the modes
+    would otherwise train the same uncompiled run twice). A resumed run may turn ``--compile``
+    off and keep its mode for later; only a mode given then is checked."""
+    if compile_mode != "default" and not compile:
+        raise ValueError(f"--compile-mode {compile_mode} is torch.compile's mode, and the models are not "
+                         "compiled: add --compile, or leave --compile-mode out")
 
 
 def fields(cls: type[TrainConfig]) -> tuple[dataclasses.Field, ...]:

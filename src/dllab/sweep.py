@@ -17,6 +17,7 @@ import itertools
 import shlex
 from pathlib import Path
 
+from dllab.config import check_compile_mode
 from dllab.runs import Run, check_runs_folder, check_same_settings, read_json, read_metrics
 
 
@@ -70,7 +71,8 @@ def plan(kind: str, groups: list[tuple[str, list[str]]]) -> list[tuple[str, list
         chosen = {flag: value for (flag, _), value in zip(swept, choice)}
         name = "_".join(_label(f, v) for f, v in chosen.items())
         argv = [*fixed, *[t for f, v in chosen.items() for t in (f, v)]]
-        parser.parse_args(argv)  # exits with code 2 and a one-line message on a bad value
+        parsed = parser.parse_args(argv)  # exits with code 2 and a one-line message on a bad value
+        check_compile_mode(parsed.compile, parsed.compile_mode)  # before the first run, not at the second
         combos.append((name, argv, chosen))
     return combos
 

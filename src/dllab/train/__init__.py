@@ -209,6 +209,8 @@ def train(kind: str, config: config_lib.TrainConfig | dict | None = None, *, res
         cfg = config_lib.from_mapping(cls, given, strict=True)
     if not resume and cfg.out:  # a file, or a folder of someone's files: refused before the data is read
         check_run_folder(cfg.out)  # (by every rank, before torchrun's ranks meet and rank 0 writes)
+    if not resume or "compile_mode" in changes:  # a mode given now, not one kept while compile is off
+        config_lib.check_compile_mode(cfg.compile, cfg.compile_mode)
     device = resolve_device(cfg.device)
     validate_config(cfg, device)  # e.g. fp16 or --sync-bn on a CPU: refused before any file is written
     distributed = init_distributed(device)
