@@ -304,11 +304,12 @@ def main(argv=None) -> None:
                         "bf16 step with the tiny route on and off; winograd: the scratch 3x3 stride-1 rows by "
                         "Winograd and by im2col (see the module docstring)")
     p.add_argument("--batch", type=positive, default=None,
-                   help=f"batch size, at most {MAX_BATCH} (default: 32 for routes, 128 for the others)")
+                   help=f"batch size, at most {MAX_BATCH} (default: 32 for routes and winograd, 128 for the others)")
     p.add_argument("--repeats", type=positive, default=7,
                    help="timed repeats per row (step: alternating rounds of 5 s per rule) (default: 7)")
     p.add_argument("--memory-format", choices=("contiguous", "channels_last"), default=None,
-                   help="the layout of the inputs (default: contiguous for routes, channels_last for the others)")
+                   help="the layout of the inputs (default: contiguous for routes and winograd, channels_last for "
+                        "the others)")
     p.add_argument("--threads", type=positive, default=None, help="torch intra-op threads (default: torch's)")
     args = p.parse_args(argv)
     if args.batch is not None and args.batch > MAX_BATCH:

@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import _procmem  # benchmarks/_procmem.py, next to this script
-from dllab.config import COMPILE_MODES
+from dllab.config import COMPILE_MODES, DefaultsHelpFormatter, nonnegative_int, positive_float, positive_int
 
 KINDS = ("classifier", "vae", "dcgan")
 BATCH = {"classifier": 32, "vae": 128, "dcgan": 64}  # CPU defaults; dllab's own for VAE and DCGAN
@@ -440,23 +440,22 @@ def bench_kind(kind: str, data, args, device) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelpFormatter)
+    p.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS), help="the trainers to time")
     p.add_argument("--dataset", default="mnist5k", help="any dllab dataset name")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--batch-size", type=int, default=None,
-                   help=f"one batch size for every kind (default per kind: {BATCH})")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--data-dir", default=None, help="where the dataset's files are (dllab's default folder)")
+    p.add_argument("--batch-size", type=positive_int, default=None,
+                   help=f"one batch size for every kind (per kind when not given: {BATCH})")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto")
+    p.add_argument("--threads", type=positive_int, default=1,
                    help="torch intra-op threads (1: stable ratios on a shared machine)")
-    p.add_argument("--workers", type=int, default=0,
+    p.add_argument("--workers", type=nonnegative_int, default=0,
                    help="DataLoader workers of the reference (0: no process competes for the cores)")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--seconds", type=float, default=4.0, help="time per variant per round")
-    p.add_argument("--min-steps", type=int, default=2)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--loader-batches", type=int, default=30)
+    p.add_argument("--rounds", type=positive_int, default=3, help="timed rounds over all variants")
+    p.add_argument("--seconds", type=positive_float, default=4.0, help="time per variant per round")
+    p.add_argument("--min-steps", type=positive_int, default=2, help="steps per variant per round, at least")
+    p.add_argument("--warmup", type=nonnegative_int, default=2, help="untimed steps of each variant first")
+    p.add_argument("--loader-batches", type=positive_int, default=30, help="batches of the loader-alone timing")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
     p.add_argument("--compile-modes", nargs="+", choices=COMPILE_MODES, default=["default"], metavar="MODE",
                    help=f"with --compile, torch.compile's modes to time, each its own variants "
@@ -471,6 +470,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.compile_modes != ["default"] and not args.compile:
         p.error("--compile-modes names the modes of the compiled variants: add --compile")
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        p.error(f"--json {args.json}: its folder does not exist")
     if args.quick:
         args.rounds, args.seconds, args.min_steps, args.warmup = 1, 2.0, 2, 1
         args.loader_batches = 10
@@ -479,8 +480,15 @@ def main(argv=None) -> int:
     from dllab.utils import resolve_device
 
     torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    data = load(args.dataset, data_dir=args.data_dir)
+    try:
+        device = resolve_device(args.device)
+        data = load(args.dataset, data_dir=args.data_dir)
+    except (ValueError, RuntimeError, OSError) as e:  # an unknown device or dataset, missing files
+        p.error(str(e))
+    for kind in args.kinds:
+        if (args.batch_size or BATCH[kind]) > len(data.train_y):
+            p.error(f"--batch-size {args.batch_size or BATCH[kind]} is larger than {data.name}'s "
+                    f"{len(data.train_y)} training images")
     print(f"# dllab training throughput: torch {torch.__version__}, "
           f"CPU capability {torch.backends.cpu.get_cpu_capability()}, "
           f"{'GPU ' + torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}")

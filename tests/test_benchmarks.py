@@ -115,6 +115,19 @@ def test_conv_routes_benchmark_refuses_bad_input_with_a_usage_error(args, messag
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
+@pytest.mark.parametrize("args,message", [
+    (["--rounds", "0"], "must be at least 1"), (["--threads", "0"], "must be at least 1"),
+    (["--seconds", "-1"], "must be a positive finite number"), (["--batch-size", "0"], "must be at least 1"),
+    (["--batch-size", "100000", "--kinds", "vae"], "larger than mnist5k's 4000 training images"),
+    (["--device", "tpu"], "unknown device 'tpu'"), (["--dataset", "nope"], "unknown dataset 'nope'"),
+    (["--json", "/nonexistent-dir/x.json"], "its folder does not exist"),
+])
+def test_train_throughput_refuses_bad_input_with_a_usage_error(args, message):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_throughput.py"), *args],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
 def test_train_throughput_times_each_compile_mode_once(monkeypatch):
     """``--compile --compile-modes``: one compiled variant (and one bf16 one) per mode, named after
     it, each with the config settings that ``dllab train --compile --compile-mode`` gives."""
