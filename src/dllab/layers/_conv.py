@@ -387,7 +387,7 @@ def conv_forward(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, st
     y = torch.empty((x.shape[0], w.shape[0], ho, wo), dtype=x.dtype, device=x.device,
                     memory_format=memory_format or suggest_memory_format(x))
     if (winograd.applies(x.shape[1], w.shape, stride, dilation, groups, x.dtype, x.device)  # 3x3, stride 1
-            and winograd.well_scaled(x, w, 9 * x.shape[1])):
+            and winograd.well_scaled(x, w, 9 * x.shape[1], x.dtype)):
         xp = pad_nhwc(x.permute(0, 2, 3, 1), winograd.tile_pads(x.shape[2], x.shape[3], pads), dtype)
         winograd.conv(xp, winograd.weight_transform(w, dtype), bias, y)
     elif uses_planar(x, w.shape[2:], groups, ho * wo):  # a stem, or NCHW with large images: module docstring
@@ -432,8 +432,9 @@ class Conv2dFunction(torch.autograd.Function):
             nchw_grad_x = input_grad_in_nchw(x.shape[1], (kh, kw), g, fmt == torch.contiguous_format, ho * wo)
             # Winograd (3x3, stride 1) reads grad_y through its own padded copies, in any layout
             wino = winograd.applies(x.shape[1], w.shape, stride, dilation, g, x.dtype, x.device)
-            wino_x = wino and need_x and winograd.well_scaled(grad_y, w, 9 * c_out)
-            wino_w = wino and need_w and winograd.well_scaled(grad_y, x, n * ho * wo)
+            gy_max = winograd.max_abs(grad_y) if wino else 0.0  # read once for both gradients
+            wino_x = wino and need_x and winograd.well_scaled(gy_max, w, 9 * c_out, x.dtype)
+            wino_w = wino and need_w and winograd.well_scaled(gy_max, x, n * ho * wo, x.dtype)
             if not rows and not nchw and ((need_x and not nchw_grad_x and not wino_x)
                                           or (need_w and not planar and not wino_w)):
                 gy_nhwc = pad_nhwc(gy_nhwc, (0, 0, 0, 0), dtype, slot="grad_y")
@@ -638,7 +639,7 @@ def conv_input_grad(gy: torch.Tensor, w: torch.Tensor, stride, pads, dilation, g
         gy_nchw, gy_pads = gy.permute(0, 3, 1, 2), (eh - top, eh - bottom, ew - left, ew - right)
         if winograd_ok is None:
             winograd_ok = (winograd.applies(c_out, w.shape[1::-1] + w.shape[2:], stride, dilation, g, out_nchw.dtype,
-                                            gy.device) and winograd.well_scaled(gy, w, 9 * c_out))
+                                            gy.device) and winograd.well_scaled(gy, w, 9 * c_out, out_nchw.dtype))
         if winograd_ok:
             gp = pad_nhwc(gy, winograd.tile_pads(ho, wo, gy_pads), dtype)
             winograd.conv(gp, winograd.weight_transform(w, dtype, flipped=True), None, out_nchw)
