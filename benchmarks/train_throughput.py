@@ -470,8 +470,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.compile_modes != ["default"] and not args.compile:
         p.error("--compile-modes names the modes of the compiled variants: add --compile")
-    if args.json and not Path(args.json).resolve().parent.is_dir():
-        p.error(f"--json {args.json}: its folder does not exist")
+    if args.json and (Path(args.json).is_dir() or not Path(args.json).resolve().parent.is_dir()):
+        p.error(f"--json {args.json}: " + ("a folder, not a file" if Path(args.json).is_dir()
+                                             else "its folder does not exist"))
     if args.quick:
         args.rounds, args.seconds, args.min_steps, args.warmup = 1, 2.0, 2, 1
         args.loader_batches = 10

@@ -120,7 +120,7 @@ def test_conv_routes_benchmark_refuses_bad_input_with_a_usage_error(args, messag
     (["--seconds", "-1"], "must be a positive finite number"), (["--batch-size", "0"], "must be at least 1"),
     (["--batch-size", "100000", "--kinds", "vae"], "larger than mnist5k's 4000 training images"),
     (["--device", "tpu"], "unknown device 'tpu'"), (["--dataset", "nope"], "unknown dataset 'nope'"),
-    (["--json", "/nonexistent-dir/x.json"], "its folder does not exist"),
+    (["--json", "/nonexistent-dir/x.json"], "its folder does not exist"), (["--json", "/"], "a folder, not a file"),
 ])
 def test_train_throughput_refuses_bad_input_with_a_usage_error(args, message):
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_throughput.py"), *args],

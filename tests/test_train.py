@@ -411,6 +411,10 @@ def test_a_compile_mode_without_compile_is_refused_before_anything_is_written(tm
     assert main(["sweep", "vae", "--compile-mode", "default", "reduce-overhead", "--dataset", "mnist5k",
                  "--limit", "64", "--epochs", "1", "--sweep-out", str(sweep_out), "--quiet"]) == 2
     assert "add --compile" in capsys.readouterr().err and not sweep_out.exists()
+    ablate_out = tmp_path / "ablate"
+    assert main(["ablate", "classifier", "--compile-mode", "reduce-overhead", "--dataset", "mnist5k", "--limit", "64",
+                 "--epochs", "1", "--ablate-out", str(ablate_out), "--quiet"]) == 2
+    assert "add --compile" in capsys.readouterr().err and not ablate_out.exists()
     assert main(train_argv("vae", out, limit=64, epochs=1)) == 0
     assert main(train_argv("vae", out, "--resume", "--compile-mode", "max-autotune", limit=64, epochs=2)) == 2
     assert main(train_argv("vae", out, "--resume", "--compile", "--compile-mode", "max-autotune", limit=64,

@@ -218,7 +218,8 @@ def ablate_main(args, argv: list[str]) -> int:
         if seed is not None:
             argv_i += ["--seed", str(seed)]
             name, chosen["seed"] = f"{name}-seed{seed}", seed
-        parser.parse_args(argv_i)
+        parsed = parser.parse_args(argv_i)
+        check_compile_mode(parsed.compile, parsed.compile_mode)  # before the folder is made
         combos.append((name, argv_i, chosen))
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(args.ablate_out or f"runs/ablate-classifier-{stamp}")
