@@ -150,6 +150,22 @@ def _pieces(n: int, th: int, tw: int, c: int, itemsize: int):
     return [(b, 1, r0, min(rows, th - r0)) for b in range(n) for r0 in range(0, th, rows)]
 
 
+def _transformed_patches(xp: torch.Tensor, piece, tw: int, transform: torch.Tensor) -> torch.Tensor:
+    """``transform @ d`` (16, tiles * C) for the 4x4 patches ``d`` of one piece of the padded NHWC
+    input ``xp``: the patches, 2 pixels apart, copied tap-major (4, 4, nb, rb, tw, C) into the
+    workspace, then one GEMM with a 16 x 16 input transform (``B^T (x) B^T`` of F(2x2, 3x3) or of
+    F(3x3, 2x2))."""
+    b0, nb, r0, rb = piece
+    c = xp.shape[3]
+    s_n, s_h, s_w, s_c = xp.stride()
+    width = nb * rb * tw * c
+    patches = xp.as_strided((4, 4, nb, rb, tw, c), (s_h, s_w, s_n, 2 * s_h, 2 * s_w, s_c),
+                            xp.storage_offset() + b0 * s_n + 2 * r0 * s_h)
+    d = workspace.buffer("wino_d", (16, width), xp.dtype, xp.device)
+    d.view(4, 4, nb, rb, tw, c).copy_(patches)
+    return torch.mm(transform, d, out=workspace.buffer("wino_v", (16, width), xp.dtype, xp.device))
+
+
 def conv(xp: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, out_nchw: torch.Tensor) -> None:
     """``out_nchw`` (N, C_out, Ho, Wo), any layout, <- the 3x3 stride-1 convolution of the padded
     NHWC input ``xp`` (N, Hp, Wp, C), contiguous, with the transformed kernels ``u`` (16, C, C_out).
@@ -165,23 +181,14 @@ def conv(xp: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, out_nchw:
     t16, a16 = _matrix("BT", dtype, device), _matrix("AT", dtype, device)
     pieces = _pieces(n, th, tw, c, dtype.itemsize)
     pc_max = max(nb * rb for _, nb, _, rb in pieces) * tw if pieces else 0
-    d_buf = workspace.buffer("wino_d", (16, pc_max * c), dtype, device)
-    v_buf = workspace.buffer("wino_v", (16, pc_max * c), dtype, device)
     m_buf = workspace.buffer("wino_m", (16, pc_max, c_out), dtype, device)
     y_buf = workspace.buffer("wino_y", (4, pc_max * c_out), dtype, device)
     full = workspace.buffer("wino_out", (pc_max * 4 * c_out,), dtype, device)  # odd sizes, other dtypes
-    s_n, s_h, s_w, s_c = xp.stride()
     out_nhwc = out_nchw.permute(0, 2, 3, 1)  # (N, Ho, Wo, C_out), a view of either layout
     b = None if bias is None else bias.to(dtype)
     for b0, nb, r0, rb in pieces:
         pc = nb * rb * tw
-        # the 4x4 patches of the piece, tap-major: (4, 4, nb, rb, tw, C), tiles 2 pixels apart
-        patches = xp.as_strided((4, 4, nb, rb, tw, c), (s_h, s_w, s_n, 2 * s_h, 2 * s_w, s_c),
-                                xp.storage_offset() + b0 * s_n + 2 * r0 * s_h)
-        d = d_buf[:, :pc * c]
-        d.view(4, 4, nb, rb, tw, c).copy_(patches)
-        v = v_buf[:, :pc * c]
-        torch.mm(t16, d, out=v)  # V = B^T d B of every tile and channel
+        v = _transformed_patches(xp, (b0, nb, r0, rb), tw, t16)  # V = B^T d B of every tile and channel
         m = m_buf[:, :pc]
         torch.bmm(v.view(16, pc, c), u, out=m)  # the 16 products, summed over input channels
         y = y_buf[:, :pc * c_out]
@@ -226,20 +233,12 @@ def weight_grad(xp: torch.Tensor, gy: torch.Tensor, out: torch.Tensor) -> None:
         padded[:, :ho, :wo].copy_(gy)
         gy = padded
     pc_max = max(nb * rb for _, nb, _, rb in pieces) * tw
-    d_buf = workspace.buffer("wino_d", (16, pc_max * c), dtype, device)
-    v_buf = workspace.buffer("wino_v", (16, pc_max * c), dtype, device)
     g_buf = workspace.buffer("wino_g", (4, pc_max * c_out), dtype, device)
     gh_buf = workspace.buffer("wino_gh", (16, pc_max * c_out), dtype, device)
     dw = workspace.buffer("wino_dw", (16, c_out, c), dtype, device)  # written by the first piece's GEMM
-    s_n, s_h, s_w, s_c = xp.stride()
     for k, (b0, nb, r0, rb) in enumerate(pieces):
         pc = nb * rb * tw
-        patches = xp.as_strided((4, 4, nb, rb, tw, c), (s_h, s_w, s_n, 2 * s_h, 2 * s_w, s_c),
-                                xp.storage_offset() + b0 * s_n + 2 * r0 * s_h)
-        d = d_buf[:, :pc * c]
-        d.view(4, 4, nb, rb, tw, c).copy_(patches)
-        v = v_buf[:, :pc * c]
-        torch.mm(t16, d, out=v)
+        v = _transformed_patches(xp, (b0, nb, r0, rb), tw, t16)  # B'^T d B' of every tile and channel
         g = g_buf[:, :pc * c_out]  # the 2x2 tiles of dL/dy, tap-major: (2, 2, nb, rb, tw, C_out)
         tiles = gy[b0:b0 + nb, 2 * r0:2 * (r0 + rb)].reshape(nb, rb, 2, tw, 2, c_out)
         g.view(2, 2, nb, rb, tw, c_out).copy_(tiles.permute(2, 4, 0, 1, 3, 5))
