@@ -379,15 +379,19 @@ def conv_geometry(x_shape, w_shape, stride, pads, dilation) -> tuple[int, int]:
 
 
 def conv_forward(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, stride, pads, dilation, groups: int,
-                 dtype: torch.dtype, memory_format: torch.memory_format | None = None) -> torch.Tensor:
+                 dtype: torch.dtype, memory_format: torch.memory_format | None = None,
+                 winograd_ok: bool | None = None) -> torch.Tensor:
     """y = conv2d(x, w, bias) by im2col + GEMMs in ``dtype``; y has x's dtype, and ``memory_format``
-    (by default x's)."""
+    (by default x's). ``winograd_ok``: whether Winograd may serve it, when the caller has asked
+    already (``winograd.applies`` and ``winograd.well_scaled``)."""
     ho, wo = conv_geometry(x.shape, w.shape, stride, pads, dilation)
     # the output is a fresh tensor (not a view), so in-place ops on it (ReLU(inplace=True)) work
     y = torch.empty((x.shape[0], w.shape[0], ho, wo), dtype=x.dtype, device=x.device,
                     memory_format=memory_format or suggest_memory_format(x))
-    if (winograd.applies(x.shape[1], w.shape, stride, dilation, groups, x.dtype, x.device)  # 3x3, stride 1
-            and winograd.well_scaled(x, w, 9 * x.shape[1], x.dtype)):
+    if winograd_ok is None:
+        winograd_ok = (winograd.applies(x.shape[1], w.shape, stride, dilation, groups, x.dtype, x.device)
+                       and winograd.well_scaled(x, w, 9 * x.shape[1], x.dtype))
+    if winograd_ok:  # 3x3, stride 1
         xp = pad_nhwc(x.permute(0, 2, 3, 1), winograd.tile_pads(x.shape[2], x.shape[3], pads), dtype)
         winograd.conv(xp, winograd.weight_transform(w, dtype), bias, y)
     elif uses_planar(x, w.shape[2:], groups, ho * wo):  # a stem, or NCHW with large images: module docstring
@@ -408,9 +412,16 @@ class Conv2dFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, bias, stride, pads, dilation, groups):
         dtype = gemm_dtype(x.dtype, x.device)
-        y = conv_forward(x, w, bias, stride, pads, dilation, groups, dtype)
+        # Winograd's operand check reads x and w once; backward reuses their max-abs (saved tensors
+        # cannot change in between: autograd refuses a backward after an in-place change)
+        scales = None
+        if winograd.applies(x.shape[1], w.shape, stride, dilation, groups, x.dtype, x.device):
+            scales = winograd.max_abs(x), winograd.max_abs(w)
+        y = conv_forward(x, w, bias, stride, pads, dilation, groups, dtype, winograd_ok=scales is not None
+                         and winograd.well_scaled(*scales, 9 * x.shape[1], x.dtype))
         ctx.save_for_backward(x, w)
         ctx.conf = (suggest_memory_format(x), stride, pads, dilation, groups, bias is not None, dtype)
+        ctx.scales = scales
         return y
 
     @staticmethod
@@ -431,10 +442,11 @@ class Conv2dFunction(torch.autograd.Function):
             planar = uses_planar(x, (kh, kw), g, ho * wo)  # its weight gradient reads grad_y as it is
             nchw_grad_x = input_grad_in_nchw(x.shape[1], (kh, kw), g, fmt == torch.contiguous_format, ho * wo)
             # Winograd (3x3, stride 1) reads grad_y through its own padded copies, in any layout
-            wino = winograd.applies(x.shape[1], w.shape, stride, dilation, g, x.dtype, x.device)
+            wino = ctx.scales is not None  # winograd.applies, asked in forward
             gy_max = winograd.max_abs(grad_y) if wino else 0.0  # read once for both gradients
-            wino_x = wino and need_x and winograd.well_scaled(gy_max, w, 9 * c_out, x.dtype)
-            wino_w = wino and need_w and winograd.well_scaled(gy_max, x, n * ho * wo, x.dtype)
+            x_max, w_max = ctx.scales or (0.0, 0.0)
+            wino_x = wino and need_x and winograd.well_scaled(gy_max, w_max, 9 * c_out, x.dtype)
+            wino_w = wino and need_w and winograd.well_scaled(gy_max, x_max, n * ho * wo, x.dtype)
             if not rows and not nchw and ((need_x and not nchw_grad_x and not wino_x)
                                           or (need_w and not planar and not wino_w)):
                 gy_nhwc = pad_nhwc(gy_nhwc, (0, 0, 0, 0), dtype, slot="grad_y")

@@ -41,6 +41,8 @@ sum of their gradients, as in torch.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -175,10 +177,11 @@ def max_pool2d_forward(x: torch.Tensor, kernel, stride, padding, dilation, out_h
     return values, idx
 
 
+@functools.lru_cache(maxsize=1024)  # asked at every forward call, with the same few geometries
 def has_empty_windows(h: int, w: int, kernel, stride, padding, dilation, out_hw) -> bool:
     """Whether some window lies wholly in the padding (possible with dilation: a 2x1 kernel of
     dilation 2 over one padded row). torch then reports -inf and an index past the plane, whose
-    gradient it drops; :class:`MaxPool2dFunction` does the same."""
+    gradient it drops; :class:`MaxPool2dFunction` does the same. (Arguments are ints and tuples.)"""
     def axis_empty(size, out, k, s, p, d):
         return any(all(not 0 <= o * s - p + i * d < size for i in range(k)) for o in range(out))
 
@@ -314,7 +317,8 @@ class MaxPool2dFunction(torch.autograd.Function):
     def forward(ctx, x, kernel, stride, padding, dilation, out_hw):
         y, idx = max_pool2d_forward(x, kernel, stride, padding, dilation, out_hw)
         ctx.save_for_backward(idx)
-        ctx.empty_windows = has_empty_windows(x.shape[2], x.shape[3], kernel, stride, padding, dilation, out_hw)
+        ctx.empty_windows = has_empty_windows(x.shape[2], x.shape[3], *map(tuple, (kernel, stride, padding, dilation,
+                                                                                    out_hw)))
         ctx.x_shape = x.shape
         ctx.fmt = suggest_memory_format(x)
         ctx.mark_non_differentiable(idx)
