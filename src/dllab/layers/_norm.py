@@ -62,12 +62,17 @@ from dllab.layers import _workspace as workspace
 from dllab.layers._conv import suggest_memory_format
 
 ONE_PASS_MAX_RATIO = 1e3  # mean^2 / var above which the one-pass variance is not trusted
-NORM_MIN_PLANE = 128  # CPU sums of squares: per-plane norms for planes this large, else x*x and a sum
+NORM_MIN_PLANE = 25  # CPU sums of squares: per-plane norms for planes this large (5x5), else x*x and a sum
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation dtype: float32 for half types, else the dtype itself."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)``, without the call when it is a no-op (each call costs about a microsecond)."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def channel_shape(x: torch.Tensor) -> tuple[int, ...]:
@@ -81,27 +86,30 @@ def reduce_dims(x: torch.Tensor) -> tuple[int, ...]:
 
 
 def channel_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, out: torch.Tensor | None = None):
-    """``x * scale + shift`` with per-channel ``scale``/``shift`` already shaped (1, C, 1, ...).
+    """``x * scale + shift`` with per-channel vectors ``scale`` and ``shift`` of shape (C,).
 
-    For NCHW inputs a multiply followed by an in-place add is 2-4x faster on the CPU than one
-    ``addcmul`` whose first operand is the broadcast shift (0.13 against 0.5 ms for a
-    64x512x4x4 tensor here); for channels-last inputs ``addcmul`` is the faster one.
+    For NCHW inputs on the CPU a multiply followed by an in-place add is 2-4x faster than one
+    ``addcmul`` whose first operand is the broadcast shift (0.13 against 0.5 ms for a 64x512x4x4
+    tensor here): both vectors would broadcast along the innermost (plane) dimension, which that
+    kernel does not vectorise. For channels-last inputs, whose channels are innermost, and on a
+    GPU (one kernel rather than two) ``addcmul`` is the faster one, and so is it where ``out`` has a
+    lower precision than the vectors (a bfloat16 x): there it rounds once, the multiply-and-add twice.
     """
-    if suggest_memory_format(x) == torch.channels_last or not workspace.uses_cpu_paths(x.device):
-        return torch.addcmul(shift, x, scale, out=out)  # (a GPU: one kernel rather than two)
-    return torch.mul(x, scale, out=out).add_(shift)
+    shape = channel_shape(x)
+    same = scale.dtype == x.dtype and (out is None or out.dtype == x.dtype)
+    if same and x.dim() > 2 and x.is_contiguous() and workspace.uses_cpu_paths(x.device):
+        return torch.mul(x, scale.view(shape), out=out).add_(shift.view(shape))
+    return torch.addcmul(shift.view(shape), x, scale.view(shape), out=out)
 
 
 def scale_shift(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
     """``x * scale + shift`` per channel, computed in scale's dtype, returned in x's dtype."""
-    shape = channel_shape(x)
     shift = torch.zeros_like(scale) if shift is None else shift
-    if scale.dtype == x.dtype:
-        return channel_affine(x, scale.view(shape), shift.view(shape))
     if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad or shift.requires_grad):
-        return torch.addcmul(shift.view(shape), x, scale.view(shape)).to(x.dtype)  # autograd can't use out=
+        shape = channel_shape(x)  # autograd can't use out=
+        return torch.addcmul(shift.view(shape), x, scale.view(shape)).to(x.dtype)
     out = torch.empty_like(x)  # computed in scale's dtype, rounded once into x's
-    return torch.addcmul(shift.view(shape), x, scale.view(shape), out=out)
+    return channel_affine(x, scale, shift, out=out)
 
 
 def channel_sum(x: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
@@ -129,9 +137,11 @@ def channel_sumsq(x: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
     torch's CPU norm kernel is fast along a contiguous dimension but not vectorised across an
     outer one (reducing a channels-last tensor over (0, 2, 3) took 20x as long as summing it).
     Contiguous (N, C, *) with planes of ``NORM_MIN_PLANE`` values or more: the 2-norm of each
-    (image, channel) plane, squared and summed over N. Smaller planes (the per-plane norms are
-    then many tiny reductions: 0.33 ms against 0.15 ms for 64x512x4x4 here), channels-last and
-    2-D (N, C) inputs on the CPU: x*x into a workspace buffer, then a channel sum.
+    (image, channel) plane, squared and summed over N (one read of x, where x*x and a sum read it,
+    write a temporary and read that: 0.06 against 0.10 ms for 32x256x8x8 on the AMX Xeon). Smaller
+    planes (the per-plane norms are then many tiny reductions: 0.10 against 0.06 ms for
+    32x512x4x4 there), channels-last and 2-D (N, C) inputs on the CPU: x*x into a workspace
+    buffer, then a channel sum.
     """
     on_cpu = workspace.uses_cpu_paths(x.device)
     if x.dim() > 2 and x.is_contiguous() and (math.prod(x.shape[2:]) >= NORM_MIN_PLANE or not on_cpu):
@@ -155,72 +165,76 @@ def channel_dot(g: torch.Tensor, z: torch.Tensor, acc: torch.dtype) -> torch.Ten
     return channel_sum(tmp, acc)
 
 
+def batch_statistics(x: torch.Tensor, acc: torch.dtype, inv_n: torch.Tensor):
+    """(mean, biased variance, x - mean or None) per channel of a training batch, in ``acc``.
+
+    ``x - mean`` is returned when it was computed (the two-pass algorithm), in ``acc``: a workspace
+    buffer on the CPU if x has half precision (the caller must use it before the next call).
+    """
+    if not workspace.uses_cpu_paths(x.device) and x.dtype == acc:  # a GPU: one Welford pass
+        var, mean = torch.var_mean(x, reduce_dims(x), correction=0)
+        return mean, var, torch.sub(x, mean.view(channel_shape(x)))
+    mean = channel_sum(x, acc).mul_(inv_n)
+    if workspace.uses_cpu_paths(x.device) and acc != torch.float64:
+        var = channel_sumsq(x, acc).mul_(inv_n).addcmul_(mean, mean, value=-1)  # E[x^2] - mean^2
+        # trusted unless mean^2 > ratio * var (which includes a variance rounded below 0)
+        if not torch.addcmul(var, mean, mean, value=-1 / ONE_PASS_MAX_RATIO).min().item() < 0:
+            return mean, var, None
+    out = None if x.dtype == acc else workspace.buffer_like("bn_xc", x, acc)
+    xc = torch.sub(x, mean.view(channel_shape(x)), out=out)
+    return mean, channel_sumsq(xc, acc).mul_(inv_n), xc
+
+
 class BatchNormTrainFunction(torch.autograd.Function):
-    """(y, mean, biased var) of a training-mode batch norm; closed-form backward.
+    """A training-mode batch norm: y, with the running statistics updated in place; closed-form backward.
 
     Backward keeps ``z``: x itself (the one-pass case) or ``x - mean`` (the two-pass case, which
     computes it anyway). Half-precision x is kept as it is and widened to float32 in the CPU
     workspace when backward needs it.
 
-    At the small ResNet shapes (512 x 4 x 4 at batch 64 is 0.5 M values) a step's fixed costs
+    At the small ResNet shapes (512 x 4 x 4 at batch 32 is 0.26 M values) a step's fixed costs
     rival its passes over the tensor, so the per-channel arithmetic below is written with few,
-    mostly in-place operations, and its constants are cached 0-d tensors (``workspace.scalar``):
-    torch wraps and converts a Python number on every operation.
+    mostly in-place operations, its constants are cached 0-d tensors (``workspace.scalar``: torch
+    wraps and converts a Python number on every operation), and the running statistics are
+    updated here rather than by the caller (no second grad mode, no outputs for mean and variance).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps):
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps):
         acc = acc_dtype(x.dtype)
-        shape = channel_shape(x)
-        inv_n = workspace.scalar(1.0 / (x.numel() // x.shape[1]), acc, x.device)  # (Python numbers cost more)
-        on_cpu = workspace.uses_cpu_paths(x.device)
-        z, shifted, xc, var = x, False, None, None
-        if not on_cpu and x.dtype == acc:  # a GPU: mean and variance from one Welford pass
-            var, mean = torch.var_mean(x, reduce_dims(x), correction=0)
-            xc = torch.sub(x, mean.view(shape))
-            z, shifted = xc, True
-        else:
-            mean = channel_sum(x, acc).mul_(inv_n)  # (C,)
-        if on_cpu and acc != torch.float64:
-            mean_sq = mean * mean
-            var = channel_sumsq(x, acc).mul_(inv_n).sub_(mean_sq).clamp_(min=0)  # E[x^2] - mean^2
-            if bool(torch.gt(mean_sq, var * workspace.scalar(ONE_PASS_MAX_RATIO, acc, x.device)).any()):
-                var = None  # ill-conditioned: fall back to two passes
-        if var is None:
-            keep = x.dtype == acc  # xc is kept for backward only at full precision
-            xc = torch.sub(x, mean.view(shape), out=None if keep else workspace.buffer_like("bn_xc", x, acc))
-            var = channel_sumsq(xc, acc).mul_(inv_n)
-            z, shifted = (xc, True) if keep else (x, False)
-        invstd = torch.add(var, workspace.scalar(eps, acc, x.device)).rsqrt_()
-        scale = invstd if weight is None else invstd * weight.to(acc)
+        n = x.numel() // x.shape[1]
+        mean, var, xc = batch_statistics(x, acc, workspace.scalar(1.0 / n, acc, x.device))
+        if running_mean is not None:
+            running_mean.lerp_(as_dtype(mean, running_mean.dtype), momentum)
+        if running_var is not None:  # the unbiased variance (Bessel)
+            unbiased = torch.mul(var, workspace.scalar(n / (n - 1), acc, x.device))
+            running_var.lerp_(as_dtype(unbiased, running_var.dtype), momentum)
+        invstd = var.add_(workspace.scalar(eps, acc, x.device)).rsqrt_()  # (var is not needed again)
+        scale = invstd if weight is None else invstd * as_dtype(weight, acc)
+        y = torch.empty_like(x)
         if xc is None:  # y = x * scale + (beta - mean * scale)
             if bias is None:
                 shift = torch.mul(mean, scale).neg_()
             else:
-                shift = torch.addcmul(bias.to(acc), mean, scale, value=-1)
-            y = scale_shift(x, scale, shift)
-        else:  # y = (x - mean) * scale + beta: no cancellation when |mean| >> std
-            y = torch.empty_like(x)
-            if bias is None:
-                torch.mul(xc, scale.view(shape), out=y)
-            else:
-                channel_affine(xc, scale.view(shape), bias.to(acc).view(shape), out=y)
-        ctx.save_for_backward(z, weight, mean, invstd)
+                shift = torch.addcmul(as_dtype(bias, acc), mean, scale, value=-1)
+            channel_affine(x, scale, shift, out=y)
+        elif bias is None:  # y = (x - mean) * scale + beta: no cancellation when |mean| >> std
+            torch.mul(xc, scale.view(channel_shape(x)), out=y)
+        else:
+            channel_affine(xc, scale, as_dtype(bias, acc), out=y)
+        shifted = xc is not None and xc.dtype == x.dtype  # keep x - mean, unless it is a workspace buffer
+        ctx.save_for_backward(xc if shifted else x, mean, invstd, scale)
         ctx.shifted = shifted  # z = x - mean (True) or z = x (False)
+        ctx.weight_dtype = None if weight is None else weight.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.mark_non_differentiable(mean, var)
-        ctx.set_materialize_grads(False)  # no zero tensors for the statistics' (absent) gradients
-        return y, mean, var
+        return y
 
     @staticmethod
     @once_differentiable  # a second derivative would need this backward's own graph: not kept
-    def backward(ctx, grad_y, _grad_mean, _grad_var):
-        if grad_y is None:
-            return None, None, None, None
-        z, weight, mean, invstd = ctx.saved_tensors
+    def backward(ctx, grad_y):
+        z, mean, invstd, a = ctx.saved_tensors  # a = scale = gamma / std
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         acc = mean.dtype
-        shape = channel_shape(z)
         minus_inv_n = workspace.scalar(-1.0 / (z.numel() // z.shape[1]), acc, z.device)
         if z.dtype != acc:  # half precision: work on a float32 copy of x
             z = workspace.buffer_like("bn_xc", z, acc)  # a fresh tensor elsewhere than on the CPU
@@ -233,20 +247,21 @@ class BatchNormTrainFunction(torch.autograd.Function):
         sum_g_xhat.mul_(invstd)  # (C,)  = dL/dgamma
         grad_x = grad_w = grad_b = None
         if need_x:
-            a = invstd if weight is None else invstd * weight.to(acc)  # gamma / std
             # a * (g - sum_g/n - xhat * sum_g_xhat/n)  =  g*a + z*b + c
-            b = torch.mul(a, invstd).mul_(sum_g_xhat).mul_(minus_inv_n)  # -a/std * sum_g_xhat/n
-            c = torch.mul(a, sum_g).mul_(minus_inv_n)  # -a * sum_g/n ...
+            u = torch.mul(a, minus_inv_n)  # -a/n
+            c = torch.mul(u, sum_g)  # -a * sum_g/n ...
+            b = u.mul_(invstd).mul_(sum_g_xhat)  # -a/std * sum_g_xhat/n
             if not ctx.shifted:
                 c.addcmul_(b, mean, value=-1)  # ... - b * mean, since x - mean = z - mean
             grad_x = torch.empty_like(ctx.saved_tensors[0])  # x's dtype and layout
+            a = a.view(channel_shape(z))
             if grad_x.dtype == acc:
-                channel_affine(z, b.view(shape), c.view(shape), out=grad_x).addcmul_(g, a.view(shape))
+                channel_affine(z, b, c, out=grad_x).addcmul_(g, a)
             else:
                 tmp = workspace.buffer_like("bn_tmp", z, acc)
-                torch.addcmul(torch.addcmul(c.view(shape), z, b.view(shape), out=tmp), g, a.view(shape), out=grad_x)
-        if need_w and weight is not None:
-            grad_w = sum_g_xhat.to(weight.dtype)
+                torch.addcmul(channel_affine(z, b, c, out=tmp), g, a, out=grad_x)
+        if need_w and ctx.weight_dtype is not None:
+            grad_w = as_dtype(sum_g_xhat, ctx.weight_dtype)
         if need_b and ctx.bias_dtype is not None:
-            grad_b = sum_g.to(ctx.bias_dtype)
-        return grad_x, grad_w, grad_b, None
+            grad_b = as_dtype(sum_g, ctx.bias_dtype)
+        return grad_x, grad_w, grad_b, None, None, None, None

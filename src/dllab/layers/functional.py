@@ -250,13 +250,7 @@ def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_v
         raise ValueError(f"expected more than 1 value per channel when training, got input of size {list(input.shape)}")
     if momentum is None:  # the module turns momentum=None into 1/num_batches_tracked before calling
         raise ValueError("momentum must be a number in training mode, got momentum=None")
-    y, mean, var = BatchNormTrainFunction.apply(input, weight, bias, eps)
-    with torch.no_grad():
-        if running_mean is not None:
-            running_mean.lerp_(mean.to(running_mean.dtype), momentum)
-        if running_var is not None:
-            running_var.lerp_((var * _workspace.scalar(n / (n - 1), var.dtype, var.device)).to(running_var.dtype), momentum)
-    return y
+    return BatchNormTrainFunction.apply(input, weight, bias, running_mean, running_var, momentum, eps)
 
 
 def _pad_index(size: int, before: int, after: int, mode: str, device) -> torch.Tensor:
