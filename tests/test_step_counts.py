@@ -295,3 +295,31 @@ def test_a_scratch_resnet_step_on_the_gpu_paths_never_waits(tmp_path, monkeypatc
         trainer.train_step(x, y)
     after = _count_step(trainer, x, y)
     assert after.syncs == 0, after.sync_ops()
+
+
+@pytest.mark.parametrize("r1", [0.0, 1.0], ids=["plain", "r1"])
+def test_each_update_computes_gradients_for_its_own_model_only(r1, tmp_path):
+    """The DCGAN's generator loss runs through D, and an R1 step differentiates D's input: a plain
+    backward computed D's weight gradients in G's update (thrown away by D's next zero_grad) and
+    the real images' gradient in the R1 step. Each update's backward now names its own parameters,
+    so D's weight gradients are computed once per step and the real images' never."""
+    trainer, batches = _trainer("dcgan", tmp_path, r1=r1, r1_every=1)
+    x, y = batches[0]
+    trainer.train_step(x, y)
+    computed = {"D": 0, "G": 0}
+    hooks = [p.register_hook(lambda g, k=k: computed.__setitem__(k, computed[k] + 1))
+             for k, module in (("D", trainer.disc), ("G", trainer.gen)) for p in module.parameters()]
+    try:
+        trainer.train_step(x, y)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert computed == {"D": len(list(trainer.disc.parameters())), "G": len(list(trainer.gen.parameters()))}
+    seen = []  # every input D reads in a step: the R1 step's real images are a leaf with requires_grad
+    hook = trainer.disc.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    try:
+        trainer.train_step(x, y)
+    finally:
+        hook.remove()
+    assert any(t.is_leaf and t.requires_grad for t in seen) == bool(r1)
+    assert all(t.grad is None for t in seen)
