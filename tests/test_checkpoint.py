@@ -17,11 +17,12 @@ def test_round_trip_keeps_tensors_and_plain_values(tmp_path):
     opt.step()
     path = save_checkpoint({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": 7,
                             "best": {"acc": 0.5}}, tmp_path / "c.pt")
-    state = load_checkpoint(path)
-    assert state["step"] == 7 and state["best"] == {"acc": 0.5}
-    assert state["format"] == "dllab-checkpoint"
-    for k, v in model.state_dict().items():
-        assert torch.equal(state["model"][k], v)
+    for mmap in (False, True):  # mmap: what Run.trained() reads (the tensors mapped, not read)
+        state = load_checkpoint(path, mmap=mmap)
+        assert state["step"] == 7 and state["best"] == {"acc": 0.5}
+        assert state["format"] == "dllab-checkpoint"
+        for k, v in model.state_dict().items():
+            assert torch.equal(state["model"][k], v)
     opt2 = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     opt2.load_state_dict(state["optimizer"])
     assert torch.equal(opt2.state_dict()["state"][0]["momentum_buffer"],
@@ -58,8 +59,9 @@ def test_truncated_file_is_reported_as_corrupt(tmp_path):
     path = save_checkpoint({"w": torch.randn(1000)}, tmp_path / "c.pt")
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="corrupt or truncated"):
-        load_checkpoint(path)
+    for mmap in (False, True):
+        with pytest.raises(CheckpointError, match="corrupt or truncated"):
+            load_checkpoint(path, mmap=mmap)
 
 
 def test_garbage_and_foreign_files(tmp_path):

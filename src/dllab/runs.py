@@ -394,8 +394,8 @@ class Run:
         config = json.loads(json.dumps(_jsonable(self.config)))  # plain types: weights_only-safe
         return save_checkpoint({"config": config, **state}, self.checkpoint_path(name))
 
-    def load_checkpoint(self, name: str = "last", map_location="cpu") -> dict:
-        return load_checkpoint(self.checkpoint_path(name), map_location=map_location)
+    def load_checkpoint(self, name: str = "last", map_location="cpu", *, mmap: bool = False) -> dict:
+        return load_checkpoint(self.checkpoint_path(name), map_location=map_location, mmap=mmap)
 
     def has_checkpoint(self, name: str = "last") -> bool:
         return self.checkpoint_path(name).exists()
@@ -406,7 +406,7 @@ class Run:
         plan no fewer epochs than that."""
         if not self.has_checkpoint("last"):
             return 0, False
-        state = self.load_checkpoint("last")
+        state = self.load_checkpoint("last", mmap=True)  # two numbers: the tensors are not read
         return int(state["epoch"]), int(state.get("batch_in_epoch", 0)) > 0
 
     def close(self) -> None:
