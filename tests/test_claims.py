@@ -4,6 +4,7 @@ quick study trains, reuses its runs and writes its table and report."""
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
 import re
 from pathlib import Path
@@ -84,6 +85,9 @@ def test_a_quick_study_trains_reuses_and_reports(tmp_path, capsys):
     assert record["command"] == "dllab reproduce tsne --seeds 2 --quick"
     assert [r["label"] for r in record["runs"]] == runs and record["runs"][1]["settings"]["seed"] == 1
     assert all(isinstance(r["summary"]["knn_acc"], float) for r in record["runs"])
+    today = _dt.date.today().isoformat()  # (a run that began just before midnight: yesterday)
+    assert set(record["machine"]["created"]) == {"first", "last"}
+    assert record["machine"]["created"]["last"] in (today, (_dt.date.today() - _dt.timedelta(days=1)).isoformat())
     table = (out / "tsne-quick" / "results.md").read_text()
     assert table == results_markdown(record) and "| seed 0 | seed 1 | all seeds |" in table
     assert (out / "claims.md").exists() and "At a glance" in (out / "report.html").read_text()
@@ -98,7 +102,7 @@ def test_a_quick_study_trains_reuses_and_reports(tmp_path, capsys):
 def _record(study: str, runs: list[tuple[dict, dict]], kind: str) -> dict:
     return {"study": study, "command": f"dllab reproduce {study} --seeds 2",
             "machine": {"cpu": "Test CPU", "bf16_flags": ["avx512_bf16"], "threads": [2], "torch": ["2.14.1"],
-                        "gpu": [], "dates": ["2026-11-29", "2026-11-30"]},
+                        "gpu": [], "created": {"first": "2026-11-29", "last": "2026-11-30"}},
             "runs": [{"label": f"run{i}", "kind": kind, "settings": settings, "summary": summary}
                      for i, (settings, summary) in enumerate(runs)]}
 
@@ -115,6 +119,9 @@ def test_a_results_table_gives_each_variant_its_mean_spread_and_seeds():
                         "test loss | ECE |")
     assert lines[4] == "| on | on | 97.5 +- 0.7 % | 98.0 / 97.0 % | 0.100 +- 0.000 | 0.020 +- 0.000 |"
     assert lines[5].startswith("| off | on | 52.5 +- 60.1 % | 10.0 / 95.0 % |")
+    older = _record("ablation", runs, "classifier")  # records written before the dates were labelled
+    older["machine"]["dates"] = list(older["machine"].pop("created").values())
+    assert results_markdown(older).splitlines()[0] == lines[0]
 
 
 def test_a_study_without_variants_gets_a_column_per_seed_and_a_missing_value_shows():

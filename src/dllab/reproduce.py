@@ -294,8 +294,8 @@ def run_study(name: str, out: Path, seeds: int = 1, quick: bool = False, quiet: 
 
 def _machine(configs: list[dict]) -> dict:
     """Where the study's runs were measured: the CPU (model name and its bf16 matrix flags), the
-    threads, torch and the dates, from the runs' own config.json (runs from before dllab recorded
-    the CPU are counted, not guessed)."""
+    threads, torch and when the runs began (``created``: the first and the last run's date), from
+    the runs' own config.json (runs from before dllab recorded the CPU are counted, not guessed)."""
     envs = [c.get("environment", {}) for c in configs]
     dates = sorted(str(c.get("created", ""))[:10] for c in configs if c.get("created"))
     cpus = {(e["cpu"], tuple(e.get("cpu_bf16", ()))) for e in envs if e.get("cpu")}
@@ -305,7 +305,7 @@ def _machine(configs: list[dict]) -> dict:
             "threads": sorted({e.get("cpu_threads") for e in envs if e.get("cpu_threads")}),
             "torch": sorted({str(e.get("torch")) for e in envs if e.get("torch")}),
             "gpu": sorted({str(e["gpu"]) for e in envs if e.get("gpu")}),
-            "dates": [dates[0], dates[-1]] if dates else []}
+            "created": {"first": dates[0], "last": dates[-1]} if dates else {}}
 
 
 def results_record(name: str, seeds: int, folders: list[Path]) -> dict:
@@ -364,7 +364,8 @@ def _caption(record: dict) -> str:
     if m.get("runs_without_cpu") and m.get("cpu"):
         where += f" ({m['runs_without_cpu']} of {len(record['runs'])} runs recorded no CPU)"
     threads = "/".join(str(t) for t in m.get("threads", [])) or "?"
-    dates = " to ".join(dict.fromkeys(m.get("dates", []))) or "undated"
+    created = m.get("created") or dict(zip(("first", "last"), m.get("dates", [])))  # (older records: a pair)
+    dates = " to ".join(dict.fromkeys(created.values())) or "undated"
     seeds = _seeds(record["runs"])
     precisions = sorted({f"{r['kind']} in {r['summary']['precision']}" for r in record["runs"]
                          if r["summary"].get("precision")})
