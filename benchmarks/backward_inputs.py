@@ -10,7 +10,9 @@ real training step (``train_throughput.py``'s ``dllab`` runner: ``Trainer.train_
 dllab's loader, fused optimisers) with the rule as it is and with a plain ``loss.backward()``,
 alternating in one process for ``--rounds`` rounds of ``--seconds`` each (the order alternates
 too), so that the load of a shared machine hits both alike. ``ratio`` = the rule's images/s over
-the plain backward's, of the medians.
+the plain backward's, of the medians. ``GFLOP/step`` is what one step of each computes
+(``torch.utils.flop_counter``: matrix products and convolutions, forward and backward), which
+no machine's noise moves.
 """
 
 from __future__ import annotations
@@ -28,16 +30,23 @@ from dllab.data import load
 from dllab.engine import Trainer
 
 
-def measure(kind: str, precision: str, data, rounds: int, seconds: float) -> dict[str, float]:
+def measure(kind: str, precision: str, data, rounds: int, seconds: float) -> tuple[dict, dict]:
+    """(images/s, GFLOP per step) of each rule."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     batch = train_throughput.BATCH[kind]
     runner = train_throughput.Dllab(kind, data, batch, torch.device("cpu"), precision=precision)
     rules = {"own parameters": Trainer._backward, "plain": lambda self, loss, update: loss.backward()}
     rates: dict[str, list[float]] = {name: [] for name in rules}
+    flops: dict[str, float] = {}
     try:
-        for name, rule in rules.items():  # warm-up
+        for name, rule in rules.items():  # warm-up, then one counted step
             Trainer._backward = rule
             for _ in range(3):
                 runner.step()
+            with FlopCounterMode(display=False) as counter:
+                runner.step()
+            flops[name] = counter.get_total_flops() / 1e9
         for rnd in range(rounds):
             for name in (list(rules) if rnd % 2 == 0 else list(rules)[::-1]):
                 Trainer._backward = rules[name]
@@ -48,7 +57,7 @@ def measure(kind: str, precision: str, data, rounds: int, seconds: float) -> dic
                 rates[name].append(steps * batch / (time.perf_counter() - start))
     finally:
         Trainer._backward = rules["own parameters"]
-    return {name: statistics.median(r) for name, r in rates.items()}
+    return {name: statistics.median(r) for name, r in rates.items()}, flops
 
 
 def main(argv=None) -> int:
@@ -65,13 +74,14 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     data = load("mnist5k")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, mnist5k, CPU")
-    print("| kind | precision | own parameters img/s | plain backward img/s | ratio |")
-    print("|---|---|---:|---:|---:|")
+    print("| kind | precision | own parameters img/s | plain backward img/s | ratio | GFLOP/step own / plain |")
+    print("|---|---|---:|---:|---:|---:|")
     for kind in args.kinds:
         for precision in args.precisions:
-            r = measure(kind, precision, data, args.rounds, args.seconds)
+            r, f = measure(kind, precision, data, args.rounds, args.seconds)
             print(f"| {kind} | {precision} | {r['own parameters']:.1f} | {r['plain']:.1f} | "
-                  f"{r['own parameters'] / r['plain']:.3f} |", flush=True)
+                  f"{r['own parameters'] / r['plain']:.3f} | {f['own parameters']:.2f} / {f['plain']:.2f} |",
+                  flush=True)
     return 0
 
 

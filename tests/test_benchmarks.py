@@ -205,7 +205,9 @@ def test_gpu_check_reads_the_figures_of_its_stages(tmp_path, monkeypatch):
 def test_backward_inputs_benchmark_times_both_rules():
     out = _run("backward_inputs.py", "--kinds", "vae", "--precisions", "fp32", "--rounds", "1", "--seconds", "0.1")
     row = [line for line in out.splitlines() if line.startswith("| vae | fp32 |")]
-    assert len(row) == 1 and len(row[0].split("|")) == 7, out
+    assert len(row) == 1 and len(row[0].split("|")) == 8, out
+    own, plain = (float(v) for v in row[0].split("|")[6].split("/"))
+    assert own == plain > 0, row  # the VAE has one model: the same work either way
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "backward_inputs.py"), "--rounds", "0"],
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 2 and "must be at least 1" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

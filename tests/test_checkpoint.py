@@ -37,8 +37,9 @@ class _Evil:
 def test_refuses_pickled_code(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"format": "dllab-checkpoint", "payload": _Evil()}, path)
-    with pytest.raises(CheckpointError, match="refusing to load"):
-        load_checkpoint(path)
+    for mmap in (False, True):
+        with pytest.raises(CheckpointError, match="refusing to load"):
+            load_checkpoint(path, mmap=mmap)
 
 
 def test_a_raw_pickle_with_code_is_refused_not_called_corrupt(tmp_path):
@@ -48,9 +49,10 @@ def test_a_raw_pickle_with_code_is_refused_not_called_corrupt(tmp_path):
 
     path = tmp_path / "evil.pt"
     path.write_bytes(pickle.dumps({"format": "dllab-checkpoint", "payload": _Evil()}, protocol=4))
-    with pytest.raises(CheckpointError, match=r"refusing to load .*safe \(weights_only\) loading forbids.*"
-                                              r"\((posix|os)\.system\)"):
-        load_checkpoint(path)
+    for mmap in (False, True):  # (torch maps zip files only: a raw pickle is read and refused)
+        with pytest.raises(CheckpointError, match=r"refusing to load .*safe \(weights_only\) loading forbids.*"
+                                                  r"\((posix|os)\.system\)"):
+            load_checkpoint(path, mmap=mmap)
     assert pickled_imports(tmp_path / "evil.pt") and not pickled_imports(
         save_checkpoint({"w": torch.randn(3)}, tmp_path / "good.pt"))
 

@@ -678,6 +678,35 @@ def test_batch_norm_float32_ill_conditioned_and_layouts(offset, channels_last):
 
 
 @pytest.mark.usefixtures("device_paths")
+def test_batch_norm_a_nan_channel_leaves_the_others_as_torch_has_them():
+    """A NaN in one channel must not decide for the others: beside it, a channel the one-pass
+    variance would cancel (mean 1e3, std 0.1) still gets torch's output and running variance
+    (one version read the NaN as "well conditioned" and gave that channel NaN and a negative
+    running variance)."""
+    x = torch.randn(8, 3, 5, 5, generator=torch.Generator().manual_seed(7)).double()
+    x[:, 2] = 1e3 + 0.1 * x[:, 2]
+    x = x.float()
+    x[0, 0, 0, 0] = float("nan")
+    rm, rv = [torch.zeros(3), torch.zeros(3)], [torch.ones(3), torch.ones(3)]
+    ya = LF.batch_norm(x, rm[0], rv[0], training=True, momentum=1.0)
+    yb = F.batch_norm(x, rm[1], rv[1], training=True, momentum=1.0)
+    assert ya[:, 0].isnan().all() and yb[:, 0].isnan().all()
+    torch.testing.assert_close(ya[:, 1:], yb[:, 1:], rtol=1e-3, atol=2e-3)
+    torch.testing.assert_close(rv[0][1:], rv[1][1:], rtol=1e-3, atol=1e-7)
+    assert (rv[0][1:] > 0).all()
+
+
+@pytest.mark.usefixtures("device_paths")
+def test_batch_norm_weight_changed_before_backward_is_an_error_as_in_torch():
+    for bn in (BatchNorm2d(3), nn.BatchNorm2d(3)):
+        y = bn(torch.randn(4, 3, 5, 5, requires_grad=True))
+        with torch.no_grad():
+            bn.weight.mul_(2)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y.sum().backward()
+
+
+@pytest.mark.usefixtures("device_paths")
 def test_batch_norm_bfloat16_input():
     gen = torch.Generator().manual_seed(19)
     x = (torch.randn(8, 4, 6, 6, generator=gen) * 2 + 1).bfloat16()

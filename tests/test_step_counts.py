@@ -322,4 +322,23 @@ def test_each_update_computes_gradients_for_its_own_model_only(r1, tmp_path):
     finally:
         hook.remove()
     assert any(t.is_leaf and t.requires_grad for t in seen) == bool(r1)
-    assert all(t.grad is None for t in seen)
+    assert all(t.grad is None for t in seen if t.is_leaf)
+
+
+def test_a_parameter_the_optimiser_steps_outside_its_module_still_trains(tmp_path):
+    """The backward names what the update's optimiser steps, not just its module's parameters: a
+    kind whose optimiser also steps, say, a learned scale keeps training it."""
+    trainer, batches = _trainer("vae", tmp_path)
+    extra = torch.nn.Parameter(torch.zeros(()))
+    update = trainer.declared_updates()[0]
+    update.optimizer.add_param_group({"params": [extra]})
+    loss_of = update.loss
+
+    def loss(batch):
+        value, metrics = loss_of(batch)
+        return value + (extra - 1) ** 2, metrics
+
+    update.loss = loss
+    x, y = batches[0]
+    trainer.train_step(x, y)
+    assert extra.grad is not None and extra.item() > 0

@@ -106,7 +106,9 @@ def scale_shift(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None
     """``x * scale + shift`` per channel, computed in scale's dtype, returned in x's dtype."""
     shift = torch.zeros_like(scale) if shift is None else shift
     if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad or shift.requires_grad):
-        shape = channel_shape(x)  # autograd can't use out=
+        shape = channel_shape(x)  # autograd can't use out=; channel_affine's choice of kernels
+        if scale.dtype == x.dtype and x.dim() > 2 and x.is_contiguous() and workspace.uses_cpu_paths(x.device):
+            return torch.mul(x, scale.view(shape)).add(shift.view(shape))
         return torch.addcmul(shift.view(shape), x, scale.view(shape)).to(x.dtype)
     out = torch.empty_like(x)  # computed in scale's dtype, rounded once into x's
     return channel_affine(x, scale, shift, out=out)
@@ -138,10 +140,10 @@ def channel_sumsq(x: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
     outer one (reducing a channels-last tensor over (0, 2, 3) took 20x as long as summing it).
     Contiguous (N, C, *) with planes of ``NORM_MIN_PLANE`` values or more: the 2-norm of each
     (image, channel) plane, squared and summed over N (one read of x, where x*x and a sum read it,
-    write a temporary and read that: 0.06 against 0.10 ms for 32x256x8x8 on the AMX Xeon). Smaller
-    planes (the per-plane norms are then many tiny reductions: 0.10 against 0.06 ms for
-    32x512x4x4 there), channels-last and 2-D (N, C) inputs on the CPU: x*x into a workspace
-    buffer, then a channel sum.
+    write a temporary and read that: on the AMX Xeon the faster from 6x6 planes up, and even at
+    5x5). Smaller planes (the per-plane norms are then many tiny reductions, slower at
+    4x4), channels-last and 2-D (N, C) inputs on the CPU: x*x into a workspace buffer, then a
+    channel sum.
     """
     on_cpu = workspace.uses_cpu_paths(x.device)
     if x.dim() > 2 and x.is_contiguous() and (math.prod(x.shape[2:]) >= NORM_MIN_PLANE or not on_cpu):
@@ -177,8 +179,9 @@ def batch_statistics(x: torch.Tensor, acc: torch.dtype, inv_n: torch.Tensor):
     mean = channel_sum(x, acc).mul_(inv_n)
     if workspace.uses_cpu_paths(x.device) and acc != torch.float64:
         var = channel_sumsq(x, acc).mul_(inv_n).addcmul_(mean, mean, value=-1)  # E[x^2] - mean^2
-        # trusted unless mean^2 > ratio * var (which includes a variance rounded below 0)
-        if not torch.addcmul(var, mean, mean, value=-1 / ONE_PASS_MAX_RATIO).min().item() < 0:
+        # trusted where no channel has mean^2 > ratio * var (a variance rounded below 0 included);
+        # a NaN anywhere reads False too: then two passes, which keep the other channels exact
+        if torch.addcmul(var, mean, mean, value=-1 / ONE_PASS_MAX_RATIO).min().item() >= 0:
             return mean, var, None
     out = None if x.dtype == acc else workspace.buffer_like("bn_xc", x, acc)
     xc = torch.sub(x, mean.view(channel_shape(x)), out=out)
@@ -223,7 +226,9 @@ class BatchNormTrainFunction(torch.autograd.Function):
         else:
             channel_affine(xc, scale, as_dtype(bias, acc), out=y)
         shifted = xc is not None and xc.dtype == x.dtype  # keep x - mean, unless it is a workspace buffer
-        ctx.save_for_backward(xc if shifted else x, mean, invstd, scale)
+        # weight is kept for its version counter only: an in-place change before backward is an
+        # error, as in torch (backward itself uses scale, computed from the weight forward saw)
+        ctx.save_for_backward(xc if shifted else x, mean, invstd, scale, weight)
         ctx.shifted = shifted  # z = x - mean (True) or z = x (False)
         ctx.weight_dtype = None if weight is None else weight.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -232,13 +237,14 @@ class BatchNormTrainFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable  # a second derivative would need this backward's own graph: not kept
     def backward(ctx, grad_y):
-        z, mean, invstd, a = ctx.saved_tensors  # a = scale = gamma / std
+        x_kept, mean, invstd, a, _ = ctx.saved_tensors  # a = scale = gamma / std
+        z = x_kept
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         acc = mean.dtype
         minus_inv_n = workspace.scalar(-1.0 / (z.numel() // z.shape[1]), acc, z.device)
         if z.dtype != acc:  # half precision: work on a float32 copy of x
             z = workspace.buffer_like("bn_xc", z, acc)  # a fresh tensor elsewhere than on the CPU
-            z.copy_(ctx.saved_tensors[0])
+            z.copy_(x_kept)
         g = grad_y
         sum_g = channel_sum(g, acc)  # (C,)  = dL/dbeta
         sum_g_xhat = channel_dot(g, z, acc)  # sum(g * z)
@@ -253,7 +259,7 @@ class BatchNormTrainFunction(torch.autograd.Function):
             b = u.mul_(invstd).mul_(sum_g_xhat)  # -a/std * sum_g_xhat/n
             if not ctx.shifted:
                 c.addcmul_(b, mean, value=-1)  # ... - b * mean, since x - mean = z - mean
-            grad_x = torch.empty_like(ctx.saved_tensors[0])  # x's dtype and layout
+            grad_x = torch.empty_like(x_kept)  # x's dtype and layout
             a = a.view(channel_shape(z))
             if grad_x.dtype == acc:
                 channel_affine(z, b, c, out=grad_x).addcmul_(g, a)
