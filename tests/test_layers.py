@@ -802,6 +802,29 @@ def _twin_small_nets(**to):
     return ours, ref
 
 
+def test_a_compiled_model_runs_the_layers_eagerly_between_its_graphs():
+    """torch.compile cannot trace the layers' CPU workspace (a compiled model with them failed at its
+    first call): dynamo breaks its graph around each layer, which runs eagerly, and the results and
+    gradients are eager's. (aot_eager: the graphs without TorchInductor's C++ build.)"""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    LF.clear_workspace()  # the compiled model makes the buffers: that is what failed
+    torch.manual_seed(3)
+    eager = _small_net(Conv2d, BatchNorm2d, MaxPool2d).double()
+    twin = _small_net(Conv2d, BatchNorm2d, MaxPool2d).double()
+    twin.load_state_dict(eager.state_dict())
+    compiled = torch.compile(twin, backend="aot_eager")
+    for size in (12, 10, 14):  # new sizes: dynamo recompiles with symbolic shapes
+        x = torch.randn(4, 3, size, size, dtype=torch.float64)
+        for net in (compiled, eager):
+            net(x).square().sum().backward()
+        torch.testing.assert_close(compiled(x), eager(x), rtol=1e-12, atol=1e-12)
+    for (name, p), q in zip(eager.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-12, atol=1e-12, msg=name)
+    torch.testing.assert_close(twin[1].running_var, eager[1].running_var, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.usefixtures("device_paths")
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_network_state_dict_round_trip_train_and_eval(channels_last):

@@ -342,3 +342,32 @@ def test_a_parameter_the_optimiser_steps_outside_its_module_still_trains(tmp_pat
     x, y = batches[0]
     trainer.train_step(x, y)
     assert extra.grad is not None and extra.item() > 0
+
+
+def test_a_compiled_classifier_with_the_from_scratch_layers_trains(tmp_path, monkeypatch):
+    """``--layers scratch --compile`` failed at its first step (dynamo could not trace the layers'
+    workspace). The layers now run eagerly between the compiled graphs; three steps, one of them
+    skipped for a NaN batch, give eager's weights. (aot_eager: no TorchInductor C++ build.)"""
+    import torch._dynamo
+
+    from dllab import engine
+
+    compile_ = torch.compile
+    monkeypatch.setattr(engine.torch, "compile", lambda model, **kw: compile_(model, backend="aot_eager"))
+    from dllab.layers.functional import clear_workspace
+
+    results = {}
+    for compiled in (True, False):  # compiled first, with an empty workspace: it failed making its buffers
+        torch.manual_seed(0)
+        torch._dynamo.reset()
+        clear_workspace()
+        trainer, batches = _trainer("classifier", tmp_path / str(compiled), layers="scratch", compile=compiled)
+        for step in range(3):
+            x, y = batches[step % len(batches)]
+            trainer.train_step(torch.full_like(x, float("nan")) if step == 1 else x, y)
+            trainer.step += 1
+        trainer._settle_skips()
+        results[compiled] = (trainer.nonfinite_total, _model_state(trainer))
+    assert results[False][0] == results[True][0] == 1
+    for a, b in zip(results[False][1], results[True][1]):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)

@@ -104,6 +104,7 @@ class Conv2d(nn.Module):
             s += ", padding_mode={padding_mode}"
         return s.format(**self.__dict__)
 
+    @F.eager_under_compile
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if self.padding_mode != "zeros":
             padded = F.pad2d(input, tuple(self._reversed_padding_repeated_twice), mode=self.padding_mode)
@@ -196,6 +197,7 @@ class MaxPool2d(nn.Module):
         return ("kernel_size={kernel_size}, stride={stride}, padding={padding}, dilation={dilation}, "
                 "ceil_mode={ceil_mode}".format(**self.__dict__))
 
+    @F.eager_under_compile
     def forward(self, input: torch.Tensor):
         return F.max_pool2d(input, self.kernel_size, self.stride, self.padding, self.dilation,
                             ceil_mode=self.ceil_mode, return_indices=self.return_indices)
@@ -275,6 +277,7 @@ class BatchNorm2d(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
+    @F.eager_under_compile
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if input.dim() != 4:
             raise ValueError(f"expected 4D input (got {input.dim()}D input of size {list(input.shape)})")
