@@ -59,7 +59,6 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from dllab.layers import _workspace as workspace
-from dllab.layers._conv import suggest_memory_format
 
 ONE_PASS_MAX_RATIO = 1e3  # mean^2 / var above which the one-pass variance is not trusted
 NORM_MIN_PLANE = 25  # CPU sums of squares: per-plane norms for planes this large (5x5), else x*x and a sum

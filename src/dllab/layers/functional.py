@@ -29,13 +29,17 @@ from dllab.layers._workspace import clear_workspace, set_workspace_limit, worksp
 __all__ = ["conv2d", "max_pool2d", "batch_norm", "pad2d", "conv_output_size", "pool_output_size",
            "same_padding", "workspace_bytes", "clear_workspace", "set_workspace_limit", "workspace_limit"]
 
+
 def eager_under_compile(fn):
     """Run ``fn`` eagerly inside ``torch.compile``d code: dynamo breaks the graph around it.
 
     The layers' CPU workspace (cached buffers, views made with ``as_strided``, sizes read on the
     host) is not something dynamo can trace: a compiled model with from-scratch layers failed at
     its first step. Eagerly, each call costs 0.4 us more; compiled, the rest of the model (ReLUs,
-    additions, the head) is still compiled between the layers.
+    additions, the head) is still compiled between the layers. The modules' ``forward`` methods
+    are marked too, so that dynamo does not compile each of them as a frame of its own (one per
+    stride and shape, up to its recompile limit). (Their GPU paths did not make one graph either:
+    dynamo broke the graph 28 times in a small net of them.)
     """
     return torch.compiler.disable(fn)
 
