@@ -186,6 +186,23 @@ def test_a_copied_run_resumes_in_the_copy_and_leaves_the_original_alone(tmp_path
     assert load_checkpoint(copy / "checkpoints" / "last.pt")["epoch"] == 2
 
 
+def test_a_trained_run_whose_checkpoint_is_gone_is_not_silently_started_over(tmp_path, capsys):
+    """Resuming a run that has trained but lost checkpoints/last.pt started it over, logging its
+    steps a second time into metrics.jsonl; now it is refused (exit 1) and nothing is written."""
+    import shutil
+
+    run = tmp_path / "run"
+    assert main(train_argv("classifier", run, limit=64, epochs=1)) == 0
+    shutil.rmtree(run / "checkpoints")
+    before = _files_and_bytes(run)
+    capsys.readouterr()
+    assert main(["train", "classifier", "--resume", "--out", str(run), "--quiet"]) == 0  # complete: nothing to do
+    assert main(["train", "classifier", "--resume", "--out", str(run), "--quiet", "--epochs", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "has trained 2 steps" in err and "last.pt is missing" in err and "Traceback" not in err, err
+    assert _files_and_bytes(run) == before
+
+
 def test_a_moved_run_resumes_where_it_lies(tmp_path):
     old, new = tmp_path / "old", tmp_path / "renamed"
     assert main(train_argv("vae", old, limit=64, epochs=1)) == 0

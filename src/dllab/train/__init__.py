@@ -144,6 +144,21 @@ def _resumed_config(kind: str, given: dict) -> tuple[dict, dict]:
     return {**base, **changes, "out": str(Path(out))}, changes
 
 
+def check_checkpoint_on_resume(run: Run) -> None:
+    """Refuse to resume a run that has trained but lost checkpoints/last.pt (a CheckpointError
+    naming both): starting it over would log its steps a second time and leave a run whose files
+    disagree. A run stopped before its first checkpoint has logged no step, and starts over."""
+    from dllab.checkpoint import CheckpointError
+
+    if run.has_checkpoint("last"):
+        return
+    steps = max([r.get("step", 0) for r in run.metrics()] + [int(run.summary().get("steps", 0) or 0)])
+    if steps > 0:
+        raise CheckpointError(f"--resume: the run in {run.path} has trained {steps} steps (metrics.jsonl, "
+                              f"summary.json), but {run.checkpoint_path('last')} is missing, so it cannot "
+                              "continue; put last.pt back, or start a new run with another --out")
+
+
 def check_epochs_on_resume(run: Run, epochs: int) -> None:
     """Refuse to resume ``run`` for fewer ``epochs`` than its last.pt has trained (a ValueError
     naming both): it cannot untrain them, and stopping there would leave a model trained longer
@@ -203,6 +218,7 @@ def train(kind: str, config: config_lib.TrainConfig | dict | None = None, *, res
         done = Run.open(cfg.out)
         if not changes and done.complete and done.config.get("out") == cfg.out:
             return done  # nothing to continue and nothing to change: the run is left as it is
+        check_checkpoint_on_resume(done)
         if "epochs" in changes:
             check_epochs_on_resume(done, cfg.epochs)
     else:
