@@ -918,3 +918,10 @@ def test_a_sparse_metric_is_averaged_over_the_kept_steps_that_gave_it():
     none = {STEP_KEPT: t(1.0), "d_loss": t(2.0), "r1_penalty": t(0.0), STEPS_OF + "r1_penalty": t(0.0)}
     assert Trainer._mean_over_ranks(me, none) == {"d_loss": 2.0}
     assert Trainer._mean_over_ranks(me, {STEP_KEPT: t(0.0), "d_loss": t(0.0)}) == {}
+
+
+def test_sweep_with_a_repeated_value_is_a_usage_error(tmp_path, capsys):
+    """`--lr 0.1 0.1` trained one run and listed it twice in sweep.md; refused like ablate's --seeds."""
+    assert main(["sweep", "vae", "--epochs", "1", "--lr", "0.1", "0.1", "--sweep-out", str(tmp_path / "s")]) == 2
+    assert "--lr repeats a value: 0.1 0.1" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()

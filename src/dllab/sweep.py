@@ -66,6 +66,9 @@ def plan(kind: str, groups: list[tuple[str, list[str]]]) -> list[tuple[str, list
         parser.parse_args(fixed)  # an unknown flag or a bad value is named first
         raise ValueError("nothing to sweep: give at least one flag several values, e.g. "
                          f"dllab sweep {kind} --lr 0.01 0.1 (`dllab train {kind}` trains a single run)")
+    for flag, values in swept:  # one run would be trained and shown twice (as ablate's --seeds)
+        if len(set(values)) < len(values):
+            raise ValueError(f"{flag} repeats a value: {' '.join(values)}")
     combos = []
     for choice in itertools.product(*[values for _, values in swept]):
         chosen = {flag: value for (flag, _), value in zip(swept, choice)}
