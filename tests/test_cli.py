@@ -1,6 +1,7 @@
 """The command line: help, one-line errors with exit code 2, and `python -m dllab`."""
 
 import argparse
+import json
 import os
 import signal
 import time
@@ -364,3 +365,16 @@ def test_another_tools_config_json_a_folder_inside_a_run_and_a_killed_write_are_
     (killed / ".config.json.tmp-4242").write_text("{")
     check_run_folder(killed)
     check_runs_folder(killed, "--out")
+
+
+def test_a_run_piped_into_head_finishes(tmp_path):
+    """`dllab train ... | head -1` closed the pipe after one line, and the next progress line raised
+    BrokenPipeError, which failed the run ("status": "failed"). Its output now goes to /dev/null
+    once its reader has gone, and the run completes."""
+    out = tmp_path / "run"
+    cmd = (f"{sys.executable} -m dllab train classifier --dataset mnist5k --limit 128 --epochs 3 --width 4 "
+           f"--batch-size 32 --device cpu --out {out} 2>&1 | head -1; exit ${{PIPESTATUS[0]}}")
+    proc = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout, proc.stderr)
+    assert proc.stdout.startswith("dllab classifier: epoch 1/3") and len(proc.stdout.splitlines()) == 1
+    assert json.loads((out / "summary.json").read_text())["status"] == "complete"

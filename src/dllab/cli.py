@@ -9,6 +9,7 @@ saves a checkpoint and exits with 128 + the signal number.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -241,6 +242,39 @@ def _terminate(signum, frame):  # noqa: ARG001
     raise Terminated
 
 
+class _PipeSafe:
+    """The process's stdout or stderr, which drops what is written once its reader has gone.
+
+    ``dllab train ... | head -1`` closes the pipe after one line, and the next progress line
+    raised BrokenPipeError, which failed the run. From then on the stream's file descriptor
+    points at /dev/null (Python's advice for EPIPE), so the run goes on and finishes.
+    """
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._drop()
+            return len(text)
+
+    def flush(self):
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._drop()
+
+    def _drop(self):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self._stream.fileno())
+        os.close(devnull)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0 ok, 1 runtime failure, 2 bad usage, 128+N on signal N).
 
@@ -254,9 +288,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         previous = None if ignored else signal.signal(signal.SIGTERM, _terminate)
     except ValueError:  # not the main thread: leave signals alone
         previous = None
+    streams = sys.stdout, sys.stderr
+    if sys.stdout is sys.__stdout__ and sys.stdout is not None:  # the process's own (not a test's capture)
+        sys.stdout = _PipeSafe(sys.stdout)
+    if sys.stderr is sys.__stderr__ and sys.stderr is not None:
+        sys.stderr = _PipeSafe(sys.stderr)
     try:
         return _main(argv)
     finally:
+        sys.stdout, sys.stderr = streams
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 
