@@ -606,7 +606,7 @@ class Trainer:
         (the textbook loop does that work), and an R1 step would fill the real images' gradient.
         Naming the optimiser's parameters as ``inputs`` lets autograd skip both where torch's
         own backward kernels are told which gradients are wanted (the from-scratch layers'
-        functions compute theirs regardless): 9 % fewer FLOPs in a DCGAN step
+        functions compute theirs regardless): 8 % fewer FLOPs in a DCGAN step
         (``benchmarks/backward_inputs.py``, docs/speed.md). Under DDP a plain backward stays: a
         wrapped model that ran in the step expects a gradient for every parameter it used.
         """
