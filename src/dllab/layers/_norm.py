@@ -95,18 +95,23 @@ def channel_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, ou
     lower precision than the vectors (a bfloat16 x): there it rounds once, the multiply-and-add twice.
     """
     shape = channel_shape(x)
-    same = scale.dtype == x.dtype and (out is None or out.dtype == x.dtype)
-    if same and x.dim() > 2 and x.is_contiguous() and workspace.uses_cpu_paths(x.device):
+    if multiply_then_add(x, scale, out):
         return torch.mul(x, scale.view(shape), out=out).add_(shift.view(shape))
     return torch.addcmul(shift.view(shape), x, scale.view(shape), out=out)
+
+
+def multiply_then_add(x: torch.Tensor, scale: torch.Tensor, out: torch.Tensor | None = None) -> bool:
+    """Whether :func:`channel_affine` takes a multiply then an add (NCHW on the CPU, at one precision)."""
+    return (scale.dtype == x.dtype and (out is None or out.dtype == x.dtype) and x.dim() > 2
+            and x.is_contiguous() and workspace.uses_cpu_paths(x.device))
 
 
 def scale_shift(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
     """``x * scale + shift`` per channel, computed in scale's dtype, returned in x's dtype."""
     shift = torch.zeros_like(scale) if shift is None else shift
     if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad or shift.requires_grad):
-        shape = channel_shape(x)  # autograd can't use out=; channel_affine's choice of kernels
-        if scale.dtype == x.dtype and x.dim() > 2 and x.is_contiguous() and workspace.uses_cpu_paths(x.device):
+        shape = channel_shape(x)  # autograd can't use out= (nor in-place ops): channel_affine's kernels
+        if multiply_then_add(x, scale):
             return torch.mul(x, scale.view(shape)).add(shift.view(shape))
         return torch.addcmul(shift.view(shape), x, scale.view(shape)).to(x.dtype)
     out = torch.empty_like(x)  # computed in scale's dtype, rounded once into x's
