@@ -69,6 +69,14 @@ def test_reproduce_list_prints_every_study_and_claim(capsys):
         assert c.name in out and c.source in out
 
 
+def test_reproduce_list_of_named_studies_prints_only_those(capsys):
+    assert main(["reproduce", "--list", "tsne", "demo", "tsne"]) == 0
+    studies = re.findall(r"^(\S+): ", capsys.readouterr().out, flags=re.M)
+    assert studies == ["tsne", "demo"]  # in the order given, each once
+    assert main(["reproduce", "--list", "tsne", "gan-nb"]) == 2  # a typo is named, not ignored
+    assert "unknown study gan-nb" in capsys.readouterr().err
+
+
 def test_an_unknown_study_is_a_usage_error(capsys):
     assert main(["reproduce", "gan-nb"]) == 2
     assert "unknown study gan-nb" in capsys.readouterr().err

@@ -119,7 +119,7 @@ def build_parser() -> Parser:
                         "the expected ranges in dllab's claims file, each with its source; print a "
                         "pass/fail table, write claims.md and an HTML report.")
     rr.add_argument("studies", nargs="*", help="studies to run (default: demo; see --list)")
-    rr.add_argument("--list", action="store_true", help="print the studies and their claims, and exit")
+    rr.add_argument("--list", action="store_true", help="print the studies named (or all) and their claims, and exit")
     rr.add_argument("--quick", action="store_true", help="smoke-test size (256 images, 1 epoch): checks "
                     "that a study runs; nothing is judged")
     rr.add_argument("--seeds", type=positive_int, default=1, help="seeds per study (runs seed 0..N-1)")
@@ -177,12 +177,12 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
     if args.command == "reproduce":
         from dllab.reproduce import STUDIES, list_studies, reproduce, verdict_rows
 
-        if args.list:
-            print(list_studies())
-            return 0
         unknown = [s for s in args.studies if s not in STUDIES]
         if unknown:
             raise UsageError(f"unknown study {', '.join(unknown)}; choose from {', '.join(STUDIES)}")
+        if args.list:  # the studies named, or all of them
+            print(list_studies(names=list(dict.fromkeys(args.studies))))
+            return 0
         outcomes, html = reproduce(args.studies or ["demo"], Path(args.out), seeds=args.seeds,
                                    quick=args.quick, quiet=args.quiet)
         rows = verdict_rows(outcomes)

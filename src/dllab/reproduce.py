@@ -487,10 +487,11 @@ def claims_markdown(claims: list[Claim] | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def list_studies(claims: list[Claim] | None = None) -> str:
+def list_studies(claims: list[Claim] | None = None, names: list[str] | None = None) -> str:
+    """Each study (those in ``names``, or all) with its cost and its claims, one per line."""
     claims = load_claims() if claims is None else claims
     out = []
-    for s in STUDIES.values():
+    for s in (STUDIES[n] for n in (names or STUDIES)):
         out.append(f"{s.name}: {s.description} ({s.cost}; {len(s.runs(1, False))} run(s) for one seed)")
         mine = [c for c in claims if c.study == s.name]
         out += [f"  {c.name}: {c.metric} {c.range_text()}  [{c.source}]" for c in mine]
