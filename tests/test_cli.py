@@ -135,6 +135,14 @@ def test_missing_data_offline_names_the_files_and_the_bundled_alternative(tmp_pa
     assert not (tmp_path / "run").exists()  # nothing written for a run that could not start
 
 
+def test_a_data_dir_that_is_a_file_is_a_usage_error_before_anything_is_written(tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    code = main(["train", "classifier", "--data-dir", str(tmp_path / "afile"), "--out", str(tmp_path / "run"),
+                 "--quiet"])  # mnist5k reads nothing there, but the setting is wrong
+    assert code == 2 and "afile is a file, not a folder" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_missing_folder_dataset(tmp_path, capsys):
     code = main(["train", "classifier", "--dataset", f"folder:{tmp_path / 'nope'}",
                  "--out", str(tmp_path / "run"), "--quiet"])

@@ -285,6 +285,17 @@ def test_truncated_gz_names_the_gz_and_leaves_no_temp(tmp_path):
     assert e.value.path == gz and not (raw / "train-images-idx3-ubyte").exists()
 
 
+@pytest.mark.parametrize("name", ["mnist5k", "mnist", "fashion-mnist", "cifar10"])
+def test_a_data_dir_that_is_a_file_is_refused(tmp_path, monkeypatch, name):
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    with pytest.raises(ValueError, match="afile is a file, not a folder"):
+        D.load(name, data_dir=afile)
+    monkeypatch.setenv("DLLAB_DATA", str(afile))
+    with pytest.raises(ValueError, match="afile is a file, not a folder"):
+        D.list_datasets()
+
+
 def test_unwritable_data_dir_says_so(tmp_path, monkeypatch):
     fakedata.write_mnist(tmp_path, gz=True, n_train=10, n_test=5)
 

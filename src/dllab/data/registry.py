@@ -84,7 +84,12 @@ def default_data_dir() -> Path:
 
 
 def _data_dir(data_dir: str | os.PathLike | None) -> Path:
-    return Path(data_dir).expanduser() if data_dir else default_data_dir()
+    """The data folder ``data_dir`` names (default :func:`default_data_dir`); a ValueError if it is a
+    file (for every dataset, mnist5k too, which reads nothing there: the setting is wrong either way)."""
+    root = Path(data_dir).expanduser() if data_dir else default_data_dir()
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"data_dir {root} is a file, not a folder (--data-dir or $DLLAB_DATA)")
+    return root
 
 
 def _canonical(name: str) -> str:
