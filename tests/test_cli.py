@@ -175,6 +175,12 @@ def test_an_out_folder_of_someone_elses_files_is_refused_and_left_alone(argv, fl
     assert _files(mine) == before and (mine / "notes.txt").read_text() == "my notes"
     assert main([str(mine / "notes.txt") if a == "FOLDER" else a for a in argv] + ["--quiet"]) == 2
     assert f"{mine / 'notes.txt'} is a file, not a folder; choose another {flag}" in capsys.readouterr().err
+    # a folder to be made under a file: the same usage error, not the OS's errno
+    assert main([str(mine / "notes.txt" / "sub") if a == "FOLDER" else a for a in argv] + ["--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"{mine / 'notes.txt' / 'sub'} lies under {mine / 'notes.txt'}, a file, not a folder; choose " \
+           f"another {flag}" in err and "Errno" not in err, err
+    assert _files(mine) == before and (mine / "notes.txt").read_text() == "my notes"
 
 
 def test_a_folder_of_runs_is_not_a_run_and_a_run_is_not_a_folder_of_runs(tmp_path, capsys):

@@ -402,6 +402,14 @@ def test_not_a_run_folder_is_a_clear_error(runs, tmp_path):
         compare_table([])
     with pytest.raises(ValueError, match="ends in .md"):
         write_report([str(runs["clf_a"])], str(tmp_path / "r.md"))
+    for out in ("file.txt/r.html", "file.txt/sub/"):  # under a file: said before anything is written
+        with pytest.raises(ValueError, match=f"{tmp_path / 'file.txt'} is a file, not a folder"):
+            write_report([str(runs["clf_a"])], str(tmp_path / out))
+    (tmp_path / "named").mkdir()
+    (tmp_path / "named" / "report.html").mkdir()
+    with pytest.raises(ValueError, match="report.html is a folder"):
+        write_report([str(runs["clf_a"])], str(tmp_path / "named"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad", "empty", "file.txt", "named"]
     assert issubclass(RunFolderError, ValueError)  # the CLI maps it to exit code 2
 
 

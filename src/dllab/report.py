@@ -855,6 +855,11 @@ def report_paths(runs: Sequence[str], out: str | os.PathLike | None) -> tuple[Pa
             html_path = html_path / "report.html"
     if html_path.suffix.lower() == ".md":
         raise ValueError(f"--out {out} ends in .md; give the HTML file (the Markdown goes beside it)")
+    above = next((p for p in html_path.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise ValueError(f"--out {out}: {above} is a file, not a folder, so {html_path} cannot be written there")
+    if html_path.is_dir():
+        raise ValueError(f"--out {out}: {html_path} is a folder; give another file name")
     md_path = html_path.with_suffix(".md") if html_path.suffix else html_path.with_name(
         html_path.name + ".md")
     return html_path, md_path

@@ -144,8 +144,12 @@ def holds_runs(path: str | os.PathLike, depth: int = 2) -> bool:
 
 
 def _not_a_file(path: Path, option: str) -> None:
+    """Refuse ``path`` when it, or the nearest of its parents that exists, is not a folder."""
     if path.exists() and not path.is_dir():
         raise RunFolderError(f"{path} is a file, not a folder; choose another {option}")
+    above = next((p for p in path.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise RunFolderError(f"{path} lies under {above}, a file, not a folder; choose another {option}")
 
 
 def check_run_folder(path: str | os.PathLike, option: str = "--out") -> None:
