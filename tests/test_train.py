@@ -266,6 +266,11 @@ def test_resume_refuses_a_setting_that_cannot_change_and_names_it(tmp_path, caps
     assert "--batch-size (the run has 32, given 64)" in err and "--width (the run has 4, given 8)" in err
     assert "--epochs" in err.split("only", 1)[1]  # and it says what can change
     assert _files_and_bytes(out) == before
+    # a setting the run began without (a preset) is said so, not shown as None
+    assert main(["train", "classifier", "--resume", "--out", str(out), "--preset", "cifar10-fast", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--preset (the run began without it, given 'cifar10-fast')" in err and "None" not in err
+    assert _files_and_bytes(out) == before
 
 
 def test_existing_run_is_never_overwritten(tmp_path, capsys):
@@ -925,3 +930,21 @@ def test_sweep_with_a_repeated_value_is_a_usage_error(tmp_path, capsys):
     assert main(["sweep", "vae", "--epochs", "1", "--lr", "0.1", "0.1", "--sweep-out", str(tmp_path / "s")]) == 2
     assert "--lr repeats a value: 0.1 0.1" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+
+
+def test_sgd_momentum_flags_with_adamw_are_refused_before_anything_is_written(tmp_path, capsys):
+    """--optimizer adamw ignored --momentum and --no-nesterov: a new run (or a sweep, before its
+    first run) that gives them is refused, naming them; AdamW with SGD's defaults is fine."""
+    from dllab.train import check_new_run
+    from dllab.train.classifier import ClassifierTrainConfig
+
+    for extra, named in ((["--momentum", "0.5"], "--momentum sets"), (["--no-nesterov"], "--no-nesterov sets")):
+        assert main(train_argv("classifier", tmp_path / "run", "--optimizer", "adamw", *extra)) == 2
+        assert named in capsys.readouterr().err
+    assert main(["sweep", "classifier", "--optimizer", "sgd", "adamw", "--momentum", "0.5", "--epochs", "1",
+                 "--sweep-out", str(tmp_path / "s"), "--quiet"]) == 2
+    assert "--optimizer adamw has none" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "s").exists()
+    check_new_run("classifier", ClassifierTrainConfig(optimizer="adamw"))
+    check_new_run("classifier", ClassifierTrainConfig(momentum=0.5, nesterov=False))
+    check_new_run("vae", None)  # a kind without the check

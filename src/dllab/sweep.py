@@ -17,7 +17,7 @@ import itertools
 import shlex
 from pathlib import Path
 
-from dllab.config import check_compile_mode
+from dllab.config import check_compile_mode, from_mapping
 from dllab.runs import Run, check_runs_folder, check_same_settings, read_json, read_metrics
 
 
@@ -53,7 +53,7 @@ def _label(flag: str, value: str | None) -> str:
 
 def plan(kind: str, groups: list[tuple[str, list[str]]]) -> list[tuple[str, list[str], dict]]:
     """Every combination as (run name, train argv, {flag: value}); parsed and checked now."""
-    from dllab.train import train_parser
+    from dllab.train import check_new_run, command_line_config, config_class, train_parser, with_preset
 
     for flag, _ in groups:
         if flag in ("--out", "--resume"):
@@ -76,6 +76,8 @@ def plan(kind: str, groups: list[tuple[str, list[str]]]) -> list[tuple[str, list
         argv = [*fixed, *[t for f, v in chosen.items() for t in (f, v)]]
         parsed = parser.parse_args(argv)  # exits with code 2 and a one-line message on a bad value
         check_compile_mode(parsed.compile, parsed.compile_mode)  # before the first run, not at the second
+        settings = with_preset(kind, command_line_config(kind, parsed, argv, resume=False))
+        check_new_run(kind, from_mapping(config_class(kind), settings))
         combos.append((name, argv, chosen))
     return combos
 

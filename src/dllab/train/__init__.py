@@ -8,7 +8,8 @@ Each kind's module (``dllab.train.classifier``, ``.vae``, ``.dcgan``) provides:
 - ``data_options(config) -> dict``: extra keyword arguments for :func:`dllab.data.load`;
 - ``model_config(config, data)``: the model's config dataclass (raises ValueError when bad), and
   optionally ``validate(config, data)`` for further checks, both run before a folder is written
-  (``config`` is the typed ``CONFIG``);
+  (``config`` is the typed ``CONFIG``), and ``check_new_run(config)`` for checks of a new run's
+  settings only (what a resumed run cannot change, so an older run is not stranded by them);
 - a :class:`dllab.engine.Trainer` subclass named ``TRAINER``;
 - ``load_model(state)``: the model of a checkpoint, the one loader that train, eval,
   :func:`load_run` and the DCGAN's classifier features use;
@@ -136,12 +137,25 @@ def _resumed_config(kind: str, given: dict) -> tuple[dict, dict]:
     changes = {k: v for k, v in given.items() if base.get(k) != v}
     fixed = [k for k in changes if k not in config_lib.resumable(config_class(kind))]
     if fixed:
-        flags = ", ".join(f"{config_lib.flag_name(k)} (the run has {base.get(k)!r}, given {changes[k]!r})"
-                          for k in fixed)
+        def had(k: str) -> str:
+            return "the run began without it" if base.get(k) is None else f"the run has {base.get(k)!r}"
+
+        flags = ", ".join(f"{config_lib.flag_name(k)} ({had(k)}, given {changes[k]!r})" for k in fixed)
         can = ", ".join(config_lib.flag_name(k) for k in config_lib.resumable(config_class(kind)))
-        raise ValueError(f"--resume cannot change {flags}: the run in {out} began with them "
-                         f"(only {can} can change when a run is resumed; start a new run for the others)")
+        preset = ("; --preset chooses a new run's settings, and a resumed run keeps those it began with"
+                  if "preset" in fixed else "")
+        raise ValueError(f"--resume cannot change {flags} of the run in {out}{preset} (only {can} can "
+                         "change when a run is resumed; start a new run for the others)")
     return {**base, **changes, "out": str(Path(out))}, changes
+
+
+def check_new_run(kind: str, config: config_lib.TrainConfig) -> None:
+    """A new run's settings, checked by ``kind``'s ``check_new_run`` where it has one (a ValueError
+    naming a setting the others would ignore): by :func:`train`, and by a sweep for each of its runs
+    before the first."""
+    module = kind_module(kind)
+    if hasattr(module, "check_new_run"):
+        module.check_new_run(config)
 
 
 def check_checkpoint_on_resume(run: Run) -> None:
@@ -227,6 +241,8 @@ def train(kind: str, config: config_lib.TrainConfig | dict | None = None, *, res
         check_run_folder(cfg.out)  # (by every rank, before torchrun's ranks meet and rank 0 writes)
     if not resume or "compile_mode" in changes:  # a mode given now, not one kept while compile is off
         config_lib.check_compile_mode(cfg.compile, cfg.compile_mode)
+    if not resume:
+        check_new_run(kind, cfg)
     device = resolve_device(cfg.device)
     validate_config(cfg, device)  # e.g. fp16 or --sync-bn on a CPU: refused before any file is written
     distributed = init_distributed(device)

@@ -51,8 +51,8 @@ class ClassifierTrainConfig(TrainConfig):
                                   "never norms or biases", type=nonnegative_float)
     schedule: str = setting("onecycle", "learning-rate schedule (cosine has a linear warm-up)",
                             choices=("onecycle", "cosine", "constant"))
-    warmup_epochs: float = setting(1.0, "warm-up length (onecycle: rise to the peak; cosine: linear "
-                                   "warm-up)", type=nonnegative_float)
+    warmup_epochs: float = setting(1.0, "warm-up length (onecycle: rise to the peak; cosine and "
+                                   "constant: linear warm-up)", type=nonnegative_float)
     label_smoothing: float = setting(0.0, "label smoothing of the cross-entropy targets (0.1 is usual)",
                                      type=unit_float)
     ema: float = setting(0.0, "decay of an exponential moving average of the weights, used for "
@@ -101,6 +101,19 @@ def validate(config: ClassifierTrainConfig, data) -> None:
         raise ValueError("--sync-bn converts torch.nn BatchNorm layers only; --layers scratch uses "
                          "dllab's from-scratch BatchNorm2d, which would stay per-rank: use "
                          "--layers torch or leave --sync-bn off")
+
+
+def check_new_run(config: ClassifierTrainConfig) -> None:
+    """Refuse a new run given a setting that its other settings would ignore (a ValueError naming
+    both): SGD's momentum flags with AdamW. Only values other than the defaults can be seen here;
+    a run that began before this check resumes as it is."""
+    if config.optimizer == "adamw":
+        sgd_only = [flag for flag, changed in (("--momentum", config.momentum != CONFIG.momentum),
+                                               ("--no-nesterov", not config.nesterov)) if changed]
+        if sgd_only:
+            raise ValueError(f"{' and '.join(sgd_only)} set{'s' if len(sgd_only) == 1 else ''} SGD's momentum, "
+                             "and --optimizer adamw has none (its betas are torch's defaults): leave "
+                             f"{' and '.join(sgd_only)} out, or use --optimizer sgd")
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
