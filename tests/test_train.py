@@ -948,3 +948,23 @@ def test_sgd_momentum_flags_with_adamw_are_refused_before_anything_is_written(tm
     check_new_run("classifier", ClassifierTrainConfig(optimizer="adamw"))
     check_new_run("classifier", ClassifierTrainConfig(momentum=0.5, nesterov=False))
     check_new_run("vae", None)  # a kind without the check
+
+
+def test_resuming_a_finished_run_to_measure_again_says_so_in_the_summary(tmp_path, capsys):
+    """A finished classifier resumed with --tta is measured again: summary.json says when, keeps
+    the numbers training gave (metrics.jsonl's last test row) under measured_again.before, and
+    says whether its test numbers are flip-averaged; a second change keeps training's numbers."""
+    out = tmp_path / "run"
+    assert main(train_argv("classifier", out, limit=64, epochs=1)) == 0
+    first = json.loads((out / "summary.json").read_text())
+    assert first["tta"] is False and "measured_again" not in first
+    last_test = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
+                 if json.loads(line)["split"] == "test"][-1]
+    for tta in ("--tta", "--no-tta"):
+        assert main(["train", "classifier", "--resume", "--out", str(out), tta, "--quiet"]) == 0
+        again = json.loads((out / "summary.json").read_text())
+        assert again["tta"] is (tta == "--tta") and again["measured_again"]["at"]
+        assert again["measured_again"]["before"] == {k: first[k] for k in ("test_loss", "test_acc", "ece")}
+        assert again["measured_again"]["before"]["test_loss"] == last_test["loss"]
+    assert again["test_loss"] == first["test_loss"]  # back without flips: the same evaluation
+    capsys.readouterr()

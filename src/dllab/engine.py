@@ -34,6 +34,7 @@ from __future__ import annotations
 import atexit
 import copy
 import dataclasses
+import datetime as _dt
 import errno
 import inspect
 import math
@@ -1047,17 +1048,29 @@ class Trainer:
                 signal.signal(sig, self._interrupt_now)
             if self._stop_signal is not None:
                 raise Interrupted(self._stop_signal, self.run.path, self.kind)
-            if not test_metrics:  # resumed a finished run: measure again
+            again = not test_metrics
+            if again:  # resumed a finished run (e.g. with --tta): measure again
                 test_metrics = self._evaluate_on_rank0()
             summary = self.summary(test_metrics)
             if self.rank == 0:
                 summary.update(self.finish(test_metrics))
+                if again:  # said in summary.json: its test numbers are not metrics.jsonl's last test row
+                    summary["measured_again"] = self._measured_again(test_metrics)
             self.run.write_summary(summary)
             return summary
         finally:
             for sig, handler in old_handlers.items():
                 signal.signal(sig, handler)
             self.run.close()
+
+    def _measured_again(self, test_metrics: dict) -> dict:
+        """When a finished run's test numbers were measured again on resume, and what they were
+        before (the previous summary.json's, which metrics.jsonl's last test row also holds)."""
+        before = self.run.summary()
+        before = before.get("measured_again", {}).get("before", before)  # the numbers training gave
+        return {"at": _dt.datetime.now().isoformat(timespec="seconds"),
+                "before": {k: before[k] for k in test_metrics if k in before
+                           and not isinstance(before[k], (list, dict))}}
 
     def _sound_alarms(self, bar) -> list[dict]:
         """Run the kind's alarm rules on the history; each alarm that fires for the first time is

@@ -266,7 +266,8 @@ class ClassifierTrainer(Trainer):
         plot_lr_schedule(records, self.run.figure_path("lr_schedule.png"))
 
     def finish(self, test_metrics) -> dict:
-        return write_analysis(self.run, self._last_eval, self.data)
+        # tta: whether the test numbers are flip-averaged (a finished run resumed with --tta changes them)
+        return {**write_analysis(self.run, self._last_eval, self.data), "tta": self.config.tta}
 
 
 def write_analysis(run, result: dict, data, prefix: str = "") -> dict:
