@@ -206,16 +206,83 @@ def test_out_of_memory_is_one_line(where, tmp_path, poisoned, monkeypatch, capsy
         assert load_checkpoint(out / "checkpoints" / "last.pt")["step"] == 2
 
 
-def test_unwritable_run_folder(tmp_path, capsys):
-    """--out below a regular file: exit code 2 and one line naming the folder; nothing trained."""
+@pytest.mark.parametrize("where", ["build", "step"])
+def test_a_run_that_failed_before_its_first_checkpoint_begins_again(where, tmp_path, poisoned, monkeypatch,
+                                                                    capsys):
+    """Out of memory before any checkpoint (while building, or at step 4 of an epoch): the folder
+    was a dead end (the same command: "already holds a run"; --resume: the batch size cannot
+    change). The same command with a smaller batch now begins it again, saying so, and the old
+    attempt's steps are not in its log; --resume also begins it again. A run with a checkpoint
+    is still refused."""
+    from dllab.train.vae import VAETrainer
+
+    poisoned("vae", set())
+    failure = RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 360 GB")
+    real_build, real_step = VAETrainer.build, VAETrainer.train_step
+
+    def build(self):
+        if self.config.batch_size == 32:
+            raise failure
+        real_build(self)
+
+    def step(self, x, y):
+        if self.config.batch_size == 32 and self.step == 3:
+            raise failure
+        return real_step(self, x, y)
+
+    monkeypatch.setattr(VAETrainer, "build" if where == "build" else "train_step",
+                        build if where == "build" else step)
+    out = tmp_path / "run"
+    assert main(train_argv("vae", out, "--batch-size", "32", "--log-every", "1")) == 1
+    assert "the same command with them lower begins it again" in capsys.readouterr().err
+    failed = read_json(out / "summary.json")
+    assert failed["status"] == "failed" and failed["steps"] == (0 if where == "build" else 3)
+    assert bool(read_metrics(out)) is (where == "step")  # three steps logged, no checkpoint
+    assert main(train_argv("vae", out, "--batch-size", "16")) == 0
+    err = capsys.readouterr().err
+    assert f"{out} held a run that failed" in err and "begins again" in err, err
+    assert read_json(out / "config.json")["batch_size"] == 16 and "resumed" not in read_json(out / "config.json")
+    assert read_json(out / "summary.json")["status"] == "complete"
+    steps = [r["step"] for r in read_metrics(out) if r["split"] == "train"]
+    assert steps == sorted(set(steps)), steps  # no step logged twice
+    assert main(train_argv("vae", out, "--batch-size", "16")) == 2  # now it has checkpoints: refused
+    assert "already holds a run" in capsys.readouterr().err
+    # --resume of a run that failed before its first checkpoint begins it again too
+    again = tmp_path / "again"
+    assert main(train_argv("vae", again, "--batch-size", "32", "--log-every", "1")) == 1
+    assert main(["train", "vae", "--resume", "--out", str(again), "--quiet"]) == 1  # still batch 32
+    monkeypatch.setattr(VAETrainer, "build", real_build)
+    monkeypatch.setattr(VAETrainer, "train_step", real_step)
+    capsys.readouterr()
+    assert main(["train", "vae", "--resume", "--out", str(again), "--quiet"]) == 0
+    steps = [r["step"] for r in read_metrics(again) if r["split"] == "train"]
+    assert steps == sorted(set(steps)) and read_json(again / "summary.json")["status"] == "complete"
+
+
+def test_unwritable_run_folder(tmp_path, monkeypatch, capsys):
+    """--out below a regular file: exit code 2 and one line naming the folder and the file, before
+    the data is read; a folder the OS refuses (here simulated: root writes anywhere) is named too."""
+    from pathlib import Path
+
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     out = blocker / "run"
     assert main(train_argv("vae", out)) == 2
     err = capsys.readouterr().err
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and "cannot write run folder" in lines[0] and str(out) in lines[0], err
+    assert len(lines) == 1 and f"{out} lies under {blocker}, a file, not a folder" in lines[0], err
     assert blocker.read_text() == "not a folder"
+    real_mkdir = Path.mkdir
+
+    def refused(self, *args, **kwargs):
+        if self == tmp_path / "locked":
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", refused)
+    assert main(train_argv("vae", tmp_path / "locked")) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and f"cannot write run folder {tmp_path / 'locked'}: Permission denied" in lines[0]
 
 
 def _truncated_idx(root):

@@ -881,7 +881,8 @@ class Trainer:
         "interrupted" (SIGINT/SIGTERM: :class:`Interrupted`) or "failed" (any other error, named
         in ``error``), the epochs reached and planned, and the last test metrics; the exception
         is raised again. Running out of memory (a model or batch too large) raises
-        :class:`OutOfMemory` with a one-line message; the last checkpoint, if any, is kept.
+        :class:`OutOfMemory` with a one-line message; the last checkpoint, if any, is kept (a run
+        without one begins again from the same command: :func:`dllab.runs.never_trained`).
         """
         try:
             return self._fit(resume)
@@ -902,9 +903,11 @@ class Trainer:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             where = f"at step {self.step + 1}" if self._built else "building the model"
             size = f" ({', '.join(self.size_flags)})" if self.size_flags else ""
+            kept = ("the last checkpoint is kept" if self.run.has_checkpoint("last") else "the run has no "
+                    "checkpoint, so the same command with them lower begins it again")
             error = OutOfMemory(
                 f"out of memory {where} on {self.device} ({first[:200]}); lower --batch-size or the "
-                f"model's size{size}; the last checkpoint, if any, is kept")
+                f"model's size{size}; {kept}")
             self._write_unfinished("failed", error)
             raise error from e
 

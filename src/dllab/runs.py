@@ -168,6 +168,32 @@ def check_run_folder(path: str | os.PathLike, option: str = "--out") -> None:
     raise RunFolderError(f"{path} is not empty and is not a dllab run; choose another {option} or empty it")
 
 
+def never_trained(path: str | os.PathLike) -> dict | None:
+    """The summary.json of the run in ``path`` when that run stopped (status "failed" or
+    "interrupted": out of memory while building, say) before it saved any checkpoint; None
+    otherwise (it has a checkpoint, finished, or may be running now: no summary yet). Such a run
+    holds no training to continue, so a new run in its folder begins it again (:meth:`Run.create`)."""
+    path = Path(path)
+    try:
+        summary = read_json(path / "summary.json") if (path / "summary.json").exists() else None
+    except (OSError, ValueError):  # unreadable: not for us to judge, so left as it is
+        return None
+    if (not isinstance(summary, dict) or summary.get("status") not in ("failed", "interrupted")
+            or any((path / "checkpoints").glob("*.pt"))):
+        return None
+    return summary
+
+
+def _clear_untrained_run(path: Path) -> None:
+    """Remove what a run that never saved a checkpoint wrote (see :func:`never_trained`): its
+    summary, its metrics log (of steps it cannot continue) and TensorBoard events; config.json is
+    then written anew."""
+    for name in ("summary.json", "metrics.jsonl"):
+        (path / name).unlink(missing_ok=True)
+    for events in (path / "tb").glob("events.out.tfevents.*"):
+        events.unlink()
+
+
 def check_runs_folder(path: str | os.PathLike, option: str) -> None:
     """Refuse ``path`` as the folder of a command's runs (sweep, ablate, demo, reproduce) unless it
     is new, empty, or already holds dllab runs (the command's earlier ones, which it reuses or
@@ -227,6 +253,7 @@ class Run:
         self.path = Path(path)
         self.config = config
         self.writer = writer
+        self.began_again: dict | None = None  # the summary of a never-trained run this one replaced
         self._tb = None
         self._t0 = time.time()
         self._unwritten: dict = {}  # changes update_config made that write_config has not written
@@ -238,11 +265,20 @@ class Run:
         """Start a run in ``path`` (or continue it with ``resume``).
 
         A folder that already holds a run is never overwritten: without ``resume`` that is a
-        :class:`RunFolderError`. With ``resume`` the saved config is returned in ``run.config``
-        (the caller decides which new settings, such as a larger epoch count, may override it).
+        :class:`RunFolderError`, unless that run stopped before it saved a checkpoint
+        (:func:`never_trained`: out of memory while building, say), which is begun again with
+        ``config`` (its summary in ``run.began_again``): it holds no training to continue, and
+        ``--resume`` could not change the setting that made it fail. With ``resume`` the saved
+        config is returned in ``run.config`` (the caller decides which new settings, such as a
+        larger epoch count, may override it).
         """
         path = Path(path)
         has_run = (path / "config.json").exists()
+        stopped = never_trained(path) if has_run and not resume else None
+        if stopped is not None:  # a run that failed or was stopped before its first step: begun again
+            if writer:
+                _clear_untrained_run(path)
+            has_run = False
         if resume:
             if not has_run:
                 raise RunFolderError(f"--resume: no run to resume in {path} (no config.json)")
@@ -258,6 +294,7 @@ class Run:
             config = {**config, "environment": environment(),
                       "created": _dt.datetime.now().isoformat(timespec="seconds")}
             run = cls(path, config, writer=writer)
+            run.began_again = stopped
             if writer:
                 try:
                     path.mkdir(parents=True, exist_ok=True)

@@ -29,6 +29,7 @@ import dataclasses
 import datetime as _dt
 import importlib
 import os
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -161,10 +162,13 @@ def check_new_run(kind: str, config: config_lib.TrainConfig) -> None:
 def check_checkpoint_on_resume(run: Run) -> None:
     """Refuse to resume a run that has trained but lost checkpoints/last.pt (a CheckpointError
     naming both): starting it over would log its steps a second time and leave a run whose files
-    disagree. A run stopped before its first checkpoint has logged no step, and starts over."""
+    disagree. A run stopped before its first checkpoint (:func:`dllab.runs.never_trained`) starts
+    over, its log emptied."""
     from dllab.checkpoint import CheckpointError
 
-    if run.has_checkpoint("last"):
+    from dllab.runs import never_trained
+
+    if run.has_checkpoint("last") or never_trained(run.path):  # the latter begins again (train)
         return
     steps = max([r.get("step", 0) for r in run.metrics()] + [int(run.summary().get("steps", 0) or 0)])
     if steps > 0:
@@ -268,12 +272,29 @@ def train(kind: str, config: config_lib.TrainConfig | dict | None = None, *, res
         picked = {None: "fp32", torch.bfloat16: "bf16"}[resolve_precision("auto", device)]
         cfg = dataclasses.replace(cfg, precision=picked)
     run = create_run(cfg.out, {**dataclasses.asdict(cfg), "kind": kind}, resume=resume)  # rank 0 writes
+    if run.began_again is not None:  # said even with --quiet: a folder's old run is replaced
+        old = run.began_again
+        steps = f" after {old['steps']} steps" if old.get("steps") else ""
+        how = {"interrupted": "was interrupted"}.get(old.get("status"), old.get("status"))
+        print(f"dllab train: {cfg.out} held a run that {how}{steps} before saving a checkpoint "
+              f"({old.get('error') or 'no error recorded'}); it begins again with the settings given",
+              file=sys.stderr, flush=True)
     if resume:  # e.g. more epochs, or the folder it was moved to: recorded in config.json
         for key, value in defaults(kind).items():  # a setting added to dllab since the run began:
             run.config.setdefault(key, value)  # its default, so a change is recorded from that
         run.update_config({**changes, "out": cfg.out})
-    trainer = module.TRAINER(run.config, data, run, device, quiet=quiet)
-    # a run stopped before its first checkpoint (e.g. Ctrl-C while building) starts from the beginning
+    try:
+        trainer = module.TRAINER(run.config, data, run, device, quiet=quiet)
+    except BaseException as e:  # (a signal, or a bug) said in summary.json, as fit says what stops it,
+        if not resume and run.writer and not run.summary():  # so that the same command begins it again
+            run.write_summary({"status": "interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
+                               "kind": kind, "dataset": cfg.dataset, "epochs": 0, "epochs_planned": cfg.epochs,
+                               "steps": 0, "error": f"{type(e).__name__}: {str(e).strip()[:300]}"})
+        raise
+    # a run stopped before its first checkpoint (e.g. Ctrl-C while building) starts from the beginning,
+    # its log of steps it cannot continue emptied (check_checkpoint_on_resume refused the others)
+    if resume and not run.has_checkpoint("last"):
+        run.truncate_metrics(0)
     trainer.fit(resume=resume and run.has_checkpoint("last"))
     return run
 
