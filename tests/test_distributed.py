@@ -125,6 +125,24 @@ def _worker(jobs_file: str) -> None:
 
     figures = DCGANTrainer.epoch_end, DCGANTrainer.finish
     classifier_step = ClassifierTrainer.train_step
+    # D's weight gradients computed in G's update (wasted: D's next update zeroes them)
+    in_g = {"on": False, "d_grads": 0}
+    d_loss_of, g_loss_of = DCGANTrainer.d_loss, DCGANTrainer.g_loss
+
+    def count(grad):
+        in_g["d_grads"] += in_g["on"]
+
+    def d_loss(self, batch):
+        in_g["on"] = False
+        if not getattr(self, "_counted", False):
+            self._counted = [p.register_hook(count) for p in self.disc.parameters()]
+        return d_loss_of(self, batch)
+
+    def g_loss(self, batch):
+        in_g["on"] = True  # until the next d_loss: G's backward runs after g_loss returns
+        return g_loss_of(self, batch)
+
+    DCGANTrainer.d_loss, DCGANTrainer.g_loss = d_loss, g_loss
 
     def nan_on_rank1_at_step1(self, x, y):
         if self.rank == 1 and self.step == 1:
@@ -137,6 +155,7 @@ def _worker(jobs_file: str) -> None:
             DCGANTrainer.finish = lambda self, metrics: {}
         if i == 6:
             ClassifierTrainer.train_step = nan_on_rank1_at_step1
+        in_g.update(on=False, d_grads=0)
         code = main(argv)
         DCGANTrainer.epoch_end, DCGANTrainer.finish = figures
         ClassifierTrainer.train_step = classifier_step
@@ -155,6 +174,7 @@ def _worker(jobs_file: str) -> None:
         if dist.get_rank() == 0:
             torch.save(params, Path(spec["report"]).with_name(f"weights_{i}.pt"))
             report.append({"codes": [c for c, _ in codes], "outs": [o for _, o in codes],
+                           "d_grads_in_g_update": in_g["d_grads"],
                            "max_rank_difference": max(float((g - params).abs().max()) for g in gathered),
                            "same_stream": all(torch.equal(s, after) for s in streams)})
     if dist.get_rank() == 0:
@@ -283,6 +303,16 @@ def test_two_ranks_match_one_process_with_the_global_batch(ddp, single, run, job
     summary = json.loads((root / run / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 8
     assert summary["precision"] == ("bfloat16" if run.endswith("bf16") else "fp32")
+
+
+def test_g_update_computes_no_d_gradients_under_ddp(ddp):
+    """Under DDP too, G's update runs D by its plain module and differentiates G's parameters only:
+    no D weight gradient is computed there (nor averaged over the ranks), as in one process."""
+    _, report, _ = ddp
+    gan_jobs = report[2:6]
+    assert all(job["codes"] == [0, 0] for job in gan_jobs)
+    assert [job["d_grads_in_g_update"] for job in gan_jobs] == [0, 0, 0, 0]
+    assert report[0]["d_grads_in_g_update"] == 0  # (no DCGAN: nothing counted)
 
 
 def test_a_resumed_distributed_run_continues_exactly(ddp):

@@ -478,6 +478,20 @@ class Trainer:
             kwargs[flag] = False
         return self._compiled(nn.parallel.DistributedDataParallel(model, device_ids=ids, **kwargs))
 
+    def plain(self, model: nn.Module) -> nn.Module:
+        """``model`` (a module :meth:`wrap` was given) to call in another model's update, one whose
+        optimiser does not step it: the DCGAN's D in G's loss. Outside DDP that is the wrapped
+        model itself; under DDP, the module without the DDP wrapper (compiled like it), so that
+        its gradients are neither expected nor averaged over the ranks there (:meth:`_backward`
+        computes none: D's next update zeroes them anyway)."""
+        return self._compiled(model) if self.distributed else self._wrapped[self._plain_index(model)]
+
+    def _plain_index(self, model: nn.Module) -> int:
+        for i, wrapped in enumerate(self._wrapped):
+            if unwrap(wrapped) is model:
+                return i
+        raise ValueError(f"plain(): {type(model).__name__} was not given to wrap()")
+
     def _compiled(self, model: nn.Module) -> nn.Module:
         """``torch.compile(model, mode=config.compile_mode)`` when ``config.compile`` is set. Off
         by default: on this project's 2-core CPU it took one to three minutes per model to build,
@@ -608,11 +622,12 @@ class Trainer:
         Naming the optimiser's parameters as ``inputs`` lets autograd skip both where torch's
         own backward kernels are told which gradients are wanted (the from-scratch layers'
         functions compute theirs regardless): 8 % fewer FLOPs in a DCGAN step
-        (``benchmarks/backward_inputs.py``, docs/speed.md). Under DDP a plain backward stays: a
-        wrapped model that ran in the step expects a gradient for every parameter it used.
+        (``benchmarks/backward_inputs.py``, docs/speed.md). Under DDP the same holds, provided
+        that an update's loss runs through another update's model by that model's plain module
+        (:meth:`plain`), not its DDP wrapper: a wrapper that ran expects a gradient for every
+        parameter it used, and would wait for them in the next step.
         """
-        params = [] if self.distributed else [p for group in update.optimizer.param_groups
-                                              for p in group["params"] if p.requires_grad]
+        params = [p for group in update.optimizer.param_groups for p in group["params"] if p.requires_grad]
         if params:
             loss.backward(inputs=params)
         else:

@@ -265,6 +265,7 @@ class DCGANTrainer(Trainer):
         # ("modified by an inplace operation"). D's running statistics are never used (D only
         # ever runs in training mode), so D does not broadcast them.
         self.G, self.D = self.wrap(self.gen), self.wrap(self.disc, broadcast_buffers=False)
+        self.D_in_g = self.plain(self.disc)  # D in G's loss: under DDP, not expecting D's gradients
         betas = (c.beta1, 0.999)
         fused = optimizer_options(self.device)
         self.opt_g = torch.optim.Adam(self.gen.parameters(), lr=c.lr, betas=betas, **fused)
@@ -345,7 +346,7 @@ class DCGANTrainer(Trainer):
     def g_loss(self, batch: dict):
         """The generator's non-saturating loss, maximise log D(G(z)), against the updated D."""
         with self.autocast():
-            fake_logits_after = self.D(self._d_input(batch["fake"], batch))
+            fake_logits_after = self.D_in_g(self._d_input(batch["fake"], batch))
         loss_g = self._g_loss(fake_logits_after.float(), self.config.loss)
         return loss_g, {"g_loss": loss_g.detach(),
                         "d_fake_after": torch.sigmoid(fake_logits_after.detach().float()).mean()}
