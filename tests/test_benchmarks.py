@@ -8,6 +8,7 @@ come from a child process.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import re
 import subprocess
@@ -24,6 +25,35 @@ def _run(script: str, *args: str) -> str:
                           text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
+
+
+def _usage_error(monkeypatch, capsys, script: str, args: list[str]) -> str:
+    """``script``'s ``main(args)`` run in this process (a process start and torch's import cost
+    seconds each): it must exit with code 2; returns what it wrote to stderr. One bad input per
+    script is also run as a real process (``test_*_usage_error_is_one_process_exit``)."""
+    import torch
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    module = importlib.import_module(script.removesuffix(".py"))
+    capsys.readouterr()
+    threads = torch.get_num_threads()  # a script may set them before it finds the bad input
+    try:
+        with pytest.raises(SystemExit) as e:
+            module.main(args)
+    finally:
+        torch.set_num_threads(threads)
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script, args, message", [
+    ("conv_routes.py", ["routes", "--batch", "0"], "must be at least 1"),
+    ("train_throughput.py", ["--rounds", "0"], "must be at least 1"),
+    ("backward_inputs.py", ["--rounds", "0"], "must be at least 1")])
+def test_a_benchmarks_usage_error_is_one_process_exit(script, args, message):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
 def test_layers_benchmark_prints_ratios_and_memory():
@@ -109,10 +139,8 @@ def test_conv_routes_benchmark_times_the_classifier_step_with_and_without_the_ti
     (["routes", "--repeats", "abc"], "expected a positive integer, got 'abc'"),
     (["routes", "--batch", "0"], "must be at least 1"),
 ])
-def test_conv_routes_benchmark_refuses_bad_input_with_a_usage_error(args, message):
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "conv_routes.py"), *args], capture_output=True,
-                          text=True, timeout=120, cwd=ROOT)
-    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+def test_conv_routes_benchmark_refuses_bad_input_with_a_usage_error(args, message, monkeypatch, capsys):
+    assert message in _usage_error(monkeypatch, capsys, "conv_routes.py", args)
 
 
 @pytest.mark.parametrize("args,message", [
@@ -122,13 +150,11 @@ def test_conv_routes_benchmark_refuses_bad_input_with_a_usage_error(args, messag
     (["--device", "tpu"], "unknown device 'tpu'"), (["--dataset", "nope"], "unknown dataset 'nope'"),
     (["--json", "/nonexistent-dir/x.json"], "its folder does not exist"), (["--json", "/"], "a folder, not a file"),
 ])
-def test_train_throughput_refuses_bad_input_with_a_usage_error(args, message):
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_throughput.py"), *args],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+def test_train_throughput_refuses_bad_input_with_a_usage_error(args, message, monkeypatch, capsys):
+    assert message in _usage_error(monkeypatch, capsys, "train_throughput.py", args)
 
 
-def test_train_throughput_times_each_compile_mode_once(monkeypatch):
+def test_train_throughput_times_each_compile_mode_once(monkeypatch, capsys):
     """``--compile --compile-modes``: one compiled variant (and one bf16 one) per mode, named after
     it, each with the config settings that ``dllab train --compile --compile-mode`` gives."""
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
@@ -152,9 +178,7 @@ def test_train_throughput_times_each_compile_mode_once(monkeypatch):
                              "dllab+bf16+compile:reduce-overhead"]
     for args, message in ((["--compile", "--compile-modes", "fastest"], "invalid choice: 'fastest'"),
                           (["--compile-modes", "reduce-overhead"], "add --compile")):
-        proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_throughput.py"), *args],
-                              capture_output=True, text=True, timeout=120, cwd=ROOT)
-        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+        assert message in _usage_error(monkeypatch, capsys, "train_throughput.py", args)
 
 
 @pytest.mark.slow  # compiles five functions with TorchInductor (a C++ compiler; ~30 s)
@@ -208,6 +232,3 @@ def test_backward_inputs_benchmark_times_both_rules():
     assert len(row) == 1 and len(row[0].split("|")) == 8, out
     own, plain = (float(v) for v in row[0].split("|")[6].split("/"))
     assert own == plain > 0, row  # the VAE has one model: the same work either way
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "backward_inputs.py"), "--rounds", "0"],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert proc.returncode == 2 and "must be at least 1" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
