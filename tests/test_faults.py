@@ -5,6 +5,7 @@ checkpoint left in place."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 
@@ -337,3 +338,29 @@ def test_a_good_fixture_trains(tmp_path):
                  "--epochs", "1", "--out", str(out), "--quiet", "--device", "cpu", "--width", "4",
                  "--batch-size", "32"]) == 0
     assert np.isfinite(read_json(out / "summary.json")["test_loss"])
+
+
+def test_a_run_killed_before_its_first_checkpoint_resumes_from_the_start(tmp_path, capsys):
+    """Killed outright in its first epoch (the out-of-memory killer, say: no summary, steps logged,
+    no checkpoint), a run was a dead end: --resume refused it as having lost last.pt. It now
+    starts over, saying so, with its log emptied of the lost steps; a run that finished, or holds
+    best.pt, is still refused."""
+    import shutil
+
+    out = tmp_path / "run"
+    assert main(train_argv("vae", out, "--log-every", "1")) == 0
+    full = read_metrics(out)
+    (out / "summary.json").unlink()
+    shutil.rmtree(out / "checkpoints")
+    (out / "checkpoints").mkdir()
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in full if r["step"] <= 3))
+    capsys.readouterr()
+    assert main(["train", "vae", "--resume", "--out", str(out), "--quiet"]) == 0
+    assert "saved no checkpoint in its 3 steps; it starts over from step 0" in capsys.readouterr().err
+    steps = [r["step"] for r in read_metrics(out) if r["split"] == "train"]
+    untimed = [[{k: v for k, v in r.items() if k != "time"} for r in log] for log in (read_metrics(out), full)]
+    assert steps == sorted(set(steps)) and untimed[0] == untimed[1]  # the same run as straight through
+    (out / "checkpoints" / "last.pt").unlink()  # finished, and best.pt kept: refused
+    assert main(["train", "vae", "--resume", "--out", str(out), "--quiet", "--epochs", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "last.pt is missing (it holds best.pt)" in err, err

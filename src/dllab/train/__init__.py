@@ -159,22 +159,28 @@ def check_new_run(kind: str, config: config_lib.TrainConfig) -> None:
         module.check_new_run(config)
 
 
-def check_checkpoint_on_resume(run: Run) -> None:
-    """Refuse to resume a run that has trained but lost checkpoints/last.pt (a CheckpointError
-    naming both): starting it over would log its steps a second time and leave a run whose files
-    disagree. A run stopped before its first checkpoint (:func:`dllab.runs.never_trained`) starts
-    over, its log emptied."""
+def check_checkpoint_on_resume(run: Run) -> int:
+    """The steps ``run`` logged that its resume starts over from (0 when it has ``last.pt`` to
+    continue from, or logged none).
+
+    A run that saved no checkpoint at all before it stopped (failed, interrupted, or killed
+    outright, by the out-of-memory killer say, in its first epoch) has nothing to continue: it
+    starts over, and :func:`train` empties its log of those steps. A run that finished, or has
+    another checkpoint but lost ``last.pt``, is refused (a CheckpointError naming the file):
+    starting it over would throw away training that its files say it did."""
     from dllab.checkpoint import CheckpointError
 
-    from dllab.runs import never_trained
-
-    if run.has_checkpoint("last") or never_trained(run.path):  # the latter begins again (train)
-        return
-    steps = max([r.get("step", 0) for r in run.metrics()] + [int(run.summary().get("steps", 0) or 0)])
-    if steps > 0:
+    if run.has_checkpoint("last"):
+        return 0
+    summary = run.summary()
+    steps = max([r.get("step", 0) for r in run.metrics()] + [int(summary.get("steps", 0) or 0)])
+    others = sorted(p.name for p in run.checkpoint_path("last").parent.glob("*.pt"))
+    if steps > 0 and (others or summary.get("status") == "complete"):
+        held = f" (it holds {', '.join(others)})" if others else ""
         raise CheckpointError(f"--resume: the run in {run.path} has trained {steps} steps (metrics.jsonl, "
-                              f"summary.json), but {run.checkpoint_path('last')} is missing, so it cannot "
-                              "continue; put last.pt back, or start a new run with another --out")
+                              f"summary.json), but {run.checkpoint_path('last')} is missing{held}, so it "
+                              "cannot continue; put last.pt back, or start a new run with another --out")
+    return steps
 
 
 def check_epochs_on_resume(run: Run, epochs: int) -> None:
@@ -230,13 +236,14 @@ def train(kind: str, config: config_lib.TrainConfig | dict | None = None, *, res
     if not resume:
         given = with_preset(kind, given, typed=isinstance(config, config_lib.TrainConfig))
     changes: dict = {}
+    lost_steps = 0  # steps logged by a run resumed without any checkpoint (it starts over)
     if resume:
         settings, changes = _resumed_config(kind, given)
         cfg = config_lib.from_mapping(cls, settings)
         done = Run.open(cfg.out)
         if not changes and done.complete and done.config.get("out") == cfg.out:
             return done  # nothing to continue and nothing to change: the run is left as it is
-        check_checkpoint_on_resume(done)
+        lost_steps = check_checkpoint_on_resume(done)
         if "epochs" in changes:
             check_epochs_on_resume(done, cfg.epochs)
     else:
@@ -294,6 +301,9 @@ def train(kind: str, config: config_lib.TrainConfig | dict | None = None, *, res
     # a run stopped before its first checkpoint (e.g. Ctrl-C while building) starts from the beginning,
     # its log of steps it cannot continue emptied (check_checkpoint_on_resume refused the others)
     if resume and not run.has_checkpoint("last"):
+        if lost_steps:  # said even with --quiet: logged steps are dropped
+            print(f"dllab train: the run in {cfg.out} saved no checkpoint in its {lost_steps} steps; it starts "
+                  "over from step 0", file=sys.stderr, flush=True)
         run.truncate_metrics(0)
     trainer.fit(resume=resume and run.has_checkpoint("last"))
     return run
