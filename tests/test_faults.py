@@ -355,6 +355,8 @@ def test_a_run_killed_before_its_first_checkpoint_resumes_from_the_start(tmp_pat
     (out / "checkpoints").mkdir()
     (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in full if r["step"] <= 3))
     capsys.readouterr()
+    assert main(train_argv("vae", out, "--log-every", "1")) == 2  # it may be running: not replaced
+    assert "still running, or was killed before its first checkpoint" in capsys.readouterr().err
     assert main(["train", "vae", "--resume", "--out", str(out), "--quiet"]) == 0
     assert "saved no checkpoint in its 3 steps; it starts over from step 0" in capsys.readouterr().err
     steps = [r["step"] for r in read_metrics(out) if r["split"] == "train"]

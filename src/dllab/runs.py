@@ -286,10 +286,11 @@ class Run:
             run = cls(path, saved, writer=writer)
         else:
             if has_run:
-                raise RunFolderError(
-                    f"{path} already holds a run; continue it with --resume "
-                    "or choose another --out"
-                )
+                unsure = ("" if (path / "summary.json").exists() or any((path / "checkpoints").glob("*.pt"))
+                          else " (it has no checkpoint and no summary.json: it is still running, or was killed "
+                          "before its first checkpoint, and then --resume starts it over with its settings)")
+                raise RunFolderError(f"{path} already holds a run; continue it with --resume or choose another "
+                                     f"--out{unsure}")
             check_run_folder(path)  # a file, or a folder of other files
             config = {**config, "environment": environment(),
                       "created": _dt.datetime.now().isoformat(timespec="seconds")}
