@@ -340,29 +340,71 @@ def test_a_good_fixture_trains(tmp_path):
     assert np.isfinite(read_json(out / "summary.json")["test_loss"])
 
 
-def test_a_run_killed_before_its_first_checkpoint_resumes_from_the_start(tmp_path, capsys):
-    """Killed outright in its first epoch (the out-of-memory killer, say: no summary, steps logged,
-    no checkpoint), a run was a dead end: --resume refused it as having lost last.pt. It now
-    starts over, saying so, with its log emptied of the lost steps; a run that finished, or holds
-    best.pt, is still refused."""
+def _killed_in_its_first_epoch(out):
+    """Make ``out`` look like a run killed outright (SIGKILL) at step 3 of its first epoch: no
+    summary, no checkpoint, three steps logged. Returns the log of the whole, straight run."""
     import shutil
 
-    out = tmp_path / "run"
     assert main(train_argv("vae", out, "--log-every", "1")) == 0
     full = read_metrics(out)
     (out / "summary.json").unlink()
     shutil.rmtree(out / "checkpoints")
     (out / "checkpoints").mkdir()
     (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in full if r["step"] <= 3))
+    return full
+
+
+def _untimed(log):
+    return [{k: v for k, v in r.items() if k != "time"} for r in log]
+
+
+def test_a_run_killed_before_its_first_checkpoint_resumes_from_the_start(tmp_path, capsys):
+    """Killed outright in its first epoch (the out-of-memory killer, say: no summary, steps logged,
+    no checkpoint), a run was a dead end: --resume refused it as having lost last.pt, and the same
+    command as holding a run. --resume now starts it over, and the same command (with smaller
+    settings, say) begins it again, each saying so, with the lost steps gone from the log; a run
+    that finished, or holds best.pt, is still refused."""
+    import shutil
+
+    out = tmp_path / "run"
+    full = _killed_in_its_first_epoch(out)
+    shutil.copytree(out, tmp_path / "copy")
     capsys.readouterr()
-    assert main(train_argv("vae", out, "--log-every", "1")) == 2  # it may be running: not replaced
-    assert "still running, or was killed before its first checkpoint" in capsys.readouterr().err
     assert main(["train", "vae", "--resume", "--out", str(out), "--quiet"]) == 0
     assert "saved no checkpoint in its 3 steps; it starts over from step 0" in capsys.readouterr().err
-    steps = [r["step"] for r in read_metrics(out) if r["split"] == "train"]
-    untimed = [[{k: v for k, v in r.items() if k != "time"} for r in log] for log in (read_metrics(out), full)]
-    assert steps == sorted(set(steps)) and untimed[0] == untimed[1]  # the same run as straight through
+    assert _untimed(read_metrics(out)) == _untimed(full)  # the same run as straight through
+    assert len(list((out / "tb").glob("events.*"))) == 1  # the stopped attempt's events went too
+    assert main(train_argv("vae", tmp_path / "copy", "--log-every", "1")) == 0
+    assert "was killed (it wrote no summary) before saving a checkpoint; it begins again" in capsys.readouterr().err
+    assert _untimed(read_metrics(tmp_path / "copy")) == _untimed(full)
     (out / "checkpoints" / "last.pt").unlink()  # finished, and best.pt kept: refused
     assert main(["train", "vae", "--resume", "--out", str(out), "--quiet", "--epochs", "2"]) == 1
     err = capsys.readouterr().err
     assert "last.pt is missing (it holds best.pt)" in err, err
+
+
+def test_a_run_folder_in_use_by_another_process_is_refused(tmp_path, capsys):
+    """While a process trains in a folder (it holds the folder's lock), neither a new run nor a
+    resume may write there, even where the folder would otherwise be begun again (a reviewer's
+    race: a failed run resumed by one command and begun again by another, both training into
+    it). The lock goes with the process, so a killed one leaves none."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    _killed_in_its_first_epoch(out)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\n"
+                               f"fd = os.open({str(out)!r}, os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX)\n"
+                               "print('locked', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        for argv in (train_argv("vae", out), ["train", "vae", "--resume", "--out", str(out), "--quiet"]):
+            assert main(argv) == 2
+            err = capsys.readouterr().err
+            assert f"{out} is in use by another process" in err and len(err.strip().splitlines()) == 1, err
+        assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(["train", "vae", "--resume", "--out", str(out), "--quiet"]) == 0  # the lock went with it

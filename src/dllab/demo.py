@@ -49,18 +49,18 @@ def default_out(dataset: str = "mnist5k", full: bool = False, epochs: int | None
 
 def train_or_reuse(kind: str, config: dict, what: str = "the demo", quiet: bool = False) -> Path:
     """The run in ``config["out"]``: reused when it is complete and was trained with ``config``
-    (refused by :func:`dllab.runs.check_same_settings` otherwise), continued when it is unfinished, trained
-    when there is none (train() starts one that has no checkpoint yet). The demo and
-    ``dllab reproduce`` both take their runs this way."""
-    from dllab.runs import Run, check_same_settings
+    (refused by :func:`dllab.runs.check_same_settings` otherwise), continued when it is unfinished,
+    trained when there is none, or when it stopped before its first checkpoint (begun again with
+    ``config``). The demo and ``dllab reproduce`` both take their runs this way."""
+    from dllab.runs import Run, check_same_settings, never_trained
     from dllab.train import train
 
     run_dir = Path(config["out"])
     existing = Run.open(run_dir) if (run_dir / "config.json").exists() else None
     if existing is not None and existing.complete:
         check_same_settings(run_dir, config, what)
-    else:
-        train(kind, config, resume=existing is not None, quiet=quiet)
+    else:  # a run that stopped before its first checkpoint is begun again with ``config``
+        train(kind, config, resume=existing is not None and never_trained(run_dir) is None, quiet=quiet)
     return run_dir
 
 

@@ -23,6 +23,7 @@ import math
 import os
 import platform
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -169,29 +170,59 @@ def check_run_folder(path: str | os.PathLike, option: str = "--out") -> None:
 
 
 def never_trained(path: str | os.PathLike) -> dict | None:
-    """The summary.json of the run in ``path`` when that run stopped (status "failed" or
-    "interrupted": out of memory while building, say) before it saved any checkpoint; None
-    otherwise (it has a checkpoint, finished, or may be running now: no summary yet). Such a run
-    holds no training to continue, so a new run in its folder begins it again (:meth:`Run.create`)."""
+    """What is known of the run in ``path`` when it stopped before it saved any checkpoint: its
+    summary.json (status "failed" or "interrupted": out of memory while building, say), or
+    ``{"status": "unfinished"}`` when it has none (killed outright in its first epoch, by the
+    out-of-memory killer say). None when it has a checkpoint, finished, reached the end of an
+    epoch (a test record in metrics.jsonl: its checkpoints were deleted, not never written), or
+    cannot be read. Such a run holds no training to continue: :meth:`Run.create` begins it again,
+    once it holds the folder's lock (so never while another process trains there)."""
     path = Path(path)
     try:
         summary = read_json(path / "summary.json") if (path / "summary.json").exists() else None
+        tested = any(r.get("split") == "test" for r in read_metrics(path))
     except (OSError, ValueError):  # unreadable: not for us to judge, so left as it is
         return None
-    if (not isinstance(summary, dict) or summary.get("status") not in ("failed", "interrupted")
-            or any((path / "checkpoints").glob("*.pt"))):
+    if summary is None:
+        summary = {"status": "unfinished"}
+    if (not isinstance(summary, dict) or summary.get("status") not in ("failed", "interrupted", "unfinished")
+            or summary.get("epochs") or tested or any((path / "checkpoints").glob("*.pt"))):
         return None
     return summary
 
 
 def _clear_untrained_run(path: Path) -> None:
     """Remove what a run that never saved a checkpoint wrote (see :func:`never_trained`): its
-    summary, its metrics log (of steps it cannot continue) and TensorBoard events; config.json is
-    then written anew."""
+    summary, its metrics log (of steps it cannot continue) and TensorBoard events, so that the
+    folder holds the run begun again alone."""
     for name in ("summary.json", "metrics.jsonl"):
         (path / name).unlink(missing_ok=True)
     for events in (path / "tb").glob("events.out.tfevents.*"):
         events.unlink()
+
+
+def _lock_folder(path: Path) -> int | None:
+    """This process's exclusive lock on the run folder ``path`` (made if it is new): ``flock`` on
+    the folder itself (no lock file), released by :meth:`Run.close` or when the process ends,
+    killed or not. A :class:`RunFolderError` when another process holds it: a run trains there
+    now, and neither a second run nor a resume may write into it. None where ``flock`` is missing
+    (Windows), which then has no such guard."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as e:
+        raise RunFolderError(f"cannot write run folder {path}: {e.strerror or e}") from e
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise RunFolderError(f"{path} is in use by another process (a dllab run training there now); wait "
+                             "for it to end, or stop it, and run this again") from None
+    return fd
 
 
 def check_runs_folder(path: str | os.PathLike, option: str) -> None:
@@ -254,6 +285,7 @@ class Run:
         self.config = config
         self.writer = writer
         self.began_again: dict | None = None  # the summary of a never-trained run this one replaced
+        self._unlock: weakref.finalize | None = None  # releases the folder's lock (create)
         self._tb = None
         self._t0 = time.time()
         self._unwritten: dict = {}  # changes update_config made that write_config has not written
@@ -264,49 +296,64 @@ class Run:
                writer: bool = True, tensorboard: bool = True) -> Run:
         """Start a run in ``path`` (or continue it with ``resume``).
 
-        A folder that already holds a run is never overwritten: without ``resume`` that is a
-        :class:`RunFolderError`, unless that run stopped before it saved a checkpoint
-        (:func:`never_trained`: out of memory while building, say), which is begun again with
-        ``config`` (its summary in ``run.began_again``): it holds no training to continue, and
-        ``--resume`` could not change the setting that made it fail. With ``resume`` the saved
-        config is returned in ``run.config`` (the caller decides which new settings, such as a
-        larger epoch count, may override it).
+        A writer holds the folder's lock until :meth:`close` (:func:`_lock_folder`): while another
+        process trains there, this is a :class:`RunFolderError`. A folder that already holds a run
+        is never overwritten: without ``resume`` that is a :class:`RunFolderError`, unless that run
+        stopped before it saved a checkpoint (:func:`never_trained`: out of memory while building,
+        say), which is begun again with ``config`` (what is known of it in ``run.began_again``): it
+        holds no training to continue, and ``--resume`` could not change the setting that made it
+        fail. With ``resume`` such a run starts over too, its summary, log and events cleared, and
+        otherwise the saved config is returned in ``run.config`` (the caller decides which new
+        settings, such as a larger epoch count, may override it).
         """
         path = Path(path)
-        has_run = (path / "config.json").exists()
-        stopped = never_trained(path) if has_run and not resume else None
-        if stopped is not None:  # a run that failed or was stopped before its first step: begun again
-            if writer:
-                _clear_untrained_run(path)
-            has_run = False
-        if resume:
-            if not has_run:
-                raise RunFolderError(f"--resume: no run to resume in {path} (no config.json)")
-            saved = read_json(path / "config.json")
-            run = cls(path, saved, writer=writer)
-        else:
-            if has_run:
-                unsure = ("" if (path / "summary.json").exists() or any((path / "checkpoints").glob("*.pt"))
-                          else " (it has no checkpoint and no summary.json: it is still running, or was killed "
-                          "before its first checkpoint, and then --resume starts it over with its settings)")
-                raise RunFolderError(f"{path} already holds a run; continue it with --resume or choose another "
-                                     f"--out{unsure}")
-            check_run_folder(path)  # a file, or a folder of other files
-            config = {**config, "environment": environment(),
-                      "created": _dt.datetime.now().isoformat(timespec="seconds")}
-            run = cls(path, config, writer=writer)
-            run.began_again = stopped
-            if writer:
-                try:
-                    path.mkdir(parents=True, exist_ok=True)
-                    write_json(path / "config.json", config)
-                except OSError as e:
-                    raise RunFolderError(f"cannot write run folder {path}: {e.strerror or e}") from e
+        if resume and not (path / "config.json").exists():
+            raise RunFolderError(f"--resume: no run to resume in {path} (no config.json)")
+        if not resume and not (path / "config.json").exists():
+            check_run_folder(path)  # a file, or a folder of other files: refused before it is locked
+        lock = _lock_folder(path) if writer else None
+        try:
+            run = cls._create_locked(path, config, resume=resume, writer=writer)
+        except BaseException:
+            if lock is not None:
+                os.close(lock)
+            raise
+        if lock is not None:
+            run._unlock = weakref.finalize(run, os.close, lock)  # also when the run is dropped unclosed
         if writer:
             (path / "checkpoints").mkdir(exist_ok=True)
             (path / "figures").mkdir(exist_ok=True)
             if tensorboard:
                 run._open_tensorboard()
+        return run
+
+    @classmethod
+    def _create_locked(cls, path: Path, config: dict, *, resume: bool, writer: bool) -> Run:
+        """:meth:`create`'s work once the folder is locked (by this process, when ``writer``)."""
+        has_run = (path / "config.json").exists()
+        stopped = never_trained(path) if has_run and writer else None
+        if resume:
+            if not has_run:
+                raise RunFolderError(f"--resume: no run to resume in {path} (no config.json)")
+            if stopped is not None:
+                _clear_untrained_run(path)  # it starts over: no summary or events of the stopped attempt
+            return cls(path, read_json(path / "config.json"), writer=writer)
+        if stopped is not None:  # a run that stopped before its first checkpoint: begun again
+            _clear_untrained_run(path)
+            has_run = False
+        if has_run:
+            raise RunFolderError(f"{path} already holds a run; continue it with --resume or choose another --out")
+        check_run_folder(path)  # a file, or a folder of other files
+        config = {**config, "environment": environment(),
+                  "created": _dt.datetime.now().isoformat(timespec="seconds")}
+        run = cls(path, config, writer=writer)
+        run.began_again = stopped
+        if writer:
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+                write_json(path / "config.json", config)
+            except OSError as e:
+                raise RunFolderError(f"cannot write run folder {path}: {e.strerror or e}") from e
         return run
 
     @classmethod
@@ -452,12 +499,15 @@ class Run:
         return int(state["epoch"]), int(state.get("batch_in_epoch", 0)) > 0
 
     def close(self) -> None:
+        """Flush and close TensorBoard's writer, and release the folder's lock (:meth:`create`)."""
         if self._tb is not None:
             self._tb.flush()
             self._tb.close()
             self._tb = None
+        if self._unlock is not None:
+            self._unlock()  # once: a finalizer runs at most one time
 
 
 __all__ = ["Run", "RunFolderError", "run_status", "CheckpointError", "read_metrics", "read_json", "write_json",
            "is_run", "holds_runs", "check_run_folder", "check_runs_folder", "check_same_settings",
-           "COMPLETE", "INTERRUPTED", "FAILED", "STOPPED", "UNFINISHED"]
+           "never_trained", "COMPLETE", "INTERRUPTED", "FAILED", "STOPPED", "UNFINISHED"]

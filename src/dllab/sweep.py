@@ -18,7 +18,7 @@ import shlex
 from pathlib import Path
 
 from dllab.config import check_compile_mode, from_mapping
-from dllab.runs import Run, check_runs_folder, check_same_settings, read_json, read_metrics
+from dllab.runs import Run, check_runs_folder, check_same_settings, never_trained, read_json, read_metrics
 
 
 def _columns(kind: str) -> list[str]:
@@ -53,7 +53,7 @@ def _label(flag: str, value: str | None) -> str:
 
 def plan(kind: str, groups: list[tuple[str, list[str]]]) -> list[tuple[str, list[str], dict]]:
     """Every combination as (run name, train argv, {flag: value}); parsed and checked now."""
-    from dllab.train import check_new_run, command_line_config, config_class, train_parser, with_preset
+    from dllab.train import train_parser
 
     for flag, _ in groups:
         if flag in ("--out", "--resume"):
@@ -76,10 +76,24 @@ def plan(kind: str, groups: list[tuple[str, list[str]]]) -> list[tuple[str, list
         argv = [*fixed, *[t for f, v in chosen.items() for t in (f, v)]]
         parsed = parser.parse_args(argv)  # exits with code 2 and a one-line message on a bad value
         check_compile_mode(parsed.compile, parsed.compile_mode)  # before the first run, not at the second
-        settings = with_preset(kind, command_line_config(kind, parsed, argv, resume=False))
-        check_new_run(kind, from_mapping(config_class(kind), settings))
         combos.append((name, argv, chosen))
     return combos
+
+
+def check_new_runs(kind: str, combos, out: Path) -> None:
+    """Each run the command will begin (none in ``out`` yet, or one that stopped before its first
+    checkpoint) checked as ``dllab train`` checks a new run (:func:`dllab.train.check_new_run`),
+    before the folder is made and the first run trains; runs it continues or reuses keep their
+    settings, as a resume does."""
+    from dllab.train import check_new_run, command_line_config, config_class, train_parser, with_preset
+
+    parser = train_parser(kind)
+    for name, argv, _ in combos:
+        run_dir = out / name
+        if (run_dir / "config.json").exists() and never_trained(run_dir) is None:
+            continue
+        settings = with_preset(kind, command_line_config(kind, parser.parse_args(argv), argv, resume=False))
+        check_new_run(kind, from_mapping(config_class(kind), settings))
 
 
 def run_all(kind: str, combos, out: Path, quiet: bool, again: str, option: str = "--sweep-out") -> list[dict]:
@@ -102,11 +116,12 @@ def run_all(kind: str, combos, out: Path, quiet: bool, again: str, option: str =
             check_same_settings(run_dir, {k: asked[k] for k in given_settings(kind, argv) if k in asked},
                                 what, option)
         else:
-            # as the CLI does: on resume the flags given, the rest as the run saved them
-            config = command_line_config(kind, args, run_argv, resume=run is not None)
-            # a run stopped before its first checkpoint starts again from the beginning
+            # as the CLI does: on resume the flags given, the rest as the run saved them; a run that
+            # stopped before its first checkpoint is begun again with the flags given (smaller, say)
+            resume = run is not None and never_trained(run_dir) is None
+            config = command_line_config(kind, args, run_argv, resume=resume)
             try:
-                run = train(kind, config, resume=run is not None, quiet=quiet or bool(args.quiet))
+                run = train(kind, config, resume=resume, quiet=quiet or bool(args.quiet))
             except Interrupted as e:  # the same command reuses the finished runs and continues this one
                 raise e.continued_by(again) from None
         summary = run.summary()
@@ -165,6 +180,7 @@ def sweep_main(args, argv: list[str]) -> int:
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(args.sweep_out or f"runs/sweep-{args.kind}-{stamp}")
     check_runs_folder(out, "--sweep-out")  # new, empty, or this sweep's own runs
+    check_new_runs(args.kind, combos, out)
     out.mkdir(parents=True, exist_ok=True)
     quiet = any(flag == "--quiet" for flag, _ in groups)
     again = shlex.join(["dllab", *_drop_option(argv, "--sweep-out"), "--sweep-out", str(out)])
@@ -229,6 +245,7 @@ def ablate_main(args, argv: list[str]) -> int:
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(args.ablate_out or f"runs/ablate-classifier-{stamp}")
     check_runs_folder(out, "--ablate-out")  # new, empty, or this ablation's own runs
+    check_new_runs("classifier", combos, out)
     out.mkdir(parents=True, exist_ok=True)
     quiet = any(flag == "--quiet" for flag, _ in groups)
     again = shlex.join(["dllab", *_drop_option(argv, "--ablate-out"), "--ablate-out", str(out)])

@@ -163,24 +163,26 @@ def check_checkpoint_on_resume(run: Run) -> int:
     """The steps ``run`` logged that its resume starts over from (0 when it has ``last.pt`` to
     continue from, or logged none).
 
-    A run that saved no checkpoint at all before it stopped (failed, interrupted, or killed
-    outright, by the out-of-memory killer say, in its first epoch) has nothing to continue: it
-    starts over, and :func:`train` empties its log of those steps. A run that finished, or has
-    another checkpoint but lost ``last.pt``, is refused (a CheckpointError naming the file):
-    starting it over would throw away training that its files say it did."""
+    A run that saved no checkpoint before it stopped (failed, interrupted, or killed outright, by
+    the out-of-memory killer say, in its first epoch: :func:`dllab.runs.never_trained`) has
+    nothing to continue: it starts over, its log and events cleared. A run that finished, reached
+    the end of an epoch, or holds another checkpoint but lost ``last.pt`` is refused (a
+    CheckpointError naming the file): starting it over would throw away training that its files
+    say it did."""
     from dllab.checkpoint import CheckpointError
+    from dllab.runs import never_trained
 
     if run.has_checkpoint("last"):
         return 0
     summary = run.summary()
     steps = max([r.get("step", 0) for r in run.metrics()] + [int(summary.get("steps", 0) or 0)])
+    if steps == 0 or never_trained(run.path) is not None:
+        return steps
     others = sorted(p.name for p in run.checkpoint_path("last").parent.glob("*.pt"))
-    if steps > 0 and (others or summary.get("status") == "complete"):
-        held = f" (it holds {', '.join(others)})" if others else ""
-        raise CheckpointError(f"--resume: the run in {run.path} has trained {steps} steps (metrics.jsonl, "
-                              f"summary.json), but {run.checkpoint_path('last')} is missing{held}, so it "
-                              "cannot continue; put last.pt back, or start a new run with another --out")
-    return steps
+    held = f" (it holds {', '.join(others)})" if others else ""
+    raise CheckpointError(f"--resume: the run in {run.path} has trained {steps} steps (metrics.jsonl, "
+                          f"summary.json), but {run.checkpoint_path('last')} is missing{held}, so it "
+                          "cannot continue; put last.pt back, or start a new run with another --out")
 
 
 def check_epochs_on_resume(run: Run, epochs: int) -> None:
@@ -279,34 +281,42 @@ def train(kind: str, config: config_lib.TrainConfig | dict | None = None, *, res
         picked = {None: "fp32", torch.bfloat16: "bf16"}[resolve_precision("auto", device)]
         cfg = dataclasses.replace(cfg, precision=picked)
     run = create_run(cfg.out, {**dataclasses.asdict(cfg), "kind": kind}, resume=resume)  # rank 0 writes
-    if run.began_again is not None:  # said even with --quiet: a folder's old run is replaced
-        old = run.began_again
-        steps = f" after {old['steps']} steps" if old.get("steps") else ""
-        how = {"interrupted": "was interrupted"}.get(old.get("status"), old.get("status"))
-        print(f"dllab train: {cfg.out} held a run that {how}{steps} before saving a checkpoint "
-              f"({old.get('error') or 'no error recorded'}); it begins again with the settings given",
-              file=sys.stderr, flush=True)
-    if resume:  # e.g. more epochs, or the folder it was moved to: recorded in config.json
-        for key, value in defaults(kind).items():  # a setting added to dllab since the run began:
-            run.config.setdefault(key, value)  # its default, so a change is recorded from that
-        run.update_config({**changes, "out": cfg.out})
-    try:
-        trainer = module.TRAINER(run.config, data, run, device, quiet=quiet)
-    except BaseException as e:  # (a signal, or a bug) said in summary.json, as fit says what stops it,
-        if not resume and run.writer and not run.summary():  # so that the same command begins it again
-            run.write_summary({"status": "interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
-                               "kind": kind, "dataset": cfg.dataset, "epochs": 0, "epochs_planned": cfg.epochs,
-                               "steps": 0, "error": f"{type(e).__name__}: {str(e).strip()[:300]}"})
-        raise
-    # a run stopped before its first checkpoint (e.g. Ctrl-C while building) starts from the beginning,
-    # its log of steps it cannot continue emptied (check_checkpoint_on_resume refused the others)
-    if resume and not run.has_checkpoint("last"):
-        if lost_steps:  # said even with --quiet: logged steps are dropped
+    try:  # the run holds its folder's lock (Run.create) until it is closed
+        if run.began_again is not None:  # said even with --quiet: a folder's old run is replaced
+            _say_began_again(cfg.out, run.began_again)
+        if resume:  # e.g. more epochs, or the folder it was moved to: recorded in config.json
+            for key, value in defaults(kind).items():  # a setting added to dllab since the run began:
+                run.config.setdefault(key, value)  # its default, so a change is recorded from that
+            run.update_config({**changes, "out": cfg.out})
+        try:
+            trainer = module.TRAINER(run.config, data, run, device, quiet=quiet)
+        except BaseException as e:  # (a signal, or a bug) said in summary.json, as fit says what stops it
+            if not resume and run.writer and not run.summary():
+                run.write_summary({"status": "interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
+                                   "kind": kind, "dataset": cfg.dataset, "epochs": 0,
+                                   "epochs_planned": cfg.epochs, "steps": 0,
+                                   "error": f"{type(e).__name__}: {str(e).strip()[:300]}"})
+            raise
+        # a run stopped before its first checkpoint (e.g. Ctrl-C while building) starts from the
+        # beginning (Run.create cleared its log; check_checkpoint_on_resume refused the others)
+        if resume and lost_steps and not run.has_checkpoint("last"):  # said even with --quiet
             print(f"dllab train: the run in {cfg.out} saved no checkpoint in its {lost_steps} steps; it starts "
                   "over from step 0", file=sys.stderr, flush=True)
-        run.truncate_metrics(0)
-    trainer.fit(resume=resume and run.has_checkpoint("last"))
+        trainer.fit(resume=resume and run.has_checkpoint("last"))
+    finally:  # fit closes the run where it ends; this releases the folder's lock on every other way out
+        run.close()
     return run
+
+
+def _say_began_again(out: str, old: dict) -> None:
+    """One line on stderr: the run that stopped before its first checkpoint in ``out`` (what is
+    known of it: :func:`dllab.runs.never_trained`) is replaced by the one beginning now."""
+    steps = f" after {old['steps']} steps" if old.get("steps") else ""
+    how = {"interrupted": "was interrupted", "unfinished": "was killed (it wrote no summary)"}.get(
+        old.get("status"), old.get("status"))
+    why = f" ({old['error']})" if old.get("error") else ""
+    print(f"dllab train: {out} held a run that {how}{steps} before saving a checkpoint{why}; it begins "
+          "again with the settings given", file=sys.stderr, flush=True)
 
 
 def with_preset(kind: str, given: dict, *, typed: bool = False) -> dict:
