@@ -291,6 +291,8 @@ def test_a_data_dir_that_is_a_file_is_refused(tmp_path, monkeypatch, name):
     afile.write_text("not a folder")
     with pytest.raises(ValueError, match="afile is a file, not a folder"):
         D.load(name, data_dir=afile)
+    with pytest.raises(ValueError, match="sub lies under .*afile, a file, not a folder"):
+        D.load(name, data_dir=afile / "sub")
     monkeypatch.setenv("DLLAB_DATA", str(afile))
     with pytest.raises(ValueError, match="afile is a file, not a folder"):
         D.list_datasets()

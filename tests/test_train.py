@@ -941,13 +941,32 @@ def test_sgd_momentum_flags_with_adamw_are_refused_before_anything_is_written(tm
     for extra, named in ((["--momentum", "0.5"], "--momentum sets"), (["--no-nesterov"], "--no-nesterov sets")):
         assert main(train_argv("classifier", tmp_path / "run", "--optimizer", "adamw", *extra)) == 2
         assert named in capsys.readouterr().err
-    assert main(["sweep", "classifier", "--optimizer", "sgd", "adamw", "--momentum", "0.5", "--epochs", "1",
-                 "--sweep-out", str(tmp_path / "s"), "--quiet"]) == 2
+    sweep = ["sweep", "classifier", *TINY_RUN, "--optimizer", "sgd", "adamw", "--momentum", "0.5",
+             "--sweep-out", str(tmp_path / "s")]
+    assert main(sweep) == 2
     assert "--optimizer adamw has none" in capsys.readouterr().err
-    assert not (tmp_path / "run").exists() and not (tmp_path / "s").exists()
+    assert main(["ablate", "classifier", *TINY_RUN, "--optimizer", "adamw", "--momentum", "0.5",
+                 "--ablate-out", str(tmp_path / "a")]) == 2
+    assert "--momentum sets SGD's momentum" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # nothing written, not even the sweep's or ablation's folder
     check_new_run("classifier", ClassifierTrainConfig(optimizer="adamw"))
     check_new_run("classifier", ClassifierTrainConfig(momentum=0.5, nesterov=False))
-    check_new_run("vae", None)  # a kind without the check
+
+
+def test_a_sweep_begun_before_the_adamw_check_still_continues(tmp_path, monkeypatch, capsys):
+    """A sweep over --optimizer with --momentum made before the check existed: its runs are
+    reused or continued as they are (as a resume is), not refused by the new-run check."""
+    import dllab.train.classifier as classifier
+
+    sweep = ["sweep", "classifier", *TINY_RUN, "--optimizer", "sgd", "adamw", "--momentum", "0.5",
+             "--sweep-out", str(tmp_path / "s")]
+    with monkeypatch.context() as m:  # as dllab was before the check
+        m.setattr(classifier, "check_new_run", lambda config: None)
+        assert main(sweep) == 0
+    before = _files_and_bytes(tmp_path / "s" / "optimizer=adamw")
+    capsys.readouterr()
+    assert main(sweep) == 0  # finished runs: reused, their table written again
+    assert _files_and_bytes(tmp_path / "s" / "optimizer=adamw") == before
 
 
 def test_resuming_a_finished_run_to_measure_again_says_so_in_the_summary(tmp_path, capsys):
@@ -967,4 +986,11 @@ def test_resuming_a_finished_run_to_measure_again_says_so_in_the_summary(tmp_pat
         assert again["measured_again"]["before"] == {k: first[k] for k in ("test_loss", "test_acc", "ece")}
         assert again["measured_again"]["before"]["test_loss"] == last_test["loss"]
     assert again["test_loss"] == first["test_loss"]  # back without flips: the same evaluation
+    # a run stopped in its final phase and resumed is measured for the first time: nothing to say
+    stopped = {k: v for k, v in first.items() if k not in ("test_loss", "test_acc", "ece")}
+    (out / "summary.json").write_text(json.dumps({**stopped, "status": "interrupted"}))
+    assert main(["train", "classifier", "--resume", "--out", str(out), "--quiet"]) == 0
+    final = json.loads((out / "summary.json").read_text())
+    assert final["status"] == "complete" and "measured_again" not in final
+    assert final["test_loss"] == first["test_loss"]
     capsys.readouterr()

@@ -1066,14 +1066,14 @@ class Trainer:
                 signal.signal(sig, self._interrupt_now)
             if self._stop_signal is not None:
                 raise Interrupted(self._stop_signal, self.run.path, self.kind)
-            again = not test_metrics
-            if again:  # resumed a finished run (e.g. with --tta): measure again
+            previous = self._previous_summary() if not test_metrics else {}
+            if not test_metrics:  # resumed a run that had trained to the end: measure (again)
                 test_metrics = self._evaluate_on_rank0()
             summary = self.summary(test_metrics)
             if self.rank == 0:
                 summary.update(self.finish(test_metrics))
-                if again:  # said in summary.json: its test numbers are not metrics.jsonl's last test row
-                    summary["measured_again"] = self._measured_again(test_metrics)
+                if previous.get("status") == "complete":  # a finished run measured again (--tta, say):
+                    summary["measured_again"] = self._measured_again(previous, test_metrics)  # said so
             self.run.write_summary(summary)
             return summary
         finally:
@@ -1081,11 +1081,21 @@ class Trainer:
                 signal.signal(sig, handler)
             self.run.close()
 
-    def _measured_again(self, test_metrics: dict) -> dict:
+    def _previous_summary(self) -> dict:
+        """summary.json as it was before this process wrote one (``{}`` if missing or unreadable)."""
+        try:
+            previous = self.run.summary()
+        except (OSError, ValueError):
+            return {}
+        return previous if isinstance(previous, dict) else {}
+
+    @staticmethod
+    def _measured_again(previous: dict, test_metrics: dict) -> dict:
         """When a finished run's test numbers were measured again on resume, and what they were
-        before (the previous summary.json's, which metrics.jsonl's last test row also holds)."""
-        before = self.run.summary()
-        before = before.get("measured_again", {}).get("before", before)  # the numbers training gave
+        before: the numbers training gave (``previous``, the finished run's summary, which
+        metrics.jsonl's last test row also holds; kept from the first time when measured again
+        more than once)."""
+        before = previous.get("measured_again", {}).get("before", previous)
         return {"at": _dt.datetime.now().isoformat(timespec="seconds"),
                 "before": {k: before[k] for k in test_metrics if k in before
                            and not isinstance(before[k], (list, dict))}}

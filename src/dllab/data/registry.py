@@ -84,11 +84,14 @@ def default_data_dir() -> Path:
 
 
 def _data_dir(data_dir: str | os.PathLike | None) -> Path:
-    """The data folder ``data_dir`` names (default :func:`default_data_dir`); a ValueError if it is a
-    file (for every dataset, mnist5k too, which reads nothing there: the setting is wrong either way)."""
+    """The data folder ``data_dir`` names (default :func:`default_data_dir`); a ValueError if it, or
+    the nearest of its parents that exists, is a file (for every dataset, mnist5k too, which reads
+    nothing there: the setting is wrong either way)."""
     root = Path(data_dir).expanduser() if data_dir else default_data_dir()
-    if root.exists() and not root.is_dir():
-        raise ValueError(f"data_dir {root} is a file, not a folder (--data-dir or $DLLAB_DATA)")
+    above = next((p for p in (root, *root.parents) if p.exists()), None)
+    if above is not None and not above.is_dir():
+        where = "is a file" if above == root else f"lies under {above}, a file"
+        raise ValueError(f"data_dir {root} {where}, not a folder (--data-dir or $DLLAB_DATA)")
     return root
 
 
