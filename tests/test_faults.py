@@ -408,3 +408,29 @@ def test_a_run_folder_in_use_by_another_process_is_refused(tmp_path, capsys):
         holder.kill()
         holder.wait()
     assert main(["train", "vae", "--resume", "--out", str(out), "--quiet"]) == 0  # the lock went with it
+
+
+def test_a_sweep_begins_again_a_run_that_failed_before_its_first_checkpoint(tmp_path, monkeypatch, capsys):
+    """A sweep whose run ran out of memory while building, run again with a smaller batch: the
+    failed run is begun again with the flags given (it was resumed, and --resume refused the new
+    --batch-size, a flag the sweep's user never typed for it)."""
+    from dllab.train.vae import VAETrainer
+
+    real_build = VAETrainer.build
+
+    def build(self):
+        if self.config.batch_size == 32:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 360 GB")
+        real_build(self)
+
+    monkeypatch.setattr(VAETrainer, "build", build)
+    sweep = ["sweep", "vae", "--limit", "64", "--epochs", "1", "--latent-dim", "4", "--tsne-points", "100",
+             "--beta", "1", "2", "--sweep-out", str(tmp_path / "s"), "--quiet"]
+    assert main([*sweep, "--batch-size", "32"]) == 1  # its first run fails, and the sweep with it
+    assert read_json(tmp_path / "s" / "beta=1" / "summary.json")["status"] == "failed"
+    capsys.readouterr()
+    assert main([*sweep, "--batch-size", "16"]) == 0
+    assert "beta=1 held a run that failed" in capsys.readouterr().err
+    for run in ("beta=1", "beta=2"):
+        assert read_json(tmp_path / "s" / run / "config.json")["batch_size"] == 16
+        assert read_json(tmp_path / "s" / run / "summary.json")["status"] == "complete"
