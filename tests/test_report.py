@@ -410,6 +410,19 @@ def test_not_a_run_folder_is_a_clear_error(runs, tmp_path):
     with pytest.raises(ValueError, match="report.html is a folder"):
         write_report([str(runs["clf_a"])], str(tmp_path / "named"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad", "empty", "file.txt", "named"]
+    # an existing file that is not a dllab report (a run's own files, the user's notes) is never
+    # written over: a newcomer's report --out RUN/summary.json broke the run; a report is redone
+    run = runs["clf_a"]
+    for victim in (run / "summary.json", run / "metrics.jsonl", tmp_path / "file.txt"):
+        before = victim.read_bytes()
+        with pytest.raises(ValueError, match="exists and is not a dllab report"):
+            write_report([str(run)], str(victim))
+        assert victim.read_bytes() == before
+    (tmp_path / "notes.md").write_text("my notes")  # the Markdown twin's place
+    with pytest.raises(ValueError, match="notes.md exists and is not a dllab report"):
+        write_report([str(run)], str(tmp_path / "notes.html"))
+    html, md = write_report([str(run)], str(tmp_path / "mine.html"))
+    assert write_report([str(run)], str(tmp_path / "mine.html")) == (html, md)  # its own report: redone
     assert issubclass(RunFolderError, ValueError)  # the CLI maps it to exit code 2
 
 
@@ -417,7 +430,7 @@ def test_failed_write_leaves_no_partial_file(runs, tmp_path, monkeypatch):
     import dllab.report as report
 
     out = tmp_path / "r.html"
-    out.write_text("old")
+    out.write_text("<title>dllab report: an older one</title>")  # a report of dllab's: written over
 
     def boom(*args, **kwargs):
         raise RuntimeError("render failed")
@@ -425,7 +438,7 @@ def test_failed_write_leaves_no_partial_file(runs, tmp_path, monkeypatch):
     monkeypatch.setattr(report, "render_markdown", boom)
     with pytest.raises(RuntimeError):
         write_report([str(runs["clf_b"])], str(out))
-    assert out.read_text() == "old" and not list(tmp_path.glob(".r.*tmp*"))
+    assert out.read_text() == "<title>dllab report: an older one</title>" and not list(tmp_path.glob(".r.*tmp*"))
 
 
 @pytest.mark.parametrize("name, kind, expect", [

@@ -132,7 +132,8 @@ def build_parser() -> Parser:
     rp.add_argument("runs", nargs="+", help="run folders")
     rp.add_argument("--out", default=None, help="HTML file, or a folder (any name without a suffix) "
                     "that gets report.html (default: RUN/report.html, or report.html for several "
-                    "runs); the Markdown goes beside it")
+                    "runs); the Markdown goes beside it; an existing file is written over only "
+                    "when it is a dllab report")
 
     cp = sub.add_parser("compare", help="print a table of runs' summary metrics",
                         description="Print the runs' scalar summary metrics as an aligned table.")

@@ -860,9 +860,26 @@ def report_paths(runs: Sequence[str], out: str | os.PathLike | None) -> tuple[Pa
         raise ValueError(f"--out {out}: {above} is a file, not a folder, so {html_path} cannot be written there")
     if html_path.is_dir():
         raise ValueError(f"--out {out}: {html_path} is a folder; give another file name")
-    md_path = html_path.with_suffix(".md") if html_path.suffix else html_path.with_name(
-        html_path.name + ".md")
-    return html_path, md_path
+    for path, mark in ((html_path, b"<title>dllab report: "), (md_path_of(html_path), b"# dllab report: ")):
+        if path.is_dir() or (path.exists() and not _is_report(path, mark)):
+            raise ValueError(f"--out {out}: {path} exists and is not a dllab report, so it is not overwritten; "
+                             "give another file name")
+    return html_path, md_path_of(html_path)
+
+
+def md_path_of(html_path: Path) -> Path:
+    """The Markdown twin beside a report's HTML file: the same stem, ``.md``."""
+    return html_path.with_suffix(".md") if html_path.suffix else html_path.with_name(html_path.name + ".md")
+
+
+def _is_report(path: Path, mark: bytes) -> bool:
+    """Whether the file ``path`` is a report dllab wrote (its head holds ``mark``): the only kind
+    of existing file ``dllab report`` writes over (a run's summary.json or the user's notes are not)."""
+    try:
+        with open(path, "rb") as f:
+            return mark in f.read(4096)
+    except OSError:
+        return False
 
 
 def write_report(runs: list[str], out: str | None) -> tuple[Path, Path]:
