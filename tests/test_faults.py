@@ -239,6 +239,8 @@ def test_a_run_that_failed_before_its_first_checkpoint_begins_again(where, tmp_p
     failed = read_json(out / "summary.json")
     assert failed["status"] == "failed" and failed["steps"] == (0 if where == "build" else 3)
     assert bool(read_metrics(out)) is (where == "step")  # three steps logged, no checkpoint
+    assert main(["train", "vae", "--resume", "--out", str(out), "--batch-size", "16", "--quiet"]) == 2
+    assert "the same command without --resume begins it again" in capsys.readouterr().err
     assert main(train_argv("vae", out, "--batch-size", "16")) == 0
     err = capsys.readouterr().err
     assert f"{out} held a run that failed" in err and "begins again" in err, err

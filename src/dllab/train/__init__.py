@@ -145,6 +145,11 @@ def _resumed_config(kind: str, given: dict) -> tuple[dict, dict]:
         can = ", ".join(config_lib.flag_name(k) for k in config_lib.resumable(config_class(kind)))
         preset = ("; --preset chooses a new run's settings, and a resumed run keeps those it began with"
                   if "preset" in fixed else "")
+        from dllab.runs import never_trained
+
+        if never_trained(out) is not None:  # nothing to continue: the plain command takes new settings
+            preset += ("; it saved no checkpoint, so the same command without --resume begins it again "
+                       "with the settings given")
         raise ValueError(f"--resume cannot change {flags} of the run in {out}{preset} (only {can} can "
                          "change when a run is resumed; start a new run for the others)")
     return {**base, **changes, "out": str(Path(out))}, changes
