@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from dllab.checkpoint import atomic_write_bytes
-from dllab.runs import COMPLETE, RunFolderError, read_metrics, run_status
+from dllab.runs import COMPLETE, RunFolderError, file_in_the_way, read_metrics, run_status
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
@@ -855,9 +855,9 @@ def report_paths(runs: Sequence[str], out: str | os.PathLike | None) -> tuple[Pa
             html_path = html_path / "report.html"
     if html_path.suffix.lower() == ".md":
         raise ValueError(f"--out {out} ends in .md; give the HTML file (the Markdown goes beside it)")
-    above = next((p for p in html_path.parents if p.exists()), None)
-    if above is not None and not above.is_dir():
-        raise ValueError(f"--out {out}: {above} is a file, not a folder, so {html_path} cannot be written there")
+    blocker = file_in_the_way(html_path.parent)
+    if blocker is not None:
+        raise ValueError(f"--out {out}: {blocker} is a file, not a folder, so {html_path} cannot be written there")
     if html_path.is_dir():
         raise ValueError(f"--out {out}: {html_path} is a folder; give another file name")
     for path, mark in ((html_path, b"<title>dllab report: "), (md_path_of(html_path), b"# dllab report: ")):

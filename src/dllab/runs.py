@@ -144,13 +144,21 @@ def holds_runs(path: str | os.PathLike, depth: int = 2) -> bool:
                for child in Path(path).iterdir())
 
 
+def file_in_the_way(path: str | os.PathLike) -> Path | None:
+    """``path`` or the nearest of its parents that exists, when that is not a folder (so nothing
+    can be made at ``path``); None otherwise. (dllab.data, a layer of its own, checks its data
+    folder alike.)"""
+    above = next((p for p in (Path(path), *Path(path).parents) if p.exists()), None)
+    return above if above is not None and not above.is_dir() else None
+
+
 def _not_a_file(path: Path, option: str) -> None:
     """Refuse ``path`` when it, or the nearest of its parents that exists, is not a folder."""
-    if path.exists() and not path.is_dir():
+    blocker = file_in_the_way(path)
+    if blocker == path:
         raise RunFolderError(f"{path} is a file, not a folder; choose another {option}")
-    above = next((p for p in path.parents if p.exists()), None)
-    if above is not None and not above.is_dir():
-        raise RunFolderError(f"{path} lies under {above}, a file, not a folder; choose another {option}")
+    if blocker is not None:
+        raise RunFolderError(f"{path} lies under {blocker}, a file, not a folder; choose another {option}")
 
 
 def check_run_folder(path: str | os.PathLike, option: str = "--out") -> None:

@@ -304,7 +304,7 @@ def train(kind: str, config: config_lib.TrainConfig | dict | None = None, *, res
             raise
         # a run stopped before its first checkpoint (e.g. Ctrl-C while building) starts from the
         # beginning (Run.create cleared its log; check_checkpoint_on_resume refused the others)
-        if resume and lost_steps and not run.has_checkpoint("last"):  # said even with --quiet
+        if lost_steps:  # said even with --quiet (a resume with no checkpoint: check_checkpoint_on_resume)
             print(f"dllab train: the run in {cfg.out} saved no checkpoint in its {lost_steps} steps; it starts "
                   "over from step 0", file=sys.stderr, flush=True)
         trainer.fit(resume=resume and run.has_checkpoint("last"))
