@@ -860,11 +860,12 @@ def report_paths(runs: Sequence[str], out: str | os.PathLike | None) -> tuple[Pa
         raise ValueError(f"--out {out}: {blocker} is a file, not a folder, so {html_path} cannot be written there")
     if html_path.is_dir():
         raise ValueError(f"--out {out}: {html_path} is a folder; give another file name")
-    for path, mark in ((html_path, b"<title>dllab report: "), (md_path_of(html_path), b"# dllab report: ")):
+    md_path = md_path_of(html_path)
+    for path, mark in ((html_path, b"<title>dllab report: "), (md_path, b"# dllab report: ")):
         if path.is_dir() or (path.exists() and not _is_report(path, mark)):
             raise ValueError(f"--out {out}: {path} exists and is not a dllab report, so it is not overwritten; "
                              "give another file name")
-    return html_path, md_path_of(html_path)
+    return html_path, md_path
 
 
 def md_path_of(html_path: Path) -> Path:

@@ -109,7 +109,7 @@ def check_new_run(config: ClassifierTrainConfig) -> None:
     a run that began before this check resumes as it is."""
     if config.optimizer == "adamw":
         sgd_only = [flag for flag, changed in (("--momentum", config.momentum != CONFIG.momentum),
-                                               ("--no-nesterov", not config.nesterov)) if changed]
+                                               ("--no-nesterov", config.nesterov != CONFIG.nesterov)) if changed]
         if sgd_only:
             raise ValueError(f"{' and '.join(sgd_only)} set{'s' if len(sgd_only) == 1 else ''} SGD's momentum, "
                              "and --optimizer adamw has none (its betas are torch's defaults): leave "
