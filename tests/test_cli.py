@@ -310,6 +310,43 @@ def test_a_real_signal_while_loading_data_stops_with_one_line(tmp_path, monkeypa
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_torch_imports_is_not_lost(tmp_path, sig):
+    """torch imports numpy from C and drops a KeyboardInterrupt raised in there: the signal, sent
+    as numpy starts to import, used to be lost (the command ran on and exited 0). It stops the
+    command once the modules have loaded, with one line and 128 + N."""
+    script = tmp_path / "signal_in_import.py"
+    script.write_text(
+        "import os, signal, sys\n"
+        "class SignalOnNumpy:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'numpy':\n"
+        "            sys.meta_path.remove(self)\n"
+        f"            os.kill(os.getpid(), {int(sig)})\n"
+        "sys.meta_path.insert(0, SignalOnNumpy())\n"
+        "from dllab.cli import main\n"
+        "sys.exit(main(['datasets']))\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 128 + sig, proc.stderr
+    assert proc.stderr.strip() == ("dllab: terminated (SIGTERM)" if sig == signal.SIGTERM else "dllab: interrupted")
+    assert proc.stdout == ""  # the command itself never ran
+
+
+def test_a_second_signal_while_the_modules_load_stops_at_once():
+    """The first signal waits for the imports; a second one (an import that hangs) does not."""
+    stopped_at = None
+    with pytest.raises(KeyboardInterrupt):
+        with cli._signals_held():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # recorded: the block goes on
+            stopped_at = 1
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+            stopped_at = 2
+    assert stopped_at == 1
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_real_signal_while_writing_a_report_stops_with_one_line(tmp_path, monkeypatch, capsys, sig):
     from dllab import report as report_module
 

@@ -9,6 +9,7 @@ saves a checkpoint and exits with 128 + the signal number.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
@@ -302,20 +303,53 @@ def main(argv: Sequence[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
+@contextlib.contextmanager
+def _signals_held():
+    """Record SIGINT and SIGTERM while the heavy modules import, and stop once they have.
+
+    torch imports numpy from C, and drops a KeyboardInterrupt raised in there: a Ctrl-C that
+    landed while torch loaded was lost, and the command ran on. A second signal stops at once (an
+    import that hangs can still be stopped); a signal started ignored stays ignored.
+    """
+    arrived: list[int] = []
+
+    def record(signum, frame):  # noqa: ARG001
+        if arrived:
+            raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+        arrived.append(signum)
+
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(sig) in (signal.SIG_IGN, None):
+            continue
+        try:
+            previous[sig] = signal.signal(sig, record)
+        except ValueError:  # not the main thread: leave signals alone
+            break
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if arrived:
+        raise Terminated if arrived[0] == signal.SIGTERM else KeyboardInterrupt
+
+
 def _main(argv: list[str]) -> int:
     try:
-        parser = build_parser()
-        args, extra = parser.parse_known_args(argv)
-        if extra and args.command not in ("sweep", "ablate"):
-            # their extra flags belong to `dllab train KIND` and are checked there, run by run;
-            # elsewhere the command's own parser names them (and its own --help)
-            command = parser.command_parsers[(args.command, getattr(args, "kind", None))
-                                             if args.command == "train" else (args.command,)]
-            command.error(f"unrecognized arguments: {' '.join(extra)}")
-        from dllab.checkpoint import CheckpointError
-        from dllab.data import CorruptDatasetError
-        from dllab.engine import AlarmStop, Interrupted, NonFiniteLossError
-        from dllab.runs import RunFolderError
+        with _signals_held():
+            parser = build_parser()
+            args, extra = parser.parse_known_args(argv)
+            if extra and args.command not in ("sweep", "ablate"):
+                # their extra flags belong to `dllab train KIND` and are checked there, run by run;
+                # elsewhere the command's own parser names them (and its own --help)
+                command = parser.command_parsers[(args.command, getattr(args, "kind", None))
+                                                 if args.command == "train" else (args.command,)]
+                command.error(f"unrecognized arguments: {' '.join(extra)}")
+            from dllab.checkpoint import CheckpointError
+            from dllab.data import CorruptDatasetError
+            from dllab.engine import AlarmStop, Interrupted, NonFiniteLossError
+            from dllab.runs import RunFolderError
     except KeyboardInterrupt as e:  # Ctrl-C while the modules load: one line, no traceback
         print(f"dllab: {_stopped_by(e)}", file=sys.stderr)
         return 128 + getattr(e, "signum", signal.SIGINT)
