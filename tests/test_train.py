@@ -782,6 +782,32 @@ def test_a_signal_in_the_final_phase_stops_the_run_and_resume_finishes_it(sig, t
 
 
 
+
+def test_a_signal_in_the_final_phase_whose_exception_is_swallowed_still_stops_the_run(tmp_path, monkeypatch,
+                                                                                    capsys):
+    """The exception a signal raises may land where it is swallowed (a weakref callback, a
+    library's `except Exception`): the run used to go on and be written complete. It is
+    interrupted, as if the exception had gone through."""
+    import dllab.figures.vae as vae_figures
+
+    plot_tsne = vae_figures.plot_tsne
+
+    def tsne_swallowing_a_signal(*args, **kwargs):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+        except Exception:  # noqa: BLE001 (what such code does)
+            pass
+        return plot_tsne(*args, **kwargs)
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(vae_figures, "plot_tsne", tsne_swallowing_a_signal)
+    assert main(train_argv("vae", out, limit=128, epochs=1)) == 130
+    err = capsys.readouterr().err
+    assert f"--resume --out {out}" in err and "Traceback" not in err
+    assert Run.open(out).status == "interrupted"
+
+
 @pytest.mark.parametrize("command", ["sweep", "reproduce"])
 def test_an_interrupted_sweep_or_study_names_the_command_that_continues_it(command, tmp_path, monkeypatch,
                                                                            capsys):

@@ -878,6 +878,9 @@ class Trainer:
         self._stop_signal = signum
 
     def _interrupt_now(self, signum, frame):  # noqa: ARG002
+        # remembered too: the exception may land where it is swallowed (a weakref callback, a
+        # library's `except Exception`), and the run must not then be written complete
+        self._stop_signal = signum
         raise Interrupted(signum, self.run.path, self.kind)
 
     def _check_stop(self) -> None:
@@ -1074,6 +1077,8 @@ class Trainer:
                 summary.update(self.finish(test_metrics))
                 if previous.get("status") == "complete":  # a finished run measured again (--tta, say):
                     summary["measured_again"] = self._measured_again(previous, test_metrics)  # said so
+            if self._stop_signal is not None:  # a signal whose exception something swallowed
+                raise Interrupted(self._stop_signal, self.run.path, self.kind)
             self.run.write_summary(summary)
             return summary
         finally:
