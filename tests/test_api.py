@@ -230,6 +230,27 @@ def test_status_of_a_run_and_how_report_and_compare_show_it(tmp_path, capsys):
     assert "INTERRUPTED AT EPOCH 1 OF 3" in html
 
 
+def test_a_finished_run_resumed_for_more_epochs_and_killed_is_shown_as_far_as_it_got(tmp_path, capsys):
+    """A complete run resumed with --epochs 3 and killed (SIGKILL) after its second epoch keeps
+    its first summary ("complete" at epoch 1 of 1). The report and compare show it unfinished at
+    epoch 2 of 3: the test records and config.json say so, not the summary."""
+    out = tmp_path / "run"
+    argv = ["train", "classifier", "--limit", "64", "--batch-size", "32", "--width", "4", "--precision",
+            "fp32", "--device", "cpu", "--quiet", "--out", str(out)]
+    assert main([*argv, "--epochs", "1"]) == 0
+    first = (out / "summary.json").read_text()
+    assert main(["train", "classifier", "--resume", "--epochs", "2", "--quiet", "--out", str(out)]) == 0
+    (out / "summary.json").write_text(first)  # what a resume killed after its epoch 2 leaves
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "epochs": 3}))
+    assert Run.open(out).status == "unfinished"
+    capsys.readouterr()
+    assert main(["compare", str(out)]) == 0
+    assert "unfinished at epoch 2 of 3" in capsys.readouterr().out
+    assert main(["report", str(out), "--out", str(tmp_path / "report.html")]) == 0
+    assert "This run is unfinished at epoch 2 of 3: its numbers are not final." in (
+        tmp_path / "report.html").read_text()
+
 @pytest.mark.parametrize("kind, flags, named", [
     ("classifier", ["--width", "4"], "--width"),
     ("vae", ["--latent-dim", "4"], "--latent-dim"),

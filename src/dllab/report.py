@@ -156,11 +156,15 @@ class RunData:
         """The status in words, with how far an unfinished run got: "interrupted at epoch 2 of 5"."""
         if self.status == COMPLETE:
             return COMPLETE
+        # the last test record says how far it got when the summary does not: there is none yet,
+        # or it is a finished run's, resumed for more epochs (config.json holds the new plan) and
+        # killed before it wrote another
+        tested = max((r.get("epoch", 0) for r in self.records if r.get("split") == "test"), default=0)
         epochs = self.summary.get("epochs")
-        if epochs is None:  # no summary: the last test record says how far it got
-            epochs = max((r.get("epoch", 0) for r in self.records if r.get("split") == "test"), default=0)
-        planned = self.summary.get("epochs_planned", self.config.get("epochs", "?"))
-        return f"{self.status} at epoch {format_value(epochs)} of {planned}"
+        epochs = max(epochs, tested) if isinstance(epochs, (int, float)) else tested
+        planned = (self.summary.get("epochs_planned") if self.summary.get("status") != COMPLETE else None)
+        planned = planned if planned is not None else self.config.get("epochs", "?")
+        return f"{self.status} at epoch {format_value(epochs)} of {format_value(planned)}"
 
 
 def _read_json_file(path: Path, what: str) -> Any:
