@@ -226,6 +226,27 @@ def test_eval_uses_the_runs_precision_unless_told(tmp_path):
     assert json.loads((out / "eval.json").read_text())["precision"] == "fp32"
 
 
+def test_eval_refuses_the_options_of_another_kind_before_it_loads_anything(tmp_path, capsys, monkeypatch):
+    """`dllab eval CLASSIFIER_RUN --iw-samples 5000` used to evaluate the classifier and ignore the
+    VAE's option without a word: it is a usage error naming the option, and nothing is written."""
+    import dllab.data
+
+    out = tmp_path / "run"
+    assert main(train_argv("classifier", out, limit=64, epochs=1)) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(dllab.data, "load", lambda *a, **k: pytest.fail("loaded data"))
+    assert main(["eval", str(out), "--iw-samples", "5000", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert f"--iw-samples is for vae runs; {out} is a classifier run, which does not use it" in err
+    assert main(["eval", str(out), "--num-samples", "10", "--classifier", str(out), "--tta"]) == 2
+    assert "--classifier, --num-samples are for dcgan runs" in capsys.readouterr().err
+    assert not (out / "eval.json").exists()
+    from dllab.evaluate import check_options
+
+    check_options("vae", {"iw_samples": 5, "tta": False, "precision": None, "checkpoint": "last"}, out)
+    with pytest.raises(ValueError, match="--tta, --precision are for classifier runs"):
+        check_options("dcgan", {"tta": True, "precision": "fp32", "num_samples": 10}, out)
+
 def test_a_run_started_with_sigint_ignored_keeps_ignoring_it(tmp_path, monkeypatch):
     """A non-interactive script's `cmd &` starts a process with SIGINT ignored: the terminal's Ctrl-C is
     not meant to reach it. Python keeps that in every phase, so training does too: a SIGINT after
@@ -978,6 +999,31 @@ def test_sgd_momentum_flags_with_adamw_are_refused_before_anything_is_written(tm
     check_new_run("classifier", ClassifierTrainConfig(optimizer="adamw"))
     check_new_run("classifier", ClassifierTrainConfig(momentum=0.5, nesterov=False))
 
+
+def test_settings_that_would_do_nothing_are_refused_before_anything_is_written(tmp_path, capsys):
+    """A cosine or constant warm-up longer than the run never reaches --lr, and instance noise with
+    no steps to anneal it over is no noise: both were accepted without a word. Refused for a new
+    run and a sweep, naming the setting; what is meaningful (one-cycle's capped rise, steps with no
+    noise in an ablation) is not."""
+    from dllab.train import check_new_run
+    from dllab.train.classifier import ClassifierTrainConfig
+    from dllab.train.dcgan import DCGANTrainConfig
+
+    assert main(train_argv("classifier", tmp_path / "run", "--schedule", "cosine", "--warmup-epochs", "3",
+                           epochs=2)) == 2
+    assert ("--warmup-epochs 3 is longer than the run (--epochs 2): with --schedule cosine the learning "
+            "rate would never reach --lr") in capsys.readouterr().err
+    assert main(train_argv("dcgan", tmp_path / "run", "--instance-noise", "0.1")) == 2
+    assert "--instance-noise 0.1 falls to 0 over --instance-noise-steps, which is 0" in capsys.readouterr().err
+    assert main(["sweep", "dcgan", "--epochs", "1", "--instance-noise", "0", "0.1",
+                 "--sweep-out", str(tmp_path / "s")]) == 2
+    assert "--instance-noise-steps too" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+    for fine in (ClassifierTrainConfig(epochs=2, warmup_epochs=2, schedule="constant"),
+                 ClassifierTrainConfig(epochs=2, warmup_epochs=3, schedule="onecycle")):
+        check_new_run("classifier", fine)
+    check_new_run("dcgan", DCGANTrainConfig(instance_noise_steps=100))
+    check_new_run("dcgan", DCGANTrainConfig(instance_noise=0.1, instance_noise_steps=100))
 
 def test_a_sweep_begun_before_the_adamw_check_still_continues(tmp_path, monkeypatch, capsys):
     """A sweep over --optimizer with --momentum made before the check existed: its runs are

@@ -55,21 +55,23 @@ def build_parser() -> Parser:
     ev.add_argument("--device", choices=DEVICES, default="auto", help="where to evaluate")
     ev.add_argument("--data-dir", default=None, help="where datasets live (default: as trained)")
     ev.add_argument("--batch-size", type=positive_int, default=256, help="evaluation batch size")
-    ev.add_argument("--tta", action="store_true", help="classifier: test-time horizontal-flip averaging")
-    ev.add_argument("--precision", choices=("run", *PRECISIONS), default="run",
+    ev.add_argument("--tta", action="store_true", default=None,
+                    help="classifier: test-time horizontal-flip averaging (default: off)")
+    ev.add_argument("--precision", choices=("run", *PRECISIONS), default=None,
                     help="classifier: autocast for the evaluation; run (default): the run's own --precision "
                     "(from config.json, resolved on this device), so eval.json agrees with summary.json. "
                     "The VAE and the DCGAN evaluate in fp32")
-    ev.add_argument("--iw-samples", type=nonnegative_int, default=0,
-                    help="vae: importance samples for the log-likelihood estimate (e.g. 5000; 0: skip)")
+    ev.add_argument("--iw-samples", type=nonnegative_int, default=None,
+                    help="vae: importance samples for the log-likelihood estimate (e.g. 5000; 0, the "
+                    "default: skip)")
     ev.add_argument("--classifier", default=None,
                     help="dcgan: run folder of a classifier trained on the same dataset, whose features "
                     "give the offline FID/precision/recall and class coverage")
     ev.add_argument("--inception-weights", default=None,
                     help="dcgan: local path of torch-fidelity's weights-inception-2015-12-05-6726825d.pth "
                     "for real FID/IS (default: $DLLAB_INCEPTION_WEIGHTS; never downloaded)")
-    ev.add_argument("--num-samples", type=positive_int, default=5000,
-                    help="dcgan: generated samples for the quality metrics")
+    ev.add_argument("--num-samples", type=positive_int, default=None,
+                    help="dcgan: generated samples for the quality metrics (default: 5000)")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")
 
     ds = sub.add_parser("datasets", help="list datasets and whether each is available here",

@@ -51,8 +51,8 @@ class ClassifierTrainConfig(TrainConfig):
                                   "never norms or biases", type=nonnegative_float)
     schedule: str = setting("onecycle", "learning-rate schedule (cosine has a linear warm-up)",
                             choices=("onecycle", "cosine", "constant"))
-    warmup_epochs: float = setting(1.0, "warm-up length (onecycle: rise to the peak; cosine and "
-                                   "constant: linear warm-up)", type=nonnegative_float)
+    warmup_epochs: float = setting(1.0, "warm-up length (onecycle: the rise to the peak, at most half "
+                                   "the run; cosine and constant: a linear warm-up)", type=nonnegative_float)
     label_smoothing: float = setting(0.0, "label smoothing of the cross-entropy targets (0.1 is usual)",
                                      type=unit_float)
     ema: float = setting(0.0, "decay of an exponential moving average of the weights, used for "
@@ -106,7 +106,13 @@ def validate(config: ClassifierTrainConfig, data) -> None:
 def check_new_run(config: ClassifierTrainConfig) -> None:
     """Refuse a new run given a setting that its other settings would ignore (a ValueError naming
     both): SGD's momentum flags with AdamW. Only values other than the defaults can be seen here;
-    a run that began before this check resumes as it is."""
+    a run that began before this check resumes as it is. Also a warm-up longer than a cosine or
+    constant schedule's run, whose learning rate would never reach ``--lr`` (one-cycle's rise
+    takes at most half the run, whatever --warmup-epochs says)."""
+    if config.schedule != "onecycle" and config.warmup_epochs > config.epochs:
+        raise ValueError(f"--warmup-epochs {config.warmup_epochs:g} is longer than the run (--epochs "
+                         f"{config.epochs}): with --schedule {config.schedule} the learning rate would never "
+                         f"reach --lr {config.lr:g}; give a warm-up of at most {config.epochs} epochs")
     if config.optimizer == "adamw":
         sgd_only = [flag for flag, changed in (("--momentum", config.momentum != CONFIG.momentum),
                                                ("--no-nesterov", config.nesterov != CONFIG.nesterov)) if changed]
@@ -286,6 +292,11 @@ def write_analysis(run, result: dict, data, prefix: str = "") -> dict:
                                 scale="uint8")
     per_class = result["per_class_acc"]
     return {"per_class_acc": {c: a for c, a in zip(data.classes, per_class)}}
+
+
+#: the ``dllab eval`` options of this kind alone (those of every kind: checkpoint, device,
+#: data_dir, batch_size, quiet); given for a run of another kind, they are refused
+EVAL_OPTIONS = ("tta", "precision")
 
 
 def evaluate_run(run, device: torch.device, options: dict) -> dict:

@@ -46,8 +46,8 @@ class DCGANTrainConfig(TrainConfig):
     loss: str = setting("bce", "bce = non-saturating GAN loss; hinge = Lim & Ye 2017", choices=("bce", "hinge"))
     label_smoothing: float = setting(0.0, "one-sided: real targets become 1 - this (bce only; 0.1 is usual)",
                                      type=unit_float)
-    instance_noise: float = setting(0.0, "initial std of Gaussian noise added to D's inputs",
-                                    type=nonnegative_float)
+    instance_noise: float = setting(0.0, "initial std of Gaussian noise added to D's inputs, annealed "
+                                    "to 0 over --instance-noise-steps", type=nonnegative_float)
     instance_noise_steps: int = setting(0, "steps to anneal the instance noise to 0", type=nonnegative_int)
     minibatch_std: bool = setting(False, "a minibatch standard-deviation map before D's last layer "
                                   "(Karras et al. 2018): D sees how varied a batch is")
@@ -90,6 +90,15 @@ def model_config(config: DCGANTrainConfig, data) -> DCGANConfig:
                        d_norm=not config.no_d_norm, spectral_norm=config.spectral_norm,
                        minibatch_std=config.minibatch_std, pack=config.pack)
 
+
+def check_new_run(config: DCGANTrainConfig) -> None:
+    """Refuse a new run given a setting that does nothing (a ValueError naming it): instance noise
+    with no steps to anneal it over is no noise at all. (Steps with no noise, like --r1-every
+    without --r1, stay allowed: `dllab sweep dcgan --instance-noise 0 0.1 --instance-noise-steps
+    2000` is an ablation.) A run that began before this check resumes as it is."""
+    if config.instance_noise and not config.instance_noise_steps:
+        raise ValueError(f"--instance-noise {config.instance_noise:g} falls to 0 over --instance-noise-steps, "
+                         "which is 0: no noise would be added; give --instance-noise-steps too (e.g. 2000)")
 
 def validate(config: DCGANTrainConfig, data) -> None:
     """Refuse a bad config or an unusable --classifier-run before any run folder is written (the
@@ -433,6 +442,11 @@ def analyse(generator, data, run, device, config: DCGANTrainConfig, clf: Classif
         out["classifier_run"] = str(config.classifier_run)
         out["protocol"] = protocol(clf, data, n, seed, sampler)
     return out
+
+
+#: the ``dllab eval`` options of this kind alone (those of every kind: checkpoint, device,
+#: data_dir, batch_size, quiet); given for a run of another kind, they are refused
+EVAL_OPTIONS = ("classifier", "inception_weights", "num_samples")
 
 
 def evaluate_run(run, device: torch.device, options: dict) -> dict:

@@ -234,6 +234,11 @@ def protocol(model: VAE, data, iw_samples: int, seed: int, limit: int | None = N
     }
 
 
+#: the ``dllab eval`` options of this kind alone (those of every kind: checkpoint, device,
+#: data_dir, batch_size, quiet); given for a run of another kind, they are refused
+EVAL_OPTIONS = ("iw_samples",)
+
+
 def evaluate_run(run, device: torch.device, options: dict) -> dict:
     """``dllab eval`` for a VAE run: test ELBO terms, active units, k-NN, IWAE log p(x)."""
     from dllab.data import load
