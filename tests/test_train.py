@@ -729,6 +729,38 @@ def test_a_classifier_run_on_another_dataset_is_refused(tmp_path, capsys):
         validate(config, load("mnist5k", limit=64))
 
 
+def test_a_classifier_run_that_has_not_finished_an_epoch_cannot_score_a_gan(tmp_path, capsys):
+    """A classifier interrupted in its first epoch has a checkpoint but features of an untrained
+    network: refused, for training and for eval, saying how to finish it. One interrupted later
+    is used, and said. A file is called a file, not a missing folder."""
+    import shutil
+
+    clf = tmp_path / "clf"
+    assert main(train_argv("classifier", clf, limit=64, epochs=1)) == 0
+    records = read_metrics(clf)
+    summary = json.loads((clf / "summary.json").read_text())
+    early, later = tmp_path / "early", tmp_path / "later"
+    for folder in (early, later):
+        shutil.copytree(clf, folder)
+    (early / "metrics.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in records if r["split"] != "test"))
+    (early / "summary.json").write_text(json.dumps({**summary, "status": "interrupted", "epochs": 0}))
+    (later / "summary.json").write_text(json.dumps({**summary, "status": "interrupted", "epochs_planned": 2}))
+    gan = tmp_path / "gan"
+    capsys.readouterr()
+    assert main(train_argv("dcgan", gan, "--classifier-run", str(early), "--eval-samples", "64", limit=64)) == 2
+    assert (f"--classifier-run {early} has not finished an epoch (interrupted): its features would score "
+            f"the images by an untrained network; finish it with `dllab train classifier --resume --out {early}`"
+            ) in capsys.readouterr().err
+    assert not gan.exists()
+    assert main(train_argv("dcgan", gan, "--classifier-run", str(later), "--eval-samples", "64", limit=64)) == 0
+    assert f"note: --classifier-run {later} is interrupted, not complete" in capsys.readouterr().err
+    assert main(["eval", str(gan), "--classifier", str(early), "--num-samples", "64", "--device", "cpu"]) == 2
+    assert "has not finished an epoch" in capsys.readouterr().err
+    assert main(["eval", str(gan), "--classifier", str(clf / "config.json"), "--device", "cpu"]) == 2
+    assert f"{clf / 'config.json'} is a file, not a run folder" in capsys.readouterr().err
+    assert not (gan / "eval.json").exists()
+
 def test_one_cycle_with_a_one_step_warm_up_trains(tmp_path):
     """20 steps with warm-up 0.05 epochs (1 step) divided by zero inside torch's OneCycleLR."""
     assert main(train_argv("classifier", tmp_path / "run", "--warmup-epochs", "0.05", limit=640,

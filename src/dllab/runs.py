@@ -368,6 +368,8 @@ class Run:
     def open(cls, path: str | os.PathLike) -> Run:
         """Open an existing run folder for reading (evaluation, reports)."""
         path = Path(path)
+        if path.exists() and not path.is_dir():
+            raise RunFolderError(f"{path} is a file, not a run folder")
         if not path.is_dir():
             raise RunFolderError(f"run folder {path} does not exist")
         if not (path / "config.json").exists():

@@ -11,6 +11,7 @@ measures quality and mode collapse in the feature space of a dllab classifier.
 from __future__ import annotations
 
 import dataclasses
+import sys
 
 import torch
 
@@ -100,21 +101,13 @@ def check_new_run(config: DCGANTrainConfig) -> None:
         raise ValueError(f"--instance-noise {config.instance_noise:g} falls to 0 over --instance-noise-steps, "
                          "which is 0: no noise would be added; give --instance-noise-steps too (e.g. 2000)")
 
+
 def validate(config: DCGANTrainConfig, data) -> None:
     """Refuse a bad config or an unusable --classifier-run before any run folder is written (the
     parameter budget is checked for every kind by :func:`dllab.train.check_param_budget`)."""
     cfg = model_config(config, data)
     if config.classifier_run:
-        from dllab.runs import Run
-
-        clf = Run.open(config.classifier_run)  # RunFolderError when missing or not a run
-        if clf.kind != "classifier":
-            raise ValueError(f"--classifier-run {clf.path} is a {clf.kind!r} run, not a classifier")
-        if clf.config.get("dataset") != config.dataset:
-            raise ValueError(f"--classifier-run {clf.path} was trained on {clf.config.get('dataset')!r}, "
-                             f"not on {config.dataset!r}: its features would not describe these images")
-        if not (clf.has_checkpoint("best") or clf.has_checkpoint("last")):
-            raise ValueError(f"--classifier-run {clf.path} has no checkpoint yet")
+        check_classifier_run(config.classifier_run, config.dataset)
     if cfg.image_size != data.image_size:
         raise ValueError(f"--image-size {cfg.image_size} differs from the {config.dataset} images' "
                          f"size {data.image_size}")
@@ -128,6 +121,29 @@ def validate(config: DCGANTrainConfig, data) -> None:
     if config.label_smoothing and config.loss != "bce":
         raise ValueError(f"--label-smoothing {config.label_smoothing:g} is defined for --loss bce only, "
                          f"not --loss {config.loss}")
+
+
+def check_classifier_run(path: str, dataset: str) -> None:
+    """Refuse a classifier run whose features cannot score this DCGAN's images (a ValueError, or a
+    RunFolderError when it is not a run): another kind, another dataset, no checkpoint, or no
+    finished epoch. One that is not complete yet is used, and said on stderr."""
+    from dllab.runs import Run
+
+    clf = Run.open(path)
+    if clf.kind != "classifier":
+        raise ValueError(f"--classifier-run {clf.path} is a {clf.kind!r} run, not a classifier")
+    if clf.config.get("dataset") != dataset:
+        raise ValueError(f"--classifier-run {clf.path} was trained on {clf.config.get('dataset')!r}, "
+                         f"not on {dataset!r}: its features would not describe these images")
+    if not (clf.has_checkpoint("best") or clf.has_checkpoint("last")):
+        raise ValueError(f"--classifier-run {clf.path} has no checkpoint yet")
+    if not any(r.get("split") == "test" for r in clf.metrics()):
+        raise ValueError(f"--classifier-run {clf.path} has not finished an epoch ({clf.status}): its "
+                         "features would score the images by an untrained network; finish it with "
+                         f"`dllab train classifier --resume --out {clf.path}`")
+    if not clf.complete:  # an epoch or more: usable, and said (the protocol names its checkpoint)
+        print(f"dllab dcgan: note: --classifier-run {clf.path} is {clf.status}, not complete: the quality "
+              "metrics use the features it has learnt so far", file=sys.stderr, flush=True)
 
 
 def param_counts(config: DCGANTrainConfig, data) -> dict[str, int]:
@@ -153,9 +169,7 @@ class ClassifierFeatures:
         from dllab.runs import Run
         from dllab.train.classifier import load_model as load_classifier
 
-        run = Run.open(run_path)
-        if run.kind != "classifier":
-            raise ValueError(f"--classifier-run {run_path} is a {run.kind!r} run, not a classifier")
+        run = Run.open(run_path)  # checked by check_classifier_run
         from dllab.checkpoint import sha256_file
 
         name = "best" if run.has_checkpoint("best") else "last"
@@ -460,6 +474,8 @@ def evaluate_run(run, device: torch.device, options: dict) -> dict:
     generator = load_model(state).to(device)
     key = "generator_ema" if "generator_ema" in state["models"] else "generator"
     clf_path = options.get("classifier") or c.classifier_run
+    if clf_path:  # (the run's own too: it may have been replaced since)
+        check_classifier_run(clf_path, c.dataset)
     clf = ClassifierFeatures(clf_path, device) if clf_path else None
     n = int(options.get("num_samples") or 5000)
     result = {"checkpoint": options.get("checkpoint", "best"), "epoch": state["epoch"],
