@@ -272,6 +272,21 @@ def test_help_prints_each_default_once_and_none_as_words(command, capsys):
     assert "(default: None)" not in out and "(default: False)" not in out
 
 
+@pytest.mark.parametrize("argv", [
+    ["train", "vae", "--out", ""], ["train", "vae", "--data-dir", " "], ["train", "dcgan", "--classifier-run", ""],
+    ["sweep", "vae", "--beta", "1", "2", "--sweep-out", ""], ["ablate", "classifier", "--ablate-out", ""],
+    ["demo", "--out", ""], ["reproduce", "--out", ""], ["report", "RUN", "--out", ""], ["report", ""],
+    ["compare", ""], ["eval", ""], ["eval", "RUN", "--classifier", ""], ["datasets", "--data-dir", ""]])
+def test_an_empty_path_is_a_usage_error(argv, tmp_path, capsys, monkeypatch):
+    """`--out ""` trained into the default folder, and `eval ""` read the current one: an empty path
+    is refused by name, before anything runs."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main([str(tmp_path) if a == "RUN" else a for a in argv])
+    assert e.value.code == 2
+    assert "an empty path" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
 def test_ctrl_c_while_loading_is_one_line(tmp_path, monkeypatch, capsys):
     import dllab.data
 

@@ -16,7 +16,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from dllab.config import DEVICES, EXIT_USAGE, PRECISIONS, Parser, dataset_name, nonnegative_int, positive_int
+from dllab.config import (DEVICES, EXIT_USAGE, PRECISIONS, Parser, dataset_name, nonnegative_int, path_text,
+                          positive_int)
 
 
 class UsageError(Exception):
@@ -49,11 +50,12 @@ def build_parser() -> Parser:
     ev = sub.add_parser("eval", help="evaluate a run from its checkpoint",
                         description="Recompute a run's test metrics and figures from a checkpoint; "
                         "writes eval.json and figures/ in the run folder.")
-    ev.add_argument("run", help="run folder")
+    ev.add_argument("run", help="run folder", type=path_text)
     ev.add_argument("--checkpoint", choices=("best", "last"), default="best",
                     help="which checkpoint to evaluate")
     ev.add_argument("--device", choices=DEVICES, default="auto", help="where to evaluate")
-    ev.add_argument("--data-dir", default=None, help="where datasets live (default: as trained)")
+    ev.add_argument("--data-dir", default=None, type=path_text,
+                    help="where datasets live (default: as trained)")
     ev.add_argument("--batch-size", type=positive_int, default=256, help="evaluation batch size")
     ev.add_argument("--tta", action="store_true", default=None,
                     help="classifier: test-time horizontal-flip averaging (default: off)")
@@ -64,10 +66,10 @@ def build_parser() -> Parser:
     ev.add_argument("--iw-samples", type=nonnegative_int, default=None,
                     help="vae: importance samples for the log-likelihood estimate (e.g. 5000; 0, the "
                     "default: skip)")
-    ev.add_argument("--classifier", default=None,
+    ev.add_argument("--classifier", default=None, type=path_text,
                     help="dcgan: run folder of a classifier trained on the same dataset, whose features "
                     "give the offline FID/precision/recall and class coverage")
-    ev.add_argument("--inception-weights", default=None,
+    ev.add_argument("--inception-weights", default=None, type=path_text,
                     help="dcgan: local path of torch-fidelity's weights-inception-2015-12-05-6726825d.pth "
                     "for real FID/IS (default: $DLLAB_INCEPTION_WEIGHTS; never downloaded)")
     ev.add_argument("--num-samples", type=positive_int, default=None,
@@ -77,7 +79,8 @@ def build_parser() -> Parser:
     ds = sub.add_parser("datasets", help="list datasets and whether each is available here",
                         description="List the datasets dllab knows, whether each is on this machine, "
                         "where, and how to get the missing ones (nothing is downloaded).")
-    ds.add_argument("--data-dir", default=None, help="where datasets live (default: $DLLAB_DATA or "
+    ds.add_argument("--data-dir", default=None, type=path_text,
+                    help="where datasets live (default: $DLLAB_DATA or "
                     "~/.cache/dllab/data)")
 
     sw = sub.add_parser("sweep", help="train one run per value of any train flag", add_help=True,
@@ -85,7 +88,7 @@ def build_parser() -> Parser:
                         "is trained per combination and a table (Markdown + CSV) is written. Example: "
                         "dllab sweep vae --beta 0.1 0.5 1 2 4 --epochs 5")
     sw.add_argument("kind", choices=KINDS)
-    sw.add_argument("--sweep-out", default=None, help="folder for the runs and the table "
+    sw.add_argument("--sweep-out", default=None, type=path_text, help="folder for the runs and the table "
                     "(default: runs/sweep-KIND-TIMESTAMP)")
 
     ab = sub.add_parser("ablate", help="train the classifier ablations {BN on/off} x {max-pool on/off}",
@@ -93,7 +96,7 @@ def build_parser() -> Parser:
                         "(optionally also scratch vs torch layers) with the same seed and budget; writes "
                         "a table (Markdown + CSV) and overlaid curves. Other train flags pass through.")
     ab.add_argument("kind", choices=("classifier",))
-    ab.add_argument("--ablate-out", default=None, help="folder for the runs and the table "
+    ab.add_argument("--ablate-out", default=None, type=path_text, help="folder for the runs and the table "
                     "(default: runs/ablate-classifier-TIMESTAMP)")
     ab.add_argument("--both-layers", action="store_true",
                     help="also train each variant with the from-scratch layers")
@@ -110,10 +113,11 @@ def build_parser() -> Parser:
                     help="dataset of the three runs (see `dllab datasets`)")
     dm.add_argument("--epochs", type=positive_int, default=None, help="epochs per model (default: per model)")
     dm.add_argument("--full", action="store_true", help="full-size models and longer training")
-    dm.add_argument("--out", default=None, help="folder for the runs and the report (default: "
+    dm.add_argument("--out", default=None, type=path_text, help="folder for the runs and the report (default: "
                     "runs/demo for the quick demo on mnist5k, else e.g. runs/demo-fashion-mnist-full)")
     dm.add_argument("--device", choices=DEVICES, default="auto", help="where to train")
-    dm.add_argument("--data-dir", default=None, help="where datasets live (default: $DLLAB_DATA or "
+    dm.add_argument("--data-dir", default=None, type=path_text,
+                    help="where datasets live (default: $DLLAB_DATA or "
                     "~/.cache/dllab/data)")
     dm.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -126,21 +130,23 @@ def build_parser() -> Parser:
     rr.add_argument("--quick", action="store_true", help="smoke-test size (256 images, 1 epoch): checks "
                     "that a study runs; nothing is judged")
     rr.add_argument("--seeds", type=positive_int, default=1, help="seeds per study (runs seed 0..N-1)")
-    rr.add_argument("--out", default="runs/reproduce", help="folder of the studies' runs and the report")
+    rr.add_argument("--out", default="runs/reproduce", type=path_text,
+                    help="folder of the studies' runs and the report")
     rr.add_argument("--quiet", action="store_true", help="no progress bars")
 
     rp = sub.add_parser("report", help="write a self-contained HTML (and Markdown) report of runs",
                         description="Write one HTML file (figures embedded, no scripts) and a Markdown "
                         "twin describing one or more runs, with comparison tables and curves.")
-    rp.add_argument("runs", nargs="+", help="run folders")
-    rp.add_argument("--out", default=None, help="HTML file, or a folder (any name without a suffix) "
+    rp.add_argument("runs", nargs="+", type=path_text, help="run folders")
+    rp.add_argument("--out", default=None, type=path_text,
+                    help="HTML file, or a folder (any name without a suffix) "
                     "that gets report.html (default: RUN/report.html, or report.html for several "
                     "runs); the Markdown goes beside it; an existing file is written over only "
                     "when it is a dllab report")
 
     cp = sub.add_parser("compare", help="print a table of runs' summary metrics",
                         description="Print the runs' scalar summary metrics as an aligned table.")
-    cp.add_argument("runs", nargs="+", help="run folders")
+    cp.add_argument("runs", nargs="+", type=path_text, help="run folders")
     cp.add_argument("--sort", default=None, help="sort by this metric (default: the order given)")
     cp.add_argument("--desc", action="store_true", help="sort descending")
     parser.command_parsers.update({(name,): p for name, p in sub.choices.items()})

@@ -74,6 +74,13 @@ def _parse(text: str, cast, what: str):
         raise argparse.ArgumentTypeError(f"invalid {what} {text!r}") from None
 
 
+def path_text(text: str) -> str:
+    """A file or folder path: not empty (``--out ""`` meant the default folder, unsaid)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path")
+    return text
+
+
 def positive_int(text: str) -> int:
     value = _parse(text, int, "integer")
     if value < 1:
@@ -151,7 +158,7 @@ class TrainConfig:
     # data
     dataset: str = setting("mnist5k", "dataset name (see `dllab datasets`) or folder:PATH for an "
                            "ImageFolder tree", type=dataset_name, group=DATA)
-    data_dir: str | None = setting(None, "where datasets live", group=DATA, resumable=True,
+    data_dir: str | None = setting(None, "where datasets live", type=path_text, group=DATA, resumable=True,
                                    default_text="$DLLAB_DATA or ~/.cache/dllab/data")
     download: bool = setting(False, "download the dataset if it is missing", group=DATA)
     limit: int | None = setting(None, "use only the first N training and N test examples (smoke runs)",
@@ -200,7 +207,7 @@ class TrainConfig:
                                  group=TRAINING, resumable=True)
     # run folder
     out: str | None = setting(None, "run folder: a new or empty folder, or with --resume the run to "
-                              "continue", group=RUN_FOLDER,
+                              "continue", type=path_text, group=RUN_FOLDER,
                               default_text="runs/KIND-DATASET-TIMESTAMP")
     log_every: int = setting(10, "log training metrics every N steps", type=positive_int,
                              group=RUN_FOLDER, resumable=True)

@@ -15,8 +15,8 @@ import sys
 
 import torch
 
-from dllab.config import (TrainConfig, from_mapping, nonnegative_float, nonnegative_int, positive_float,
-                          positive_int, redefault, setting, unit_float)
+from dllab.config import (TrainConfig, from_mapping, nonnegative_float, nonnegative_int, path_text,
+                          positive_float, positive_int, redefault, setting, unit_float)
 from dllab.engine import EMA, Trainer, Update
 from dllab.train import MetricNames
 from dllab.models.dcgan import DCGANConfig, Discriminator, Generator
@@ -66,7 +66,8 @@ class DCGANTrainConfig(TrainConfig):
                          type=unit_float)
     classifier_run: str | None = setting(None, "run folder of a dllab classifier on the same dataset: its "
                                          "features give per-epoch FID/precision/recall and class coverage "
-                                         "(NOT Inception FID)", default_text="none: no quality metrics")
+                                         "(NOT Inception FID)", type=path_text,
+                                         default_text="none: no quality metrics")
     eval_samples: int = setting(1000, "generated samples for the per-epoch and final metrics",
                                 type=positive_int)
     fid_patience: int = setting(5, "alarm when the classifier-feature FID has not improved on its best "
