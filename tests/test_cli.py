@@ -385,10 +385,16 @@ def test_a_real_signal_while_writing_a_report_stops_with_one_line(tmp_path, monk
     assert not (tmp_path / "r.html").exists()  # nothing half-written
 
 
-def test_eval_of_a_run_with_a_broken_config_names_the_file(tmp_path, capsys):
-    (tmp_path / "config.json").write_text("{not json")
-    assert main(["eval", str(tmp_path)]) == 2
-    assert f"{tmp_path / 'config.json'} is not valid JSON" in capsys.readouterr().err
+@pytest.mark.parametrize("content", ["{not json", b"\xff\xfe\x00"])
+def test_a_run_with_a_broken_file_is_named_and_a_runtime_failure(tmp_path, capsys, content):
+    """A config.json or summary.json that is not JSON (a disk error, a bad edit) is a runtime
+    failure, exit code 1 as a corrupt dataset is, not a usage error; the file is named."""
+    (tmp_path / "config.json").write_bytes(content.encode() if isinstance(content, str) else content)
+    for argv in (["eval", str(tmp_path)], ["report", str(tmp_path), "--out", str(tmp_path.parent / "r.html")],
+                 ["compare", str(tmp_path)], ["train", "vae", "--resume", "--out", str(tmp_path)]):
+        assert main(argv) == 1, argv
+        err = capsys.readouterr().err
+        assert f"{tmp_path / 'config.json'} is not valid JSON" in err and "Traceback" not in err, err
 
 
 def test_a_batch_that_does_not_split_into_packs_is_refused_before_anything_is_written(tmp_path, capsys):

@@ -357,7 +357,7 @@ def _main(argv: list[str]) -> int:
             from dllab.checkpoint import CheckpointError
             from dllab.data import CorruptDatasetError
             from dllab.engine import AlarmStop, Interrupted, NonFiniteLossError
-            from dllab.runs import RunFolderError
+            from dllab.runs import CorruptRunFileError, RunFolderError
     except KeyboardInterrupt as e:  # Ctrl-C while the modules load: one line, no traceback
         print(f"dllab: {_stopped_by(e)}", file=sys.stderr)
         return 128 + getattr(e, "signum", signal.SIGINT)
@@ -367,7 +367,7 @@ def _main(argv: list[str]) -> int:
     except KeyboardInterrupt as e:  # outside a trainer's own handler (loading data, building, reports)
         print(f"dllab {args.command}: {_stopped_by(e)}", file=sys.stderr)
         return 128 + getattr(e, "signum", signal.SIGINT)
-    except CorruptDatasetError as e:  # bad data, not bad usage
+    except (CorruptDatasetError, CorruptRunFileError) as e:  # bad data, not bad usage
         print(f"dllab {args.command}: error: {e}", file=sys.stderr)
         return 1
     except (UsageError, RunFolderError, ValueError) as e:

@@ -36,7 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from dllab.checkpoint import atomic_write_bytes
-from dllab.runs import COMPLETE, RunFolderError, file_in_the_way, read_metrics, run_status
+from dllab.runs import (COMPLETE, CorruptRunFileError, RunFolderError, file_in_the_way, read_json,
+                        read_metrics, run_status)
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
@@ -169,10 +170,9 @@ class RunData:
 
 def _read_json_file(path: Path, what: str) -> Any:
     try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise RunFolderError(f"{path} is not valid JSON ({e}); the {what} cannot be read") from e
+        return read_json(path)
+    except CorruptRunFileError as e:
+        raise CorruptRunFileError(f"{e}; the {what} cannot be read") from e.__cause__
 
 
 def load_run(path: str | os.PathLike, label: str | None = None) -> RunData:

@@ -37,6 +37,11 @@ class RunFolderError(ValueError):
     """A run folder that cannot be used as asked (exists without --resume, missing on --resume)."""
 
 
+class CorruptRunFileError(RunFolderError):
+    """A run's file that is there but cannot be read (config.json or summary.json that is not JSON):
+    a runtime failure (exit code 1, as a corrupt dataset), not a usage error."""
+
+
 def _jsonable(value: Any) -> Any:
     """Plain JSON types for numbers, tensors, paths and dataclass-ish values; NaN/inf as strings."""
     if isinstance(value, torch.Tensor):
@@ -61,12 +66,12 @@ def write_json(path: str | os.PathLike, data: Any) -> Path:
 
 
 def read_json(path: str | os.PathLike) -> Any:
-    """The JSON in ``path``; :class:`RunFolderError` naming the file when it is not valid JSON."""
-    with open(path) as f:
+    """The JSON in ``path``; :class:`CorruptRunFileError` naming the file when it is not valid JSON."""
+    with open(path, encoding="utf-8") as f:
         try:
             return json.load(f)
-        except json.JSONDecodeError as e:
-            raise RunFolderError(f"{path} is not valid JSON ({e})") from e
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CorruptRunFileError(f"{path} is not valid JSON ({e})") from e
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
@@ -518,6 +523,6 @@ class Run:
             self._unlock()  # once: a finalizer runs at most one time
 
 
-__all__ = ["Run", "RunFolderError", "run_status", "CheckpointError", "read_metrics", "read_json", "write_json",
-           "is_run", "holds_runs", "check_run_folder", "check_runs_folder", "check_same_settings",
+__all__ = ["Run", "RunFolderError", "CorruptRunFileError", "run_status", "CheckpointError", "read_metrics",
+           "read_json", "write_json", "is_run", "holds_runs", "check_run_folder", "check_runs_folder", "check_same_settings",
            "never_trained", "COMPLETE", "INTERRUPTED", "FAILED", "STOPPED", "UNFINISHED"]
