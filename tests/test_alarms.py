@@ -70,11 +70,15 @@ def test_classifier_divergence_rule():
 
 
 # ---- real runs built to trigger them ------------------------------------------------------------
-def test_a_vae_with_a_huge_beta_sounds_posterior_collapse_everywhere(tmp_path):
+def test_a_vae_with_a_huge_beta_sounds_posterior_collapse_everywhere(tmp_path, capsys):
+    """In the log, the summary, the report, and on stderr: there even with --quiet (a warning, not
+    progress)."""
     out = tmp_path / "vae"
     judged = A.POSTERIOR_WARMUP_EPOCHS + 1
+    assert "--quiet" in BASE
     assert main(["train", "vae", *BASE, "--epochs", str(judged), "--latent-dim", "4", "--beta", "50",
                  "--tsne-points", "60", "--out", str(out)]) == 0
+    assert f"dllab vae: ALARM after epoch {judged}: posterior collapse" in capsys.readouterr().err
     alarm = fired(out)["posterior_collapse"]
     assert alarm["epoch"] == judged  # sounded once, at the first epoch after the warm-up
     summary = Run.open(out).summary()

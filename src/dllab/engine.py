@@ -1114,7 +1114,7 @@ class Trainer:
         for alarm in fired:
             self.alarms_fired.append(alarm)
             self.run.log({"split": "alarm", **alarm})
-            if self.rank == 0 and not self.quiet:
+            if self.rank == 0:  # a warning, not progress: said with --quiet (and DLLAB_QUIET=1) too
                 bar.write(f"dllab {self.kind}: ALARM after epoch {self.epoch}: {alarm['message']}",
                           file=sys.stderr)
         return fired
