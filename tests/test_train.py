@@ -574,6 +574,14 @@ def test_ablate_refuses_seed_with_seeds(tmp_path, capsys):
     assert not (tmp_path / "a").exists()
 
 
+@pytest.mark.parametrize("flag", [["--norm"], ["--no-norm"], ["--maxpool", "on"], ["--layers", "torch"]])
+def test_ablate_refuses_the_flags_it_sets(tmp_path, capsys, flag):
+    """`--norm` was accepted and then overridden in half the variants, without a word."""
+    assert main(["ablate", "classifier", *flag, "--ablate-out", str(tmp_path / "a")]) == 2
+    assert f"{flag[0]} is set by the ablation itself" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists()
+
+
 @pytest.mark.parametrize("precision, first_tol", [("fp32", 1e-4), ("bf16", 1e-2)])
 def test_scratch_layers_train_evaluate_and_train_on_like_torch_layers(tmp_path, precision, first_tol):
     """--layers scratch through the whole loop: training steps, an evaluation (inference mode, a

@@ -217,7 +217,7 @@ def ablate_main(args, argv: list[str]) -> int:
     tokens = [t for t in tokens if t != "--both-layers"]
     groups = split_flags(tokens)
     for flag, _ in groups:
-        if flag in ("--no-norm", "--maxpool", "--out", "--resume", "--layers"):
+        if flag in ("--norm", "--no-norm", "--maxpool", "--out", "--resume", "--layers"):
             raise ValueError(f"{flag} is set by the ablation itself")
         if flag == "--seed" and args.seeds:
             raise ValueError("give either --seed or --seeds, not both")
