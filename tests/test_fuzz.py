@@ -134,7 +134,7 @@ def test_cli_never_shows_a_traceback(cli_paths, data):
 @pytest.mark.parametrize("argv, needle", [
     (["train", "vae", "--precision", "fp16", "--device", "cpu"], "fp16"),
     (["train", "classifier", "--width", "0"], "--width"),
-    (["train", "dcgan", "--image-size", "64"], "64"),
+    (["train", "dcgan", "--image-size", "48"], "48"),
     (["train", "vae", "--lr", "nan"], "--lr"),
     (["train", "vae", "--resume"], "--resume"),
 ])

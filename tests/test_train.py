@@ -769,6 +769,30 @@ def test_a_classifier_run_that_has_not_finished_an_epoch_cannot_score_a_gan(tmp_
     assert f"{clf / 'config.json'} is a file, not a run folder" in capsys.readouterr().err
     assert not (gan / "eval.json").exists()
 
+def test_a_dcgan_on_images_of_a_size_it_does_not_make_resizes_them(tmp_path, capsys):
+    """16-pixel folder images had no way out (--image-size 32 "differs from the images' size").
+    --image-size now resizes the data, as for the classifier, and the hint says so; a classifier
+    trained at another size sees the images resized to its own, and the protocol says how."""
+    import fakedata
+
+    folder = tmp_path / "images"
+    fakedata.write_image_folder(folder, n_per_class=30, size=(16, 16))
+    common = ["--dataset", f"folder:{folder}", "--epochs", "1", "--quiet", "--device", "cpu"]
+    out, clf = tmp_path / "gan", tmp_path / "clf"
+    assert main(["train", "dcgan", *common, *TINY["dcgan"], "--out", str(out)]) == 2
+    assert ("images are 16x16, a size the DCGAN does not make; give --image-size 28, 32 or 64 to resize "
+            "them") in capsys.readouterr().err
+    assert not out.exists()
+    assert main(["train", "classifier", *common, *TINY["classifier"], "--out", str(clf)]) == 0
+    assert main(["train", "dcgan", *common, *TINY["dcgan"], "--image-size", "32", "--classifier-run", str(clf),
+                 "--eval-samples", "32", "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["protocol"]["resize"] == ("bilinear (antialiased) from 32x32 to the classifier's input "
+                                             "size, 16x16")
+    assert math.isfinite(summary["clf_fid"])
+    assert main(["eval", str(out), "--num-samples", "32", "--device", "cpu", "--quiet"]) == 0
+    assert json.loads((out / "eval.json").read_text())["protocol"]["resize"] == summary["protocol"]["resize"]
+
 def test_one_cycle_with_a_one_step_warm_up_trains(tmp_path):
     """20 steps with warm-up 0.05 epochs (1 step) divided by zero inside torch's OneCycleLR."""
     assert main(train_argv("classifier", tmp_path / "run", "--warmup-epochs", "0.05", limit=640,

@@ -223,7 +223,7 @@ class ClassifierTrainer(Trainer):
 
     def extra_state(self) -> dict:
         return {"model_config": dataclasses.asdict(self.net.config), "classes": list(self.data.classes),
-                "mean": list(self.data.mean), "std": list(self.data.std)}
+                "mean": list(self.data.mean), "std": list(self.data.std), "image_size": self.data.image_size}
 
     def load_state(self, state: dict) -> None:
         """Resume; if ``--epochs`` changed, re-plan the schedule for the new length.

@@ -19,7 +19,7 @@ from dllab.config import (TrainConfig, from_mapping, nonnegative_float, nonnegat
                           positive_float, positive_int, redefault, setting, unit_float)
 from dllab.engine import EMA, Trainer, Update
 from dllab.train import MetricNames
-from dllab.models.dcgan import DCGANConfig, Discriminator, Generator
+from dllab.models.dcgan import IMAGE_SIZES, DCGANConfig, Discriminator, Generator
 from dllab.models.dcgan import param_counts as dcgan_param_counts
 from dllab.utils import optimizer_options, resolve_precision
 
@@ -39,8 +39,8 @@ class DCGANTrainConfig(TrainConfig):
     nz: int = setting(100, "noise dimension", type=positive_int)
     g_width: int = setting(64, "generator width (ngf)", type=positive_int)
     d_width: int = setting(64, "discriminator width (ndf)", type=positive_int)
-    image_size: int | None = setting(None, "generated image size", type=int, choices=(28, 32, 64),
-                                     default_text="the dataset's")
+    image_size: int | None = setting(None, "generated image size; the data is resized to it", type=int,
+                                     choices=IMAGE_SIZES, default_text="the dataset's")
     no_g_norm: bool = setting(False, "ablation: no batch norm in the generator")
     no_d_norm: bool = setting(False, "no batch norm in the discriminator")
     spectral_norm: bool = setting(False, "spectral normalisation in D")
@@ -82,10 +82,14 @@ METRICS = MetricNames(
 
 
 def data_options(config: DCGANTrainConfig) -> dict:
-    return {}
+    return {"image_size": config.image_size}  # the images are resized to the size G makes
 
 
 def model_config(config: DCGANTrainConfig, data) -> DCGANConfig:
+    if config.image_size is None and data.image_size not in IMAGE_SIZES:
+        raise ValueError(f"the {config.dataset} images are {data.image_size}x{data.image_size}, a size the "
+                         f"DCGAN does not make; give --image-size {', '.join(map(str, IMAGE_SIZES[:-1]))} or "
+                         f"{IMAGE_SIZES[-1]} to resize them")
     return DCGANConfig(nz=config.nz, g_width=config.g_width, d_width=config.d_width,
                        image_size=config.image_size or data.image_size,
                        channels=data.in_channels, g_norm=not config.no_g_norm,
@@ -106,12 +110,8 @@ def check_new_run(config: DCGANTrainConfig) -> None:
 def validate(config: DCGANTrainConfig, data) -> None:
     """Refuse a bad config or an unusable --classifier-run before any run folder is written (the
     parameter budget is checked for every kind by :func:`dllab.train.check_param_budget`)."""
-    cfg = model_config(config, data)
     if config.classifier_run:
         check_classifier_run(config.classifier_run, config.dataset)
-    if cfg.image_size != data.image_size:
-        raise ValueError(f"--image-size {cfg.image_size} differs from the {config.dataset} images' "
-                         f"size {data.image_size}")
     if config.batch_size % config.pack:
         raise ValueError(f"--batch-size {config.batch_size} is not a multiple of --pack {config.pack}")
     # settings that would fail at the first step are refused before anything is written (--r1-every
@@ -183,12 +183,18 @@ class ClassifierFeatures:
         self.mean = torch.tensor(extra["mean"], device=device).view(1, -1, 1, 1)
         self.std = torch.tensor(extra["std"], device=device).view(1, -1, 1, 1)
         self.classes = extra["classes"]
+        # the size it was trained on (a checkpoint of before it was recorded: its --image-size, if any)
+        self.image_size = extra.get("image_size", run.config.get("image_size"))
         self.dataset = run.config.get("dataset")
         self.device = device
         self._reference: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _standard(self, x: torch.Tensor) -> torch.Tensor:
-        return ((x.to(self.device).float() + 1) / 2 - self.mean) / self.std
+        x = x.to(self.device).float()
+        if self.image_size and x.shape[-1] != self.image_size:  # a DCGAN at --image-size 32 of 28px data
+            x = torch.nn.functional.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear",
+                                                antialias=True, align_corners=False)
+        return ((x + 1) / 2 - self.mean) / self.std
 
     @torch.no_grad()
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -244,7 +250,9 @@ def protocol(clf: ClassifierFeatures, data, n: int, seed: int, sampler: str) -> 
         "generator": sampler,
         "reference_samples": min(n, len(data.train_y)),
         "reference_split": f"{data.name} train, the first {min(n, len(data.train_y))} images",
-        "resize": f"none ({data.image_size}x{data.image_size}, the classifier's input size)",
+        "resize": (f"bilinear (antialiased) from {data.image_size}x{data.image_size} to the classifier's input "
+                   f"size, {clf.image_size}x{clf.image_size}" if clf.image_size and clf.image_size != data.image_size
+                   else f"none ({data.image_size}x{data.image_size}, the classifier's input size)"),
         "dtype": "float32 features, float64 statistics",
         "noise_seed": seed,
     }
@@ -471,7 +479,7 @@ def evaluate_run(run, device: torch.device, options: dict) -> dict:
 
     c = from_mapping(DCGANTrainConfig, run.config)
     state = run.load_checkpoint(options.get("checkpoint", "best"), map_location="cpu")
-    data = load(c.dataset, data_dir=options.get("data_dir") or c.data_dir, limit=c.limit)
+    data = load(c.dataset, data_dir=options.get("data_dir") or c.data_dir, limit=c.limit, **data_options(c))
     generator = load_model(state).to(device)
     key = "generator_ema" if "generator_ema" in state["models"] else "generator"
     clf_path = options.get("classifier") or c.classifier_run
