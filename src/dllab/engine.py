@@ -51,7 +51,7 @@ from torch import nn
 
 from dllab.checkpoint import CheckpointError
 from dllab.config import CUDA_GRAPH_MODES, TrainConfig, from_mapping
-from dllab.runs import Run
+from dllab.runs import Run, unfinished_summary
 from dllab.utils import (autocast, dist_info, get_rng_state, precision_name, progress, progress_lines, rank_seed,
                          resolve_precision, seed_everything, set_rng_state)
 
@@ -947,11 +947,10 @@ class Trainer:
         try:
             self.run.write_summary({
                 **{k: v for k, v in previous.items() if k not in ("status", "error")},
-                "status": status, "kind": self.kind, "dataset": self.config.dataset,
-                "epochs": self.epoch if loaded else previous.get("epochs", 0),
-                "epochs_planned": self.config.epochs,
-                "steps": self.step if loaded else previous.get("steps", 0),
-                **({"error": f"{type(error).__name__}: {str(error).strip()[:300]}"} if error else {}),
+                **unfinished_summary(status, kind=self.kind, dataset=self.config.dataset,
+                                     epochs=self.epoch if loaded else previous.get("epochs", 0),
+                                     epochs_planned=self.config.epochs,
+                                     steps=self.step if loaded else previous.get("steps", 0), error=error),
                 **self._last_test, "best": self.best or previous.get("best", {}),
                 "alarms": self.alarms_fired or previous.get("alarms", []),
             })
@@ -1111,10 +1110,11 @@ class Trainer:
         already = {a["alarm"] for a in self.alarms_fired}
         fired = [{"alarm": name, "epoch": self.epoch, "step": self.step, "message": message}
                  for name, message in self.alarms(self.history) if message and name not in already]
-        for alarm in fired:
+        for i, alarm in enumerate(fired):
             self.alarms_fired.append(alarm)
             self.run.log({"split": "alarm", **alarm})
-            if self.rank == 0:  # a warning, not progress: said with --quiet (and DLLAB_QUIET=1) too
+            said_by_the_stop = i == 0 and self.config.on_alarm == "stop"  # AlarmStop's line names it
+            if self.rank == 0 and not said_by_the_stop:  # a warning, not progress: said with --quiet too
                 bar.write(f"dllab {self.kind}: ALARM after epoch {self.epoch}: {alarm['message']}",
                           file=sys.stderr)
         return fired

@@ -273,6 +273,16 @@ COMPLETE, INTERRUPTED, FAILED, STOPPED, UNFINISHED = ("complete", "interrupted",
                                                      "unfinished")
 
 
+def unfinished_summary(status: str, *, kind: str, dataset: str, epochs: int, epochs_planned: int,
+                       steps: int, error: BaseException | None = None) -> dict:
+    """What summary.json says of a run that stopped early: its ``status`` (interrupted, failed,
+    stopped), how far it got, and why (``error``, one line). The trainer writes it with the run's
+    last numbers around it, and :func:`dllab.train.train` when the trainer could not be built."""
+    return {"status": status, "kind": kind, "dataset": dataset, "epochs": epochs,
+            "epochs_planned": epochs_planned, "steps": steps,
+            **({"error": f"{type(error).__name__}: {str(error).strip()[:300]}"} if error else {})}
+
+
 def run_status(config: dict, summary: Any) -> str:
     """The state of a run with ``config`` and ``summary`` (None when it has none): the one rule
     that :attr:`Run.status` and the report both apply."""
@@ -525,4 +535,4 @@ class Run:
 
 __all__ = ["Run", "RunFolderError", "CorruptRunFileError", "run_status", "CheckpointError", "read_metrics",
            "read_json", "write_json", "is_run", "holds_runs", "check_run_folder", "check_runs_folder", "check_same_settings",
-           "never_trained", "COMPLETE", "INTERRUPTED", "FAILED", "STOPPED", "UNFINISHED"]
+           "never_trained", "unfinished_summary", "COMPLETE", "INTERRUPTED", "FAILED", "STOPPED", "UNFINISHED"]

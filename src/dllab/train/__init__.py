@@ -34,7 +34,7 @@ from pathlib import Path
 from types import ModuleType
 
 from dllab import config as config_lib
-from dllab.runs import Run, check_run_folder
+from dllab.runs import Run, check_run_folder, unfinished_summary
 
 KINDS = ("classifier", "vae", "dcgan")
 
@@ -297,10 +297,9 @@ def train(kind: str, config: config_lib.TrainConfig | dict | None = None, *, res
             trainer = module.TRAINER(run.config, data, run, device, quiet=quiet)
         except BaseException as e:  # (a signal, or a bug) said in summary.json, as fit says what stops it
             if not resume and run.writer and not run.summary():
-                run.write_summary({"status": "interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
-                                   "kind": kind, "dataset": cfg.dataset, "epochs": 0,
-                                   "epochs_planned": cfg.epochs, "steps": 0,
-                                   "error": f"{type(e).__name__}: {str(e).strip()[:300]}"})
+                run.write_summary(unfinished_summary(
+                    "interrupted" if isinstance(e, KeyboardInterrupt) else "failed", kind=kind,
+                    dataset=cfg.dataset, epochs=0, epochs_planned=cfg.epochs, steps=0, error=e))
             raise
         # a run stopped before its first checkpoint (e.g. Ctrl-C while building) starts from the
         # beginning (Run.create cleared its log; check_checkpoint_on_resume refused the others)
