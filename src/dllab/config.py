@@ -335,6 +335,8 @@ def _checked(f: dataclasses.Field, value: Any) -> Any:
         return value
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise ValueError(f"{what}: {f.name} takes a {type(f.default).__name__ if f.default is not None else 'value'}")
+    if meta.get("type") is path_text and not isinstance(value, str):  # a path, not a number made one
+        raise ValueError(f"{what}: {f.name} takes a string")
     if meta.get("type") is not None:
         try:
             value = meta["type"](str(value))
