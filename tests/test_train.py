@@ -155,6 +155,7 @@ def test_fewer_epochs_on_resume_is_a_new_plan_said_aloud_but_never_fewer_than_tr
     assert lrs[2:] == pytest.approx(planned[2:])  # the second epoch on the new plan's schedule
 
     before = _files_and_bytes(out)
+    capsys.readouterr()  # what the runs above said (an alarm of the tiny "plan" run, with --quiet too)
     assert main(["train", "classifier", "--resume", "--out", str(out), "--epochs", "1", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1, err
